@@ -1,0 +1,14 @@
+"""Hand-written layers; every one follows the protocol in ``base.py`` (DESIGN.md "Layer protocol")."""
+from .activation import Flatten, LeakyReLU, ReLU, Sigmoid, Tanh, sigmoid
+from .base import Layer, layer_from_config, load_state_dict, state_dict
+from .container import Residual, Sequential
+from .conv import AvgPool2d, Conv2d, MaxPool2d, Upsample2d
+from .dense import Dense
+from .norm import BatchNorm, LayerNorm
+from .sequence import Embedding, PositionalEncoding, SelfAttention
+
+__all__ = [
+    "Layer", "Dense", "Conv2d", "MaxPool2d", "AvgPool2d", "Upsample2d", "BatchNorm", "LayerNorm",
+    "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "Residual", "Embedding", "SelfAttention",
+    "PositionalEncoding", "Sequential", "sigmoid", "layer_from_config", "state_dict", "load_state_dict",
+]

@@ -1,0 +1,146 @@
+"""Layer protocol shared by every layer, block and model (see DESIGN.md "Layer protocol").
+
+    y  = layer.forward(x, train=True)   # caches what backward needs (only when train=True)
+    dx = layer.backward(dy)             # returns dL/dx, overwrites layer.grads
+    layer.params : dict[str, np.ndarray]  # updated in place by optimisers
+    layer.grads  : dict[str, np.ndarray]  # same keys and shapes as params
+    layer.buffers: dict[str, np.ndarray]  # non-trained state saved in checkpoints (BN statistics)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make a layer type rebuildable from its ``config()``."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def layer_from_config(cfg: dict):
+    """Rebuild a layer (with fresh parameters) from ``layer.config()``."""
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ValueError(f"layer config must be a dict with a 'type' key, got {cfg!r}")
+    kind = cfg["type"]
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[kind].from_config(cfg)
+
+
+def as_rng(rng) -> np.random.Generator:
+    """Accept a Generator, an int seed or None (fresh entropy); never touches global state."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    raise ValueError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+
+
+def as_float_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_array(x, who: str, *, ndim=None, tail=None, dtype=None, floating=True) -> np.ndarray:
+    """Validate a layer input; raise ValueError naming what was expected and what arrived.
+
+    ndim  : int or tuple of allowed ranks
+    tail  : expected trailing shape (None entries are free), e.g. (None, 28, 28)
+    dtype : exact dtype required (parametric layers); else any float when ``floating``
+    """
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{who} expects a numpy array, got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            raise ValueError(f"{who} expects a {' or '.join(map(str, allowed))}-d input, "
+                             f"got shape {x.shape}")
+    if tail is not None:
+        got = x.shape[x.ndim - len(tail):] if x.ndim >= len(tail) else x.shape
+        if len(got) != len(tail) or any(t is not None and t != g for t, g in zip(tail, got)):
+            want = "(N, " + ", ".join("*" if t is None else str(t) for t in tail) + ")"
+            raise ValueError(f"{who} expects shape {want}, got {x.shape}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{who} expects a non-empty batch, got shape {x.shape}")
+    if dtype is not None:
+        if x.dtype != dtype:
+            raise ValueError(f"{who} expects dtype {np.dtype(dtype)}, got {x.dtype}")
+    elif floating and x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{who} expects float32 or float64 input, got {x.dtype}")
+    return x
+
+
+class Layer:
+    """Base class: empty params/grads/buffers, cache handling, config round trip."""
+
+    def __init__(self):
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self._cache = None
+
+    # --- protocol -----------------------------------------------------------------------------
+    def forward(self, x, train: bool = True):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    __call__ = forward
+
+    def _cached(self):
+        """The cache saved by the last forward(train=True); RuntimeError if there is none."""
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward(x, train=True)")
+        return self._cache
+
+    def _check_dy(self, dy, shape):
+        if not isinstance(dy, np.ndarray) or dy.shape != tuple(shape):
+            got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+            raise ValueError(f"{type(self).__name__}.backward expects dy of shape {tuple(shape)}, got {got}")
+        return dy
+
+    # --- serialisation -------------------------------------------------------------------------
+    def hyperparameters(self) -> dict:
+        """Constructor keyword arguments (JSON-serialisable)."""
+        return {}
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__, **self.hyperparameters()}
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        kw = {k: v for k, v in cfg.items() if k != "type"}
+        return cls(**kw)
+
+    def zero_grads(self):
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+
+    def __repr__(self):
+        hp = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({hp})"
+
+
+def state_dict(layer) -> dict[str, np.ndarray]:
+    """Copies of every parameter and buffer, keyed ``params/<key>`` and ``buffers/<key>``."""
+    out = {f"params/{k}": v.copy() for k, v in layer.params.items()}
+    out.update({f"buffers/{k}": v.copy() for k, v in layer.buffers.items()})
+    return out
+
+
+def load_state_dict(layer, state: dict):
+    """Copy arrays from ``state`` into the layer in place; every key must match in shape and dtype."""
+    own = {f"params/{k}": v for k, v in layer.params.items()}
+    own.update({f"buffers/{k}": v for k, v in layer.buffers.items()})
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, dst in own.items():
+        src = np.asarray(state[k])
+        if src.shape != dst.shape:
+            raise ValueError(f"state {k}: expected shape {dst.shape}, got {src.shape}")
+        np.copyto(dst, src.astype(dst.dtype, copy=False))

@@ -1,0 +1,134 @@
+"""Containers: Sequential (a block, or a model of blocks) and Residual."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, layer_from_config, register
+
+
+def _flatten(children, attr):
+    out = {}
+    for i, child in enumerate(children):
+        for k, v in getattr(child, attr).items():
+            out[f"{i}.{k}"] = v
+    return out
+
+
+@register
+class Sequential(Layer):
+    """Layers applied in order; itself a layer. A model is a Sequential of blocks (Sequentials).
+
+    ``params``/``grads``/``buffers`` are flat dicts keyed ``"<index>.<child key>"`` whose values are
+    the children's own arrays, so in-place optimiser updates reach the children.
+    """
+
+    def __init__(self, *layers):
+        self._cache = None  # params/grads/buffers are derived from the children (properties)
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for i, l in enumerate(layers):
+            if not isinstance(l, Layer):
+                raise ValueError(f"Sequential item {i} is not a Layer: {type(l).__name__}")
+        self.layers = list(layers)
+
+    params = property(lambda self: _flatten(self.layers, "params"))
+    grads = property(lambda self: _flatten(self.layers, "grads"))
+    buffers = property(lambda self: _flatten(self.layers, "buffers"))
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def forward(self, x, train=True):
+        for layer in self.layers:
+            x = layer.forward(x, train=train)
+        return x
+
+    def backward(self, dy, need_dx=True):
+        """Backpropagate through the children; ``need_dx=False`` lets the first layer skip dx."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if i == 0 and not need_dx and hasattr(layer, "backward") and _accepts_need_dx(layer):
+                return layer.backward(dy, need_dx=False)
+            dy = layer.backward(dy)
+        return dy
+
+    def zero_grads(self):
+        for l in self.layers:
+            l.zero_grads()
+
+    def config(self):
+        return {"type": "Sequential", "layers": [l.config() for l in self.layers]}
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(*[layer_from_config(c) for c in cfg["layers"]])
+
+    def __repr__(self):
+        inner = "\n".join("  " + repr(l).replace("\n", "\n  ") for l in self.layers)
+        return f"Sequential(\n{inner}\n)"
+
+
+def _accepts_need_dx(layer):
+    import inspect
+    try:
+        return "need_dx" in inspect.signature(layer.backward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@register
+class Residual(Layer):
+    """y = body(x) + shortcut(x) (identity when shortcut is None); the ResNet basic block's sum.
+
+    dL/dx = body.backward(dy) + shortcut.backward(dy).
+    """
+
+    def __init__(self, body, shortcut=None):
+        self._cache = None
+        if not isinstance(body, Layer) or (shortcut is not None and not isinstance(shortcut, Layer)):
+            raise ValueError("Residual expects Layer instances for body and shortcut")
+        self.body, self.shortcut = body, shortcut
+
+    def _children(self):
+        return {"body": self.body, **({"shortcut": self.shortcut} if self.shortcut is not None else {})}
+
+    def _flat(self, attr):
+        return {f"{n}.{k}": v for n, c in self._children().items() for k, v in getattr(c, attr).items()}
+
+    params = property(lambda self: self._flat("params"))
+    grads = property(lambda self: self._flat("grads"))
+    buffers = property(lambda self: self._flat("buffers"))
+
+    def forward(self, x, train=True):
+        y = self.body.forward(x, train=train)
+        s = x if self.shortcut is None else self.shortcut.forward(x, train=train)
+        if y.shape != s.shape:
+            raise ValueError(f"Residual: body output {y.shape} and shortcut output {s.shape} differ; "
+                             "give a projection shortcut")
+        if train:
+            self._cache = y.shape
+        return y + s
+
+    def backward(self, dy):
+        self._check_dy(dy, self._cached())
+        dx = self.body.backward(dy)
+        return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
+
+    def zero_grads(self):
+        for c in self._children().values():
+            c.zero_grads()
+
+    def config(self):
+        return {"type": "Residual", "body": self.body.config(),
+                "shortcut": None if self.shortcut is None else self.shortcut.config()}
+
+    @classmethod
+    def from_config(cls, cfg):
+        sc = cfg.get("shortcut")
+        return cls(layer_from_config(cfg["body"]), None if sc is None else layer_from_config(sc))

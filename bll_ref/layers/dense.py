@@ -1,0 +1,57 @@
+"""Fully connected layer: y = x W + c."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, as_float_dtype, as_rng, check_array, register
+
+
+@register
+class Dense(Layer):
+    """y = x @ W + c.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+    rng : Generator | int | None
+        W, c ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's nn.Linear default, so results compare with
+        the peer replication in shared/peer-results.md).
+    dtype : float32 | float64
+
+    Shapes: x (N, in_features) -> y (N, out_features); params W (in, out), c (out,).
+    """
+
+    def __init__(self, in_features, out_features, *, bias=True, rng=None, dtype=np.float32):
+        super().__init__()
+        if int(in_features) < 1 or int(out_features) < 1:
+            raise ValueError(f"Dense needs positive sizes, got {in_features} -> {out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bias, self.dtype = bool(bias), as_float_dtype(dtype)
+        rng = as_rng(rng)
+        bound = 1.0 / np.sqrt(self.in_features)
+        self.params["W"] = rng.uniform(-bound, bound, (self.in_features, self.out_features)).astype(self.dtype)
+        if self.bias:
+            self.params["c"] = rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
+
+    def forward(self, x, train=True):
+        check_array(x, "Dense", ndim=2, tail=(self.in_features,), dtype=self.dtype)
+        y = x @ self.params["W"]
+        if self.bias:
+            y += self.params["c"]
+        if train:
+            self._cache = x
+        return y
+
+    def backward(self, dy, need_dx=True):
+        """``need_dx=False`` skips the input gradient (a block's first layer under BLL)."""
+        x = self._cached()
+        self._check_dy(dy, (x.shape[0], self.out_features))
+        self.grads = {"W": x.T @ dy}
+        if self.bias:
+            self.grads["c"] = dy.sum(axis=0)
+        return dy @ self.params["W"].T if need_dx else None
+
+    def hyperparameters(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias, "dtype": self.dtype.name}
