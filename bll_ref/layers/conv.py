@@ -1,22 +1,251 @@
-"""PLACEHOLDER: being written (replace this whole file)."""
-from .base import Layer
+"""Image layers on NCHW arrays: Conv2d (im2col + one GEMM), MaxPool2d, AvgPool2d, Upsample2d.
+
+Output sizes floor like PyTorch: H_out = (H + 2 * padding - kernel) // stride + 1; rows and
+columns that no window reaches get a zero gradient.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .base import Layer, as_float_dtype, as_rng, check_array, register
 
 
+def _pair(v, name, minimum):
+    """int or length-2 sequence -> (int, int), each >= minimum."""
+    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) and a >= minimum for a in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _plain(pair):
+    """(a, a) -> a, else [a, b]: the JSON form used by hyperparameters()."""
+    return pair[0] if pair[0] == pair[1] else list(pair)
+
+
+def _out_size(who, shape, kernel, stride, padding=(0, 0)):
+    """(H_out, W_out) for an (N, C, H, W) input; ValueError when the window does not fit."""
+    h, w = shape[2] + 2 * padding[0], shape[3] + 2 * padding[1]
+    if h < kernel[0] or w < kernel[1]:
+        raise ValueError(f"{who} expects padded spatial size >= {kernel}, got {(h, w)} "
+                         f"from input shape {shape}")
+    return (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1
+
+
+def _window(a, i, j, out, stride):
+    """The (..., H_out, W_out) view of ``a`` read by kernel offset (i, j)."""
+    return a[..., i:i + stride[0] * (out[0] - 1) + 1:stride[0],
+             j:j + stride[1] * (out[1] - 1) + 1:stride[1]]
+
+
+@register
 class Conv2d(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("Conv2d not written yet")
+    """y[n, o] = sum_c W[o, c] (*) x[n, c] + c[o]  (cross-correlation, as in PyTorch).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding : int or (int, int)
+        Zero padding on both sides.
+    bias : bool
+    rng : Generator | int | None
+        W, c ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels * kh * kw (PyTorch's
+        nn.Conv2d default).
+    dtype : float32 | float64
+
+    Shapes: x (N, in_channels, H, W) -> y (N, out_channels, H_out, W_out);
+    params W (out_channels, in_channels, kh, kw), c (out_channels,).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, bias=True,
+                 rng=None, dtype=np.float32):
+        super().__init__()
+        if int(in_channels) < 1 or int(out_channels) < 1:
+            raise ValueError(f"Conv2d needs positive channel counts, got {in_channels} -> {out_channels}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "Conv2d kernel_size", 1)
+        self.stride = _pair(stride, "Conv2d stride", 1)
+        self.padding = _pair(padding, "Conv2d padding", 0)
+        self.bias, self.dtype = bool(bias), as_float_dtype(dtype)
+        rng = as_rng(rng)
+        kh, kw = self.kernel_size
+        bound = 1.0 / np.sqrt(self.in_channels * kh * kw)
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        self.params["W"] = rng.uniform(-bound, bound, shape).astype(self.dtype)
+        if self.bias:
+            self.params["c"] = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype)
+
+    def _im2col(self, x, out):
+        """(N, C, H, W) -> cols (C*kh*kw, N*H_out*W_out): one row per weight, one column per pixel."""
+        (ph, pw), (kh, kw) = self.padding, self.kernel_size
+        if ph or pw:
+            n, c, h, w = x.shape
+            xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), x.dtype)
+            xp[:, :, ph:ph + h, pw:pw + w] = x
+        else:
+            xp = x
+        win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::self.stride[0], ::self.stride[1]]
+        # (N, C, Ho, Wo, kh, kw) -> (C, kh, kw, N, Ho, Wo): rows match W.reshape(out, -1)
+        return win.transpose(1, 4, 5, 0, 2, 3).reshape(-1, x.shape[0] * out[0] * out[1])
+
+    def _col2im(self, dcols, shape, out):
+        """Adjoint of _im2col: dcols (C, kh, kw, N, Ho, Wo) -> dx (N, C, H, W), one slice add per offset."""
+        n, c, h, w = shape
+        (ph, pw), (kh, kw) = self.padding, self.kernel_size
+        dxp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dcols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                _window(dxp, i, j, out, self.stride)[...] += dcols[:, i, j]
+        return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3))
+
+    def forward(self, x, train=True):
+        check_array(x, "Conv2d", ndim=4, tail=(self.in_channels, None, None), dtype=self.dtype)
+        out = _out_size("Conv2d", x.shape, self.kernel_size, self.stride, self.padding)
+        cols = self._im2col(x, out)
+        y = self.params["W"].reshape(self.out_channels, -1) @ cols  # (out, N*Ho*Wo)
+        if self.bias:
+            y += self.params["c"][:, None]
+        if train:
+            self._cache = (cols, x.shape, out)
+        y = y.reshape(self.out_channels, x.shape[0], *out).transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(y)
+
+    def backward(self, dy, need_dx=True):
+        """``need_dx=False`` skips the input gradient and returns None (a block's first layer under BLL)."""
+        cols, shape, out = self._cached()
+        self._check_dy(dy, (shape[0], self.out_channels, *out))
+        dy = dy.astype(self.dtype, copy=False)  # grads keep the parameters' dtype
+        W = self.params["W"]
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (out, N*Ho*Wo)
+        self.grads = {"W": (dy2 @ cols.T).reshape(W.shape)}
+        if self.bias:
+            self.grads["c"] = dy.sum(axis=(0, 2, 3))
+        if not need_dx:
+            return None
+        dcols = W.reshape(self.out_channels, -1).T @ dy2  # (C*kh*kw, N*Ho*Wo)
+        kh, kw = self.kernel_size
+        return self._col2im(dcols.reshape(shape[1], kh, kw, shape[0], *out), shape, out)
+
+    def hyperparameters(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": _plain(self.kernel_size), "stride": _plain(self.stride),
+                "padding": _plain(self.padding), "bias": self.bias, "dtype": self.dtype.name}
 
 
-class MaxPool2d(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("MaxPool2d not written yet")
+class _Pool2d(Layer):
+    """Shared constructor/config of the pooling layers; no parameters, any float dtype."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        name = type(self).__name__
+        self.kernel_size = _pair(kernel_size, f"{name} kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else _pair(stride, f"{name} stride", 1)
+
+    def _check(self, x):
+        name = type(self).__name__
+        check_array(x, name, ndim=4)
+        return _out_size(name, x.shape, self.kernel_size, self.stride)
+
+    def _offsets(self):
+        kh, kw = self.kernel_size
+        return [(i, j) for i in range(kh) for j in range(kw)]
+
+    def hyperparameters(self):
+        return {"kernel_size": _plain(self.kernel_size), "stride": _plain(self.stride)}
 
 
-class AvgPool2d(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("AvgPool2d not written yet")
+@register
+class MaxPool2d(_Pool2d):
+    """y = max over each kh x kw window (stride defaults to kernel_size); caches the argmax offset.
+
+    Ties go to the first offset in row-major order. Shapes: (N, C, H, W) -> (N, C, H_out, W_out).
+    """
+
+    def forward(self, x, train=True):
+        out = self._check(x)
+        offsets = self._offsets()
+        y = _window(x, 0, 0, out, self.stride).copy()
+        arg = np.zeros(y.shape, np.int8 if len(offsets) < 128 else np.int32)
+        for o, (i, j) in enumerate(offsets[1:], start=1):
+            v = _window(x, i, j, out, self.stride)
+            bigger = v > y  # strict: ties keep the earlier offset, like PyTorch
+            np.maximum(y, v, out=y)  # (np.copyto(..., where=) is several times slower)
+            arg = np.where(bigger, arg.dtype.type(o), arg)
+        if train:
+            self._cache = (arg, x.shape)
+        return y
+
+    def backward(self, dy):
+        arg, shape = self._cached()
+        self._check_dy(dy, arg.shape)
+        dx = np.zeros(shape, dy.dtype)
+        out = arg.shape[2:]
+        overlap = any(k > s for k, s in zip(self.kernel_size, self.stride))
+        for o, (i, j) in enumerate(self._offsets()):
+            g = np.where(arg == o, dy, dy.dtype.type(0))
+            if overlap:
+                _window(dx, i, j, out, self.stride)[...] += g
+            else:  # each input pixel is in at most one window
+                _window(dx, i, j, out, self.stride)[...] = g
+        return dx
 
 
+@register
+class AvgPool2d(_Pool2d):
+    """y = mean over each kh x kw window (no padding; stride defaults to kernel_size).
+
+    Shapes: (N, C, H, W) -> (N, C, H_out, W_out).
+    """
+
+    def forward(self, x, train=True):
+        out = self._check(x)
+        y = np.zeros((*x.shape[:2], *out), x.dtype)
+        for i, j in self._offsets():
+            y += _window(x, i, j, out, self.stride)
+        y *= x.dtype.type(1.0 / len(self._offsets()))
+        if train:
+            self._cache = (x.shape, out)
+        return y
+
+    def backward(self, dy):
+        shape, out = self._cached()
+        self._check_dy(dy, (*shape[:2], *out))
+        g = dy * dy.dtype.type(1.0 / len(self._offsets()))
+        dx = np.zeros(shape, dy.dtype)
+        for i, j in self._offsets():
+            _window(dx, i, j, out, self.stride)[...] += g
+        return dx
+
+
+@register
 class Upsample2d(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("Upsample2d not written yet")
+    """Nearest-neighbour upsampling by an integer factor: y[n, c, h, w] = x[n, c, h // s, w // s].
+
+    Shapes: (N, C, H, W) -> (N, C, s*H, s*W); dx sums dy over each s x s block.
+    """
+
+    def __init__(self, scale_factor=2):
+        super().__init__()
+        if not isinstance(scale_factor, (int, np.integer)) or scale_factor < 1:
+            raise ValueError(f"Upsample2d scale_factor must be an int >= 1, got {scale_factor!r}")
+        self.scale_factor = int(scale_factor)
+
+    def forward(self, x, train=True):
+        check_array(x, "Upsample2d", ndim=4)
+        n, c, h, w = x.shape
+        s = self.scale_factor
+        if train:
+            self._cache = x.shape
+        y = np.empty((n, c, h, s, w, s), x.dtype)
+        y[...] = x[:, :, :, None, :, None]
+        return y.reshape(n, c, h * s, w * s)
+
+    def backward(self, dy):
+        n, c, h, w = self._cached()
+        s = self.scale_factor
+        self._check_dy(dy, (n, c, h * s, w * s))
+        return dy.reshape(n, c, h, s, w, s).sum(axis=(3, 5))
+
+    def hyperparameters(self):
+        return {"scale_factor": self.scale_factor}

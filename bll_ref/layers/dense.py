@@ -19,7 +19,8 @@ class Dense(Layer):
         the peer replication in shared/peer-results.md).
     dtype : float32 | float64
 
-    Shapes: x (N, in_features) -> y (N, out_features); params W (in, out), c (out,).
+    Shapes: x (N, ..., in_features) -> y (N, ..., out_features) (token-wise on sequences);
+    params W (in, out), c (out,).
     """
 
     def __init__(self, in_features, out_features, *, bias=True, rng=None, dtype=np.float32):
@@ -35,7 +36,7 @@ class Dense(Layer):
             self.params["c"] = rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
 
     def forward(self, x, train=True):
-        check_array(x, "Dense", ndim=2, tail=(self.in_features,), dtype=self.dtype)
+        check_array(x, "Dense", ndim=(2, 3, 4), tail=(self.in_features,), dtype=self.dtype)
         y = x @ self.params["W"]
         if self.bias:
             y += self.params["c"]
@@ -46,10 +47,11 @@ class Dense(Layer):
     def backward(self, dy, need_dx=True):
         """``need_dx=False`` skips the input gradient (a block's first layer under BLL)."""
         x = self._cached()
-        self._check_dy(dy, (x.shape[0], self.out_features))
-        self.grads = {"W": x.T @ dy}
+        self._check_dy(dy, x.shape[:-1] + (self.out_features,))
+        x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
+        self.grads = {"W": x2.T @ dy2}
         if self.bias:
-            self.grads["c"] = dy.sum(axis=0)
+            self.grads["c"] = dy2.sum(axis=0)
         return dy @ self.params["W"].T if need_dx else None
 
     def hyperparameters(self):

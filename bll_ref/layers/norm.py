@@ -1,12 +1,166 @@
-"""PLACEHOLDER: being written (replace this whole file)."""
-from .base import Layer
+"""Normalisation layers: BatchNorm (batch statistics, running buffers) and LayerNorm (last axis)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, as_float_dtype, check_array, register
 
 
+@register
 class BatchNorm(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("BatchNorm not written yet")
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel (Ioffe & Szegedy 2015).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the channel count.
+    eps : float
+    momentum : float
+        PyTorch convention: ``running = (1 - momentum) * running + momentum * batch``, and
+        ``running_var`` tracks the *unbiased* batch variance (the normalisation itself uses the
+        biased one), so weights and statistics compare with nn.BatchNorm1d/2d.
+    dtype : float32 | float64
+
+    Shapes: x (N, C) or (N, C, H, W) -> y of the same shape; statistics over N (and H, W).
+    params gamma (C,) = 1, beta (C,) = 0; buffers running_mean (C,) = 0, running_var (C,) = 1.
+
+    Modes, chosen by ``forward(x, train=True, use_batch_stats=None)``:
+
+    * ``use_batch_stats=None`` (default): batch statistics when ``train``, running ones otherwise.
+    * ``train=True`` with batch statistics: updates the running buffers and caches for the full
+      batch-statistics backward (dx includes the paths through mean and var).
+    * ``train=False``: never caches and never updates buffers; a later ``backward`` raises.
+    * ``train=True, use_batch_stats=False``: "frozen" BN. Normalises with the running statistics
+      exactly as eval does, leaves the buffers alone, and caches, so ``backward`` gives the
+      gradient of the eval-mode map (dx = dy * gamma / sqrt(running_var + eps)). Use it to
+      fine-tune with frozen statistics and to gradient-check the eval math.
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        if int(num_features) < 1:
+            raise ValueError(f"BatchNorm needs num_features >= 1, got {num_features}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"BatchNorm momentum must lie in [0, 1], got {momentum}")
+        if not float(eps) > 0.0:
+            raise ValueError(f"BatchNorm eps must be > 0, got {eps}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.dtype = as_float_dtype(dtype)
+        C = self.num_features
+        self.params["gamma"] = np.ones(C, self.dtype)
+        self.params["beta"] = np.zeros(C, self.dtype)
+        self.buffers["running_mean"] = np.zeros(C, self.dtype)
+        self.buffers["running_var"] = np.ones(C, self.dtype)
+
+    def _check(self, x):
+        check_array(x, "BatchNorm", ndim=(2, 4), dtype=self.dtype)
+        if x.shape[1] != self.num_features:
+            want = "(N, {0}) or (N, {0}, H, W)".format(self.num_features)
+            raise ValueError(f"BatchNorm expects shape {want}, got {x.shape}")
+        # statistics axes and the per-channel broadcast shape
+        return ((0,), (1, -1)) if x.ndim == 2 else ((0, 2, 3), (1, -1, 1, 1))
+
+    def forward(self, x, train=True, use_batch_stats=None):
+        axes, bshape = self._check(x)
+        batch = train if use_batch_stats is None else bool(use_batch_stats)
+        eps = x.dtype.type(self.eps)
+        if batch:
+            m = x.size // self.num_features
+            if m < 2:
+                raise ValueError(f"BatchNorm with batch statistics needs more than 1 value per "
+                                 f"channel, got input shape {x.shape}; use train=False (running "
+                                 "statistics) or a larger batch")
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            if train:
+                mom = self.momentum
+                rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+                rm *= 1 - mom
+                rm += (mom * mean).astype(self.dtype)
+                rv *= 1 - mom
+                rv += (mom * var * (m / (m - 1))).astype(self.dtype)  # unbiased, as PyTorch
+        else:
+            mean, var = self.buffers["running_mean"], self.buffers["running_var"]
+        inv_std = (1 / np.sqrt(var + eps)).reshape(bshape)
+        xhat = (x - mean.reshape(bshape)) * inv_std
+        y = xhat * self.params["gamma"].reshape(bshape) + self.params["beta"].reshape(bshape)
+        if train:
+            self._cache = (xhat, inv_std, axes, bshape, batch)
+        return y
+
+    def backward(self, dy):
+        xhat, inv_std, axes, bshape, batch = self._cached()
+        self._check_dy(dy, xhat.shape)
+        self.grads = {"gamma": (dy * xhat).sum(axis=axes), "beta": dy.sum(axis=axes)}
+        dxhat = dy * self.params["gamma"].reshape(bshape)
+        if not batch:  # frozen statistics: a per-channel affine map
+            return dxhat * inv_std
+        # dx = inv_std / m * (m dxhat - sum(dxhat) - xhat sum(dxhat xhat))
+        m = xhat.size // self.num_features
+        s1 = dxhat.sum(axis=axes).reshape(bshape)
+        s2 = (dxhat * xhat).sum(axis=axes).reshape(bshape)
+        return (inv_std / m) * (m * dxhat - s1 - xhat * s2)
+
+    def hyperparameters(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "dtype": self.dtype.name}
 
 
+@register
 class LayerNorm(Layer):
-    def __init__(self, *a, **k):
-        raise NotImplementedError("LayerNorm not written yet")
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (Ba et al. 2016).
+
+    Parameters
+    ----------
+    num_features : int
+        D, the size of the last axis.
+    eps : float
+    affine : bool
+        False: no parameters (y = normalised x). BLL uses LN without affine on block outputs.
+    dtype : float32 | float64
+
+    Shapes: x (N, D) or (N, T, D) -> y of the same shape; params gamma (D,) = 1, beta (D,) = 0
+    when ``affine``. Same in train and eval (no running statistics).
+    """
+
+    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32):
+        super().__init__()
+        if int(num_features) < 1:
+            raise ValueError(f"LayerNorm needs num_features >= 1, got {num_features}")
+        if not float(eps) > 0.0:
+            raise ValueError(f"LayerNorm eps must be > 0, got {eps}")
+        self.num_features, self.eps, self.affine = int(num_features), float(eps), bool(affine)
+        self.dtype = as_float_dtype(dtype)
+        if self.affine:
+            self.params["gamma"] = np.ones(self.num_features, self.dtype)
+            self.params["beta"] = np.zeros(self.num_features, self.dtype)
+
+    def forward(self, x, train=True):
+        check_array(x, "LayerNorm", ndim=(2, 3), tail=(self.num_features,), dtype=self.dtype)
+        mean = x.mean(axis=-1, keepdims=True)
+        var = x.var(axis=-1, keepdims=True)
+        inv_std = 1 / np.sqrt(var + x.dtype.type(self.eps))
+        xhat = (x - mean) * inv_std
+        y = xhat * self.params["gamma"] + self.params["beta"] if self.affine else xhat
+        if train:
+            self._cache = (xhat, inv_std)
+        return y
+
+    def backward(self, dy):
+        xhat, inv_std = self._cached()
+        self._check_dy(dy, xhat.shape)
+        if self.affine:
+            lead = tuple(range(dy.ndim - 1))
+            self.grads = {"gamma": (dy * xhat).sum(axis=lead), "beta": dy.sum(axis=lead)}
+            dxhat = dy * self.params["gamma"]
+        else:
+            self.grads = {}
+            dxhat = dy
+        D = self.num_features
+        s1 = dxhat.sum(axis=-1, keepdims=True)
+        s2 = (dxhat * xhat).sum(axis=-1, keepdims=True)
+        return (inv_std / D) * (D * dxhat - s1 - xhat * s2)
+
+    def hyperparameters(self):
+        return {"num_features": self.num_features, "eps": self.eps, "affine": self.affine,
+                "dtype": self.dtype.name}

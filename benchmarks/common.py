@@ -1,0 +1,53 @@
+"""Shared helpers for benchmark scripts: machine GEMM rate, interleaved timing, JSON + markdown."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def gemm_gflops(n=1024, repeats=10, dtype=np.float32):
+    """Median float32 n^3 GEMM rate of this machine's BLAS, in GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / np.median(times) / 1e9
+
+
+def interleaved(fns: dict, repeats=30, warmup=3):
+    """Time several callables round-robin (so machine drift hits all alike); medians in seconds."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}, times
+
+
+def machine():
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write(name, payload, table_md):
+    """Write results/<name>.json and results/<name>.md; print the markdown."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(table_md + "\n")
+    print(table_md)

@@ -1,0 +1,65 @@
+"""Output losses: softmax cross-entropy, MSE (and the Gaussian KL of Eq. S15, from ``local``).
+
+Convention as for the local losses: mean over the batch, gradients of that mean.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["softmax_cross_entropy", "softmax", "mse"]
+
+
+def softmax(z, axis=-1):
+    """Stable softmax (shift by the max; fine for logits of 1e4)."""
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _labels(y, shape, who):
+    """Integer labels (N, ...) -> (flat int array); also accepts one-hot / soft targets."""
+    y = np.asarray(y)
+    n_classes = shape[-1]
+    if y.shape == shape and np.issubdtype(y.dtype, np.floating):
+        return None, y.reshape(-1, n_classes)
+    if y.shape != shape[:-1] or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{who} expects integer labels of shape {shape[:-1]} or targets of shape "
+                         f"{shape}, got {y.shape} {y.dtype}")
+    y = y.reshape(-1)
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{who}: labels must lie in [0, {n_classes}), got range [{y.min()}, {y.max()}]")
+    return y, None
+
+
+def softmax_cross_entropy(logits, y):
+    """Mean cross-entropy of softmax(logits) and labels; returns (loss, dlogits).
+
+    logits : (N, C) or (N, T, C) float; y : int labels (N,) / (N, T), or probabilities like logits.
+    The loss is the mean over all N (x T) positions; log-sum-exp keeps logits of 1e4 finite.
+    """
+    if not isinstance(logits, np.ndarray) or logits.ndim < 2 or not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"softmax_cross_entropy expects float logits (N, ..., C), got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    z = logits.reshape(-1, logits.shape[-1])
+    labels, target = _labels(y, logits.shape, "softmax_cross_entropy")
+    shift = z - z.max(axis=1, keepdims=True)
+    with np.errstate(under="ignore"):  # e^-1e4 -> 0 is exact enough; only underflow is silenced
+        lse = np.log(np.exp(shift).sum(axis=1, keepdims=True))
+        logp = shift - lse
+        p = np.exp(logp)
+    n = z.shape[0]
+    if labels is not None:
+        loss = -logp[np.arange(n), labels].mean()
+        p[np.arange(n), labels] -= 1
+    else:
+        loss = -(target * logp).sum(axis=1).mean()
+        p -= target
+    return float(loss), (p / n).astype(logits.dtype, copy=False).reshape(logits.shape)
+
+
+def mse(pred, target):
+    """Mean squared error over all elements; returns (loss, dpred)."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"mse: prediction {pred.shape} and target {target.shape} differ")
+    d = pred - target
+    return float(np.mean(d * d)), (2.0 / d.size) * d

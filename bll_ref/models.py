@@ -1,0 +1,142 @@
+"""Model builders. Each returns a list of blocks (one ``Sequential`` per block) so that training
+methods can split the model: BP chains them, BLL trains each block from its own local loss.
+
+Block convention used by BLL: a block's *natural parameters* a_k are the input of its trailing
+activation (the pre-activation, Eq. 3/9: alpha = S(a)); the block output h_k = act(a_k) goes to
+the next block. A block with no trailing activation has a_k = h_k.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import (AvgPool2d, BatchNorm, Conv2d, Dense, Embedding, Flatten, LayerNorm, LeakyReLU,
+                     MaxPool2d, PositionalEncoding, ReLU, Residual, SelfAttention, Sequential,
+                     Sigmoid, Tanh)
+from .layers.base import as_rng
+
+__all__ = ["mlp", "cnn", "resnet", "transformer", "autoencoder", "activation", "build", "MODELS"]
+
+_ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
+
+
+def activation(name):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def mlp(sizes=(784, 1024, 1024, 1024, 10), *, activation_name="leaky_relu", rng=0, dtype=np.float32):
+    """[Dense+act] per hidden layer, then Dense: len(sizes) - 1 blocks (the peer's 4-block MLP)."""
+    if len(sizes) < 2:
+        raise ValueError(f"mlp needs at least input and output sizes, got {sizes}")
+    rng = as_rng(rng)
+    blocks = [Sequential(Dense(i, o, rng=rng, dtype=dtype), activation(activation_name))
+              for i, o in zip(sizes[:-2], sizes[1:-1])]
+    blocks.append(Sequential(Dense(sizes[-2], sizes[-1], rng=rng, dtype=dtype)))
+    return blocks
+
+
+def cnn(*, in_channels=1, image_size=28, channels=(32, 64, 128), n_classes=10, batchnorm=True,
+        activation_name="relu", rng=0, dtype=np.float32):
+    """Conv3x3(+BN)+act+MaxPool2 per block (one block per entry of ``channels``), then a linear
+    classifier block. For 28x28 inputs and the default widths: 4 blocks."""
+    rng = as_rng(rng)
+    blocks, c, s = [], in_channels, image_size
+    for i, co in enumerate(channels):
+        layers = [Conv2d(c, co, 3, padding=1, rng=rng, dtype=dtype)]
+        if batchnorm:
+            layers.append(BatchNorm(co, dtype=dtype))
+        if s >= 2:
+            layers.append(MaxPool2d(2))
+            s //= 2
+        layers.append(activation(activation_name))  # act last: a_k = pooled pre-activation
+        blocks.append(Sequential(*layers))
+        c = co
+    blocks.append(Sequential(Flatten(), Dense(c * s * s, n_classes, rng=rng, dtype=dtype)))
+    return blocks
+
+
+def _basic_block(cin, cout, stride, rng, dtype):
+    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN + shortcut (1x1 projection when needed)."""
+    body = Sequential(Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, rng=rng, dtype=dtype),
+                      BatchNorm(cout, dtype=dtype), ReLU(),
+                      Conv2d(cout, cout, 3, padding=1, bias=False, rng=rng, dtype=dtype),
+                      BatchNorm(cout, dtype=dtype))
+    shortcut = None
+    if stride != 1 or cin != cout:
+        shortcut = Sequential(Conv2d(cin, cout, 1, stride=stride, bias=False, rng=rng, dtype=dtype),
+                              BatchNorm(cout, dtype=dtype))
+    return Residual(body, shortcut)
+
+
+def resnet(*, in_channels=1, image_size=28, widths=(16, 32, 64), blocks_per_stage=2, n_classes=10,
+           rng=0, dtype=np.float32):
+    """Small ResNet-18-style network: stem conv, one BLL block per stage of ``blocks_per_stage``
+    basic blocks (stride 2 from the second stage), then global average pool + linear classifier.
+    ResNet-18 itself is widths (64, 128, 256, 512), 2 basic blocks per stage, 4 stages."""
+    rng = as_rng(rng)
+    blocks, c, s = [], widths[0], image_size
+    for i, w in enumerate(widths):
+        layers = []
+        if i == 0:
+            layers += [Conv2d(in_channels, w, 3, padding=1, bias=False, rng=rng, dtype=dtype),
+                       BatchNorm(w, dtype=dtype), ReLU()]
+        for j in range(blocks_per_stage):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers.append(_basic_block(c, w, stride, rng, dtype))
+            c = w
+            s = (s + stride - 1) // stride if stride == 2 else s
+        layers.append(ReLU())
+        blocks.append(Sequential(*layers))
+    blocks.append(Sequential(AvgPool2d(s), Flatten(), Dense(c, n_classes, rng=rng, dtype=dtype)))
+    return blocks
+
+
+def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, causal=False, rng=0,
+                dtype=np.float32):
+    """Sequence model of ``n_blocks`` BLL blocks, each: Residual(LN -> SelfAttention) ->
+    Residual(LN -> Dense -> ReLU -> Dense); the first block also embeds tokens and positions,
+    the last block ends with a token-wise linear read-out to ``n_classes`` (default ``vocab``).
+    Input (N, T) int tokens, output (N, T, n_classes) logits (Sec. 4.2 of the main paper)."""
+    rng = as_rng(rng)
+    n_classes = vocab if n_classes is None else n_classes
+    blocks = []
+    for k in range(n_blocks):
+        layers = []
+        if k == 0:
+            layers += [Embedding(vocab, dim, rng=rng, dtype=dtype), PositionalEncoding(length, dim, dtype=dtype)]
+        layers += [Residual(Sequential(LayerNorm(dim, dtype=dtype), SelfAttention(dim, causal=causal, rng=rng, dtype=dtype))),
+                   Residual(Sequential(LayerNorm(dim, dtype=dtype), Dense(dim, 2 * dim, rng=rng, dtype=dtype), ReLU(),
+                                       Dense(2 * dim, dim, rng=rng, dtype=dtype)))]
+        blocks.append(Sequential(*layers))
+    blocks.append(Sequential(LayerNorm(dim, dtype=dtype), Dense(dim, n_classes, rng=rng, dtype=dtype)))
+    return blocks
+
+
+def autoencoder(*, image_size=28, channels=(16, 32), rng=0, dtype=np.float32):
+    """Convolutional Gaussian autoencoder of the supplement (Sec. 2.1): input (N, 2, H, W) = mean
+    and log-variance channels, output (N, 2, H, W) = predicted mean and log-variance.
+    Encoder: [Conv3x3 stride 2 + LeakyReLU] per width; decoder mirrors with Upsample2d + Conv3x3."""
+    from .layers import Upsample2d
+    rng = as_rng(rng)
+    blocks, c = [], 2
+    for w in channels:
+        blocks.append(Sequential(Conv2d(c, w, 3, stride=2, padding=1, rng=rng, dtype=dtype), LeakyReLU()))
+        c = w
+    for w in list(channels[-2::-1]) + [None]:
+        layers = [Upsample2d(2), Conv2d(c, 2 if w is None else w, 3, padding=1, rng=rng, dtype=dtype)]
+        if w is not None:
+            layers.append(LeakyReLU())
+        blocks.append(Sequential(*layers))
+        c = w
+    return blocks
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer, "autoencoder": autoencoder}
+
+
+def build(name, **kw):
+    """Model builder by name (used by the CLI and by checkpoints)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](**kw)

@@ -1,0 +1,122 @@
+"""Optimisers, schedules and output losses."""
+import numpy as np
+import pytest
+
+from bll_ref.gradcheck import numeric_gradient, rel_error
+from bll_ref.layers import Dense, Sequential
+from bll_ref.losses.output import mse, softmax_cross_entropy
+from bll_ref.optim import SGD, Adam, CosineSchedule, StepSchedule, adam_update_reference, make_optimizer
+
+
+def _model(dtype=np.float64, seed=0):
+    return Sequential(Dense(6, 5, rng=seed, dtype=dtype), Dense(5, 3, rng=seed + 1, dtype=dtype))
+
+
+def _fill_grads(model, seed):
+    rng = np.random.default_rng(seed)
+    model.zero_grads()
+    for g in model.grads.values():
+        g[...] = rng.standard_normal(g.shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adam_equals_numpy_reference(dtype):
+    a, b = _model(dtype), _model(dtype)
+    oa, ob = Adam(a, lr=1e-2, weight_decay=1e-3), Adam(b, lr=1e-2, weight_decay=1e-3, fused=False)
+    for step in range(5):
+        _fill_grads(a, step)
+        _fill_grads(b, step)
+        oa.step()
+        ob.step()
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    for k in a.params:
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=tol, atol=tol)
+
+
+def test_adam_first_step_moves_each_weight_by_lr():
+    # Bias-corrected Adam's first step is lr * g / (|g| + eps): magnitude ~lr for every element.
+    m = _model()
+    before = {k: v.copy() for k, v in m.params.items()}
+    _fill_grads(m, 3)
+    grads = {k: v.copy() for k, v in m.grads.items()}
+    Adam(m, lr=0.1).step()
+    for k in m.params:
+        np.testing.assert_allclose(before[k] - m.params[k], 0.1 * np.sign(grads[k]), rtol=1e-6)
+
+
+def test_adam_reference_hand_case():
+    p, g = np.array([1.0]), np.array([2.0])
+    m, v = np.zeros(1), np.zeros(1)
+    adam_update_reference(p, g, m, v, 0.5, 0.9, 0.999, 0.0, 0.0, 1)
+    assert m[0] == pytest.approx(0.2) and v[0] == pytest.approx(0.004)
+    assert p[0] == pytest.approx(0.5)  # 1 - 0.5 * (0.2/0.1) / sqrt(0.004/0.001)
+
+
+def test_sgd_momentum_and_weight_decay_hand_case():
+    m = Sequential(Dense(1, 1, rng=0, dtype=np.float64))
+    m.params["0.W"][...] = 1.0
+    m.params["0.c"][...] = 0.0
+    opt = SGD(m, lr=0.1, momentum=0.9, weight_decay=0.5)
+    for _ in range(2):
+        m.zero_grads()
+        m[0].grads["W"][...] = 1.0
+        opt.step()
+    # step 1: g = 1 + 0.5*1 = 1.5, v = 1.5, W = 0.85; step 2: g = 1 + 0.425 = 1.425, v = 2.775, W = 0.5725
+    assert m.params["0.W"][0, 0] == pytest.approx(0.5725)
+
+
+def test_step_before_backward_raises():
+    with pytest.raises(RuntimeError, match="backward"):
+        Adam(_model()).step()
+
+
+def test_bad_optimizer_arguments():
+    with pytest.raises(ValueError, match="unknown optimiser"):
+        make_optimizer("rmsprop", _model(), 1e-3)
+    with pytest.raises(ValueError, match="learning rate"):
+        Adam(_model(), lr=0)
+
+
+def test_schedules():
+    cos = CosineSchedule(1.0, 10, min_lr=0.1)
+    assert cos(0) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(5) == pytest.approx(0.55)
+    st = StepSchedule(1.0, 3, gamma=0.5)
+    assert [st(e) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_cross_entropy_gradient_finite_differences():
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal((4, 5)), rng.integers(0, 5, 4)
+    _, dz = softmax_cross_entropy(z, y)
+    num = numeric_gradient(lambda: softmax_cross_entropy(z, y)[0], z)
+    assert rel_error(dz, num) < 1e-7
+
+
+def test_cross_entropy_stable_for_huge_logits():
+    z = np.array([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4]])
+    with np.errstate(all="raise"):
+        loss, dz = softmax_cross_entropy(z, np.array([0, 2]))
+    assert np.isfinite(loss) and np.isfinite(dz).all()
+    assert loss == pytest.approx(np.log(2) / 2)  # row 1: ~0; row 2: log 2
+
+
+def test_cross_entropy_sequences_and_soft_targets_agree():
+    rng = np.random.default_rng(1)
+    z, y = rng.standard_normal((2, 3, 4)), rng.integers(0, 4, (2, 3))
+    l1, d1 = softmax_cross_entropy(z, y)
+    l2, d2 = softmax_cross_entropy(z, np.eye(4)[y])
+    assert l1 == pytest.approx(l2) and np.allclose(d1, d2)
+
+
+def test_cross_entropy_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels must lie"):
+        softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(ValueError, match="expects integer labels"):
+        softmax_cross_entropy(np.zeros((2, 3)), np.array([0.0, 1.0]))
+
+
+def test_mse_gradient():
+    rng = np.random.default_rng(2)
+    p, t = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    _, d = mse(p, t)
+    assert rel_error(d, numeric_gradient(lambda: mse(p, t)[0], p)) < 1e-7
