@@ -478,6 +478,15 @@ _SPEC = {
 RECORD_KINDS = tuple(_SPEC)
 
 
+def _json_default(v):
+    """numpy scalars / small arrays (e.g. attributes read back from HDF5) -> Python values."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"record attribute of type {type(v).__name__} is not JSON-able")
+
+
 def _validate_record(i, rec, fmts):
     where = f"record {i}"
     if not isinstance(rec, dict) or not isinstance(rec.get("attrs"), dict):
@@ -496,7 +505,7 @@ def _validate_record(i, rec, fmts):
     if (not isinstance(inputs, (list, tuple)) or len(inputs) != n_in
             or any(not isinstance(j, (int, np.integer)) or not 0 <= j < i for j in inputs)):
         raise ValueError(f"{where}: 'inputs' must list {n_in} indices of earlier records, got {inputs!r}")
-    for k in ("out_fmt",) + req_attrs:
+    for k in ("name", "out_fmt") + req_attrs:
         if k not in attrs:
             raise ValueError(f"{where}: missing attribute {k!r}")
     out_fmt = QFormat.from_dict(attrs["out_fmt"])
@@ -534,7 +543,7 @@ def _validate_record(i, rec, fmts):
             raise ValueError(f"{where}: table codes outside {out_fmt.hls_type}")
     if kind in ("relu", "leaky_relu", "maxpool2d", "avgpool2d", "flatten") and out_fmt != in_fmts[0]:
         raise ValueError(f"{where}: out_fmt must equal the input format for {kind}")
-    attrs = json.loads(json.dumps(attrs))            # JSON-able, and a private copy
+    attrs = json.loads(json.dumps(attrs, default=_json_default))   # JSON-able private copy
     return {"attrs": attrs, "arrays": clean}, out_fmt
 
 
@@ -594,6 +603,30 @@ class IntegerModel:
 
     Use :func:`compile_integer` to build one from a float model, :meth:`from_records` to rebuild
     one from an exported file.
+
+    Record kinds (attrs beyond the common ones; arrays), see :func:`compile_integer` for the math:
+
+    ==========  ==========================================  ====================================
+    kind        attrs                                       arrays
+    ==========  ==========================================  ====================================
+    input       shape (per-sample list)                     -
+    dense       w_fmt (QFormat dict), acc_frac              W (in, out) w codes, c (out,) int64
+    conv2d      w_fmt, acc_frac, stride [sh, sw],           W (out, in, kh, kw), c (out,) int64
+                padding [ph, pw]
+    scale       w_fmt, acc_frac                             W (C,), c (C,) int64
+    relu        -                                           -
+    leaky_relu  slope (float, informational),               -
+                slope_code, slope_frac
+    maxpool2d   kernel_size [kh, kw], stride [sh, sw]       -
+    avgpool2d   kernel_size, stride, recip, recip_shift     -
+    flatten     -                                           -
+    add         - (two inputs)                              -
+    lut         function ("sigmoid" | "tanh"),              table (2**in_width,) out codes
+                index_offset (= input min_code)
+    ==========  ==========================================  ====================================
+
+    dense / conv2d / scale records also carry ``W_float``, ``c_float`` (float64, BN folded):
+    informational, not used by :meth:`run`.  ``c`` is the bias at ``acc_frac`` fractional bits.
     """
 
     def __init__(self, records):
@@ -691,7 +724,8 @@ class _Compiler:
         if out_fmt is None:
             out_fmt = calibrate_activation(y, self.width, self.percentile,
                                            rounding=self.rounding, overflow=self.overflow)
-        block = int(name.split(".")[0]) if name[:1].isdigit() else -1
+        head = name.split(".")[0].split("+")[0]
+        block = int(head) if head.isdigit() else -1
         a = {"kind": kind, "name": name, "block": block, "inputs": list(inputs),
              "out_fmt": out_fmt.to_dict(), **(attrs or {})}
         self.records.append({"attrs": a, "arrays": arrays or {}})
