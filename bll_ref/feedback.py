@@ -62,17 +62,19 @@ class LinearFeedback:
     def fit(self, Y, A):
         """Solve for W on this batch (or on the running statistics); returns self."""
         _check_ya(Y, A, self.n_classes, self.n_units)
-        X = self._design(Y).astype(np.float64)
-        syy, sya = X.T @ X, X.T @ A.astype(np.float64)
+        X = self._design(Y).astype(self.dtype, copy=False)
+        syy, sya = X.T.astype(np.float64) @ X, X.T @ A.astype(self.dtype, copy=False)
         if self.decay is not None:
             self._syy *= self.decay
             self._syy += syy
             self._sya *= self.decay
             self._sya += sya
             syy, sya = self._syy, self._sya
-        # (k x k) Cholesky with k = n_classes(+1): microseconds; the n_units-wide YᵀA dominates.
+        # The system is only (k x k), k = n_classes(+1): factor it in float64 (microseconds), form
+        # its inverse and apply it to the n_units-wide right-hand side with one small GEMM.
         c = scipy.linalg.cho_factor(syy + self.l2 * np.eye(len(syy)), check_finite=False)
-        self.W = scipy.linalg.cho_solve(c, sya, check_finite=False).astype(self.dtype)
+        inv = scipy.linalg.cho_solve(c, np.eye(len(syy)), check_finite=False)
+        self.W = (inv.astype(self.dtype) @ sya.astype(self.dtype, copy=False))
         return self
 
     def predict(self, Y):

@@ -59,7 +59,8 @@ def test_global_methods_learn(method):
     d = _task()
     blocks = _mlp()
     m = Backprop(blocks) if method == "bp" else FeedbackAlignment(blocks, rng=1)
-    h = fit(m, d, epochs=4, batch_size=32, rng=0, log=None)
+    # FA first has to align the forward weights with its random feedback: it needs more epochs
+    h = fit(m, d, epochs=4 if method == "bp" else 8, batch_size=32, rng=0, log=None)
     assert h["test_acc"][-1] > 0.85  # chance is 0.25
 
 

@@ -35,7 +35,7 @@ from ..layers.container import _accepts_need_dx
 from ..layers import (AvgPool2d, Dense, Flatten, LayerNorm, LeakyReLU, ReLU, Sequential, Sigmoid,
                       Tanh)
 from ..layers.base import as_rng
-from ..losses import local
+from ..losses import kernels, local
 from ..losses.output import softmax_cross_entropy
 from ..optim import make_optimizer
 from .common import Method, accuracy
@@ -61,8 +61,11 @@ def between_class_fraction(h, y, n_classes) -> float:
     return float(between / len(h) / total)
 
 
-def _head_for(shape, n_classes, rng, dtype, max_features=2048):
-    """Local linear classifier on h_k; image features are average-pooled down to <= max_features."""
+def _head_for(shape, n_classes, rng, dtype, tokenwise=False, max_features=2048):
+    """Local linear classifier on h_k; image features are average-pooled down to <= max_features;
+    sequences (T, D) get a token-wise classifier."""
+    if tokenwise:
+        return Sequential(Dense(shape[-1], n_classes, rng=rng, dtype=dtype))
     layers = []
     if len(shape) == 3:
         c, hh, ww = shape
@@ -76,7 +79,7 @@ def _head_for(shape, n_classes, rng, dtype, max_features=2048):
         n_in = c * hh * ww
     else:
         n_in = int(np.prod(shape))
-        if len(shape) > 1 and len(shape) != 2:
+        if len(shape) > 1:
             layers.append(Flatten())
     layers.append(Dense(n_in, n_classes, rng=rng, dtype=dtype))
     return Sequential(*layers)
@@ -139,8 +142,12 @@ class BLL(Method):
             self.a_shapes.append(a.shape[1:])
             self.h_shapes.append(h.shape[1:])
             x = h
-        units = [int(np.prod(s)) for s in self.a_shapes]
-        self.heads = [_head_for(s, self.n_classes, rng, self.dtype) for s in self.h_shapes] if head else []
+        # Sequence blocks (N, T, D) are treated token by token: units = D, samples = N T, and the
+        # labels (N, T) give one feedback message per token.
+        self.tokenwise = [len(s) == 2 for s in self.a_shapes]
+        units = [s[-1] if tw else int(np.prod(s)) for s, tw in zip(self.a_shapes, self.tokenwise)]
+        self.heads = ([_head_for(s, self.n_classes, rng, self.dtype, tw) for s, tw in zip(self.h_shapes, self.tokenwise)]
+                      if head else [])
         self.head_opts = [make_optimizer(optimizer, h, lr) for h in self.heads]
         self.norms = [LayerNorm(u, affine=False, dtype=self.dtype) for u in units]
         if feedback == "closed":
@@ -197,8 +204,7 @@ class BLL(Method):
         closed-form feedback (solved, not trained)."""
         if self.variational == "none":
             return 0.0, None, None, 0.0
-        N = len(a)
-        A = a.reshape(N, -1)
+        A = a.reshape(-1, a.shape[-1]) if self.tokenwise[k] else a.reshape(len(a), -1)
         w = self.var_weight
         if self.variational in ("gauss_ln", "gauss"):
             if self.anneal:
@@ -231,17 +237,11 @@ class BLL(Method):
 
     def _loss_and_grads(self, family, phi, gamma):
         """KL(rho || alpha) (Eq. S7) and its gradients (Eq. 7 / S8), fused kernel or reference."""
-        if self.use_kernels:
-            from ..losses import kernels
-            return kernels.kl_and_gradients(family, phi, gamma)
-        g_phi, g_gamma = local.ef_gradients(family, phi, gamma)
-        return local.kl(family, phi, gamma), g_phi, g_gamma
+        impl = kernels if self.use_kernels else local
+        return impl.kl_ef_gradients(family, phi, gamma)
 
     def _eq8(self, A, b, m):
-        if self.use_kernels:
-            from ..losses import kernels
-            return kernels.bernoulli_eq8(A, b, m)
-        return local.bernoulli_eq8(A, b, m)
+        return (kernels if self.use_kernels else local).bernoulli_eq8(A, b, m)
 
     # --- the training step ----------------------------------------------------------------------
     def _feedback_messages(self, Y, train=True):
@@ -255,7 +255,7 @@ class BLL(Method):
         """One BLL step. Every block's input is the detached output of the block below, computed
         with the pre-update weights, so the per-block steps below are independent: running them
         in any order (or in parallel) gives the same result."""
-        Y = one_hot(y, self.n_classes, dtype=self.dtype)
+        Y = one_hot(y, self.n_classes, dtype=self.dtype).reshape(-1, self.n_classes)
         b_fb = self._feedback_messages(Y)
         inputs, pre = [x], []
         for block in self.blocks[:-1]:
@@ -321,9 +321,10 @@ class BLL(Method):
         h = x
         for k, block in enumerate(self.blocks[:-1]):
             a, h = self._forward_block(block, h, train=False)
+            feats = h.reshape(-1, h.shape[-1]) if self.tokenwise[k] else h
             d = {"block": k + 1, "var_loss": st["var_loss"][k] / n, "head_loss": st["head_loss"][k] / n,
                  "mean_abs_a": st["abs_a"][k] / n, "mean_abs_b": st["abs_b"][k] / n,
-                 "between_class_fraction": between_class_fraction(h, y, self.n_classes)}
+                 "between_class_fraction": between_class_fraction(feats, y.reshape(-1), self.n_classes)}
             if self.use_head:
                 d["head_acc"] = accuracy(self.heads[k].forward(h, train=False), y)
             out["blocks"].append(d)

@@ -1,0 +1,112 @@
+"""Fashion-MNIST accuracy table: MLP 784-1024-1024-1024-10 split into 4 blocks, Adam 1e-3,
+batch 128, 10 epochs, the same data pipeline for every method (issue bars: BP >= 88.5 %,
+BLL default >= BP - 1.0).
+
+    python benchmarks/accuracy_mlp.py [--runs bp,bll_default,...] [--seeds 0,1,2] [--epochs 10]
+
+Every finished run is stored in benchmarks/results/accuracy_mlp/<run>-seed<s>.json (a rerun skips
+finished runs, so an interrupted benchmark resumes); the table goes to
+benchmarks/results/accuracy_mlp.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
+
+from bll_ref import data, models  # noqa: E402
+from bll_ref.methods.backprop import Backprop  # noqa: E402
+from bll_ref.methods.common import fit, write_json_atomic  # noqa: E402
+from bll_ref.methods.feedback_alignment import FeedbackAlignment  # noqa: E402
+
+SIZES = (784, 1024, 1024, 1024, 10)
+
+
+def BLL(*a, **k):  # imported on use: BP/FA runs don't need the local-loss modules
+    from bll_ref.methods.bll import BLL as _BLL
+    return _BLL(*a, **k)
+
+
+# name -> (activation, constructor(blocks, x_sample, seed), description)
+RUNS = {
+    "bp": ("leaky_relu", lambda b, x, s: Backprop(b), "BP"),
+    "bp_sigmoid": ("sigmoid", lambda b, x, s: Backprop(b), "BP (sigmoid)"),
+    "fa": ("leaky_relu", lambda b, x, s: FeedbackAlignment(b, rng=s), "FA"),
+    "fa_sigmoid": ("sigmoid", lambda b, x, s: FeedbackAlignment(b, rng=s), "FA (sigmoid)"),
+    "bll_default": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, rng=s),
+                    "BLL default: Gaussian on LN(a) + closed-form feedback + head, annealed tau=2"),
+    "bll_head_only": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, variational="none", rng=s),
+                      "BLL predictive head only (ablation)"),
+    "bll_gauss_ln_const": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, anneal=False, rng=s),
+                           "BLL Gaussian on LN(a) + head, constant weight"),
+    "bll_eq8_literal_sigmoid": ("sigmoid", lambda b, x, s: BLL(b, sample_input=x, variational="eq8",
+                                                               feedback="trained", tau=0.5, head=False, rng=s),
+                                "BLL paper-literal Eq. 8, trained linear feedback, m=1/(1+0.5 epoch), sigmoid"),
+    "bll_eq8_head": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, variational="eq8", feedback="trained",
+                                                       tau=0.5, anneal=False, rng=s),
+                     "BLL Eq. 8 + head, trained feedback"),
+    "bll_span2": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, span=2, rng=s), "BLL(2) default recipe"),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", default="bp,fa,bll_default,bll_head_only,bll_eq8_literal_sigmoid")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--limit-train", type=int, default=None)
+    args = ap.parse_args()
+    names = args.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
+    d = data.load_fashion_mnist(limit_train=args.limit_train)
+    out_dir = os.path.join(RESULTS, "accuracy_mlp")
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"GEMM {gemm_gflops():.0f} GFLOP/s; {len(d['x_train'])} train / {len(d['x_test'])} test")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in names:
+            path = os.path.join(out_dir, f"{name}-seed{seed}.json")
+            if os.path.exists(path):
+                prev = json.load(open(path))
+                if prev.get("epochs_run") == args.epochs and prev.get("n_train") == len(d["x_train"]):
+                    print(f"{name} seed {seed}: done already ({100 * prev['test_acc'][-1]:.2f}%)")
+                    continue
+            act, ctor, desc = RUNS[name]
+            print(f"=== {name} seed {seed}: {desc}")
+            method = ctor(models.mlp(SIZES, activation_name=act, rng=seed), d["x_train"][:8], seed)
+            t = time.perf_counter()
+            hist = fit(method, d, epochs=args.epochs, batch_size=128, rng=seed)
+            hist.update(name=name, seed=seed, description=desc, seconds=time.perf_counter() - t,
+                        epochs_run=args.epochs, n_train=len(d["x_train"]))
+            write_json_atomic(path, hist)
+    # table over everything stored for these runs
+    rows, payload = [], {"machine": machine(), "runs": {}}
+    for name in names:
+        accs, per_epoch = [], []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            path = os.path.join(out_dir, f"{name}-seed{seed}.json")
+            if os.path.exists(path):
+                h = json.load(open(path))
+                accs.append(100 * h["test_acc"][-1])
+                per_epoch.append(" ".join(f"{100 * a:.1f}" for a in h["test_acc"]))
+        if not accs:
+            continue
+        payload["runs"][name] = {"final": accs, "per_epoch": per_epoch, "description": RUNS[name][2]}
+        spread = f" ± {np.std(accs):.2f}" if len(accs) > 1 else ""
+        rows.append(f"| {name} | {RUNS[name][2]} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+                    f"{np.mean(accs):.2f}{spread} | {per_epoch[0]} |")
+    table = ("| run | what | final test acc % (per seed) | mean | per-epoch (first seed) |\n|---|---|---|---|---|\n"
+             + "\n".join(rows))
+    write("accuracy_mlp", payload, table)
+
+
+if __name__ == "__main__":
+    main()
