@@ -68,6 +68,13 @@ def main():
                                head=False, sample_input=x),
     }
     fns = {k: (lambda m=m: m.train_step(x, y)) for k, m in methods.items()}
+    # the closed-form feedback solves of one BLL step (3 hidden blocks, 128 x 1024 each)
+    from bll_ref.data import one_hot
+    from bll_ref.feedback import LinearFeedback
+    Y = one_hot(y, 10)
+    A = rng.standard_normal((N, 1024)).astype(np.float32)
+    fbs = [LinearFeedback(10, 1024) for _ in range(3)]
+    fns["feedback_solves_x3"] = lambda: [f.fit(Y, A).predict(Y) for f in fbs]
     try:
         fns["torch_bp"] = torch_step(x, y)
     except ImportError:
@@ -79,6 +86,7 @@ def main():
     fl = {"bp": flops(SIZES, N, {0}), "fa": flops(SIZES, N, {0}), "torch_bp": flops(SIZES, N, {0})}
     for k in methods:
         fl.setdefault(k, flops(SIZES, N, {0, 1, 2, 3}))
+    fl["feedback_solves_x3"] = 3 * 2 * (2 * N * 10 * 1024)
     rows = ["| step | ms | ratio to our BP | GFLOP | fraction of GEMM roofline |", "|---|---|---|---|---|"]
     for k, t in med.items():
         rows.append(f"| {k} | {1e3 * t:.2f} | {t / med['bp']:.2f} | {fl[k] / 1e9:.2f} | "
@@ -86,6 +94,9 @@ def main():
     table = (f"MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, median of {args.repeats} interleaved "
              f"steps; float32 1024^3 GEMM {gf:.0f} GFLOP/s (before {gf_before:.0f}, after {gf_after:.0f})\n\n"
              + "\n".join(rows))
+    table += (f"\n\nclosed-form feedback solves (3 blocks) / BLL default step: "
+              f"{100 * med['feedback_solves_x3'] / med['bll_default']:.1f} %"
+              f"\nBLL default step / BP step: {med['bll_default'] / med['bp']:.2f}")
     if "torch_bp" in med:
         table += f"\n\nour BP / PyTorch BP step time: {med['bp'] / med['torch_bp']:.2f}"
     write("step_time", {"machine": machine(), "gemm_gflops": gf, "median_s": med, "flop": fl}, table)

@@ -131,7 +131,8 @@ class _GraphBuilder:
             return self.batchnorm(name, layer, src)
         if isinstance(layer, L.Residual):
             body = self.sequence(_items(layer.body, f"{name}.body"), src)
-            sc = src if layer.shortcut is None else self.sequence(_items(layer.shortcut, f"{name}.shortcut"), src)
+            sc = (src if layer.shortcut is None
+                  else self.sequence(_items(layer.shortcut, f"{name}.shortcut"), src))
             if self.shapes[body] != self.shapes[sc]:
                 raise ValueError(f"write_nir: Residual {name}: body output {self.shapes[body]} and "
                                  f"shortcut output {self.shapes[sc]} differ")

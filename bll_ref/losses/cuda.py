@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .expfam import Gaussian, get_family
-from .local import _check_arrays, _check_m
+from .local import _check_arrays, _check_m, _finite_loss
 
 try:  # numba.cuda imports without a GPU or toolkit; guard anyway (stripped-down numba builds)
     import numba
@@ -108,7 +108,7 @@ def _launch(kernel, x, y, scalar, n):
     d_partial = cuda.device_array(blocks, np.float64)
     kernel[blocks, THREADS](d_x, d_y, float(scalar), 1.0 / n, d_o1, d_o2, d_partial)
     partial = d_partial.copy_to_host()
-    return (float(partial.sum() / n), d_o1.copy_to_host().reshape(shape),
+    return (_finite_loss(float(partial.sum() / n)), d_o1.copy_to_host().reshape(shape),
             d_o2.copy_to_host().reshape(shape))
 
 

@@ -19,9 +19,10 @@ checks (which also block vectorisation); no division here can see a zero. No fas
 results must not depend on the compiler's choice of reassociation or FMA contraction.
 
 Kernels are pure (arrays in, preallocated outputs, no globals, no randomness) and plain Python
-under ``NUMBA_DISABLE_JIT=1``. Rows run in parallel (``prange``) only above
-``PARALLEL_MIN_SIZE`` elements: at 128 x 1024 thread start-up and, with OpenMP, spinning
-threads cost more than they save on a 2-core machine (see ``benchmarks/bench_kernels.py``).
+under ``NUMBA_DISABLE_JIT=1``. Each has a serial and a ``prange`` (rows in parallel) driver; the
+wrappers pick prange only from ``PARALLEL_MIN_SIZE`` elements and ``PARALLEL_MIN_THREADS``
+threads up (``parallel=True/False`` forces it): at 128 x 1024, and on a 2-core machine shared
+with other jobs, thread hand-off costs more than it saves (``benchmarks/bench_kernels.py``).
 """
 from __future__ import annotations
 
@@ -30,15 +31,18 @@ import numpy as np
 from numba import njit, prange
 
 from .expfam import Bernoulli, Gaussian, Poisson, get_family
-from .local import _check_arrays, _check_m
+from .local import _check_arrays, _check_m, _finite_loss
 
 __all__ = [
     "kl", "ef_gradients", "kl_ef_gradients", "bernoulli_eq8", "gaussian_s12", "poisson_s13",
-    "PARALLEL_MIN_SIZE",
+    "PARALLEL_MIN_SIZE", "PARALLEL_MIN_THREADS",
 ]
 
-#: Batches with at least this many elements (N * D) run their rows in parallel by default.
+#: By default rows run in parallel only for batches of at least this many elements (N * D) ...
 PARALLEL_MIN_SIZE = 1 << 20
+#: ... and only with at least this many Numba threads: with 2 the gain is at most 2x, while on a
+#: shared 2-core machine a prange call measured 7-20x slower than serial (benchmarks/results/kernels.md).
+PARALLEL_MIN_THREADS = 4
 
 _jit = dict(cache=True, error_model="numpy")
 _helper = dict(error_model="numpy")  # small helpers; LLVM inlines them into the row loops
@@ -395,16 +399,18 @@ def _run(kernels, x, y, m, p, parallel):
     o1, o2 = np.empty_like(x2), np.empty_like(x2)
     row_loss = np.empty(n, np.float64)
     if parallel is None:
-        parallel = n > 1 and x2.size >= PARALLEL_MIN_SIZE and numba.get_num_threads() > 1
+        parallel = (n > 1 and x2.size >= PARALLEL_MIN_SIZE
+                    and numba.get_num_threads() >= PARALLEL_MIN_THREADS)
     t = x2.dtype.type
     kernels[1 if parallel else 0](x2, y2, t(m), t(p), o1, o2, row_loss)
-    return float(row_loss.sum() / n), o1.reshape(shape), o2.reshape(shape)
+    return _finite_loss(float(row_loss.sum() / n)), o1.reshape(shape), o2.reshape(shape)
 
 
 def kl_ef_gradients(family, phi, gamma, *, parallel=None):
     """Fused ``local.kl_ef_gradients``: (loss, g_phi, g_gamma) in one pass (Eq. S7, Eq. 7 / S8).
 
-    ``parallel``: None chooses by size (>= PARALLEL_MIN_SIZE elements), True/False forces it.
+    ``parallel``: None chooses (PARALLEL_MIN_SIZE elements and PARALLEL_MIN_THREADS threads or
+    more), True/False forces the prange/serial kernel.
     """
     fam = get_family(family)
     phi, gamma = _check_arrays(("phi", "gamma"), phi, gamma)

@@ -22,6 +22,7 @@ the unmixed b in the posterior weight. ``eq8_chain_rule_gap`` states the differe
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -72,12 +73,33 @@ def _check_m(m) -> float:
     return m
 
 
+def _underflow_ok(f):
+    """Run f with float underflow ignored: e^{-|x|} and its products rounding to 0 (or to a
+    subnormal) for large |x| are the intended values. Overflow, invalid and divide still raise
+    under np.errstate(all="raise"); none of them occurs for |a|, |b| <= 1e3."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        with np.errstate(under="ignore"):
+            return f(*args, **kwargs)
+    return wrapper
+
+
 def _batch_mean(terms: np.ndarray) -> float:
     """Mean over the batch of the sum over units, accumulated in float64."""
-    return float(np.sum(terms, dtype=np.float64) / terms.shape[0])
+    return _finite_loss(float(np.sum(terms, dtype=np.float64) / terms.shape[0]))
+
+
+def _finite_loss(loss: float) -> float:
+    """Raise on a non-finite loss: for finite inputs in the supported range it is always finite,
+    and any NaN or inf among the inputs makes it non-finite (so this check costs no extra pass)."""
+    if not math.isfinite(loss):
+        raise ValueError(f"loss is {loss}: the inputs contain NaN or inf, or values far beyond the "
+                         f"supported range |x| <= 1e3; check the block and feedback outputs")
+    return loss
 
 
 # ------------------------------------------------------------------------ general EF (Eq. 7, S7-S8)
+@_underflow_ok
 def kl(family, phi, gamma) -> float:
     """KL(rho || alpha) with rho = EF(gamma), alpha = EF(phi) (Eq. S7, sign corrected).
 
@@ -115,6 +137,7 @@ def ef_gradients(family, phi, gamma):
     return kl_ef_gradients(family, phi, gamma)[1:]
 
 
+@_underflow_ok
 def kl_ef_gradients(family, phi, gamma):
     """``kl`` and ``ef_gradients`` together: (loss, g_phi, g_gamma). The fused kernel's twin."""
     fam = get_family(family)
@@ -127,6 +150,7 @@ def kl_ef_gradients(family, phi, gamma):
     return loss, g_phi, g_gamma
 
 
+@_underflow_ok
 def ef_chain_rule(family, a, b, m):
     """Exact gradients of KL(rho || alpha) with phi = a, gamma = a + m b (chain rule of Eq. 7).
 
@@ -141,6 +165,7 @@ def ef_chain_rule(family, a, b, m):
     return loss, g_phi + g_gamma, a.dtype.type(m) * g_gamma
 
 
+@_underflow_ok
 def eq8_chain_rule_gap(family, a, b, m):
     """Printed estimator minus exact KL gradient: (d_a, d_b), each shaped like a.
 
@@ -163,6 +188,7 @@ def eq8_chain_rule_gap(family, a, b, m):
 
 
 # --------------------------------------------------------------------- printed special cases
+@_underflow_ok
 def bernoulli_eq8(a, b, m):
     """Eq. 8 with Eq. 9, exactly as printed.
 
@@ -199,6 +225,7 @@ def bernoulli_eq8(a, b, m):
     return loss, g_a, g_b
 
 
+@_underflow_ok
 def gaussian_s12(a, b, m, s2=1.0):
     """Eq. S11/S12 (Gaussian, known variance s2) in the form of Eq. 8.
 
@@ -234,6 +261,7 @@ def gaussian_s12(a, b, m, s2=1.0):
     return loss, g_a, g_b
 
 
+@_underflow_ok
 def poisson_s13(a, b, m):
     """Eq. S13 (Poisson) in the form of Eq. 8, as printed with rho = e^{a + m b}, alpha = e^a.
 
@@ -275,6 +303,7 @@ def mixing(epoch, tau=0.5) -> float:
 
 
 # ------------------------------------------------------------- uncertainty autoencoder (S15-S17)
+@_underflow_ok
 def gaussian_kl_s15(mu_pred, logvar_pred, target_mu, target_logvar):
     """Gaussian KL loss of the uncertainty autoencoder, Eq. S15.
 
@@ -317,6 +346,7 @@ def gaussian_kl_s15(mu_pred, logvar_pred, target_mu, target_logvar):
     return loss, g_mu.astype(dtype), g_logvar.astype(dtype)
 
 
+@_underflow_ok
 def uncertainty_metrics_s16_s17(mu_pred, logvar_pred, target_mu):
     """Uncertainty mismatch metrics of 002 (Fig. 2C of 001): (L_MM, L_ME), two floats.
 

@@ -1,0 +1,163 @@
+"""``bll-ref export`` and ``bll-ref verify`` (hooked into bll_ref.cli by :func:`add_commands`).
+
+    bll-ref export CHECKPOINT --out model.h5 --width 8 [--rounding ..] [--overflow ..]
+                   [--percentile P] [--calibration N] [--traces N] [--data auto|fashion-mnist|synthetic]
+    bll-ref verify model.h5 [--no-accuracy] [--limit-test N]
+
+verify exits 0 when integer inference rerun from the file reproduces every stored trace bit for
+bit, 1 on any mismatch, 2 when the file is unreadable or invalid (the error names the dataset).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from bll_ref.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
+
+from . import hdf5
+
+__all__ = ["add_commands", "cmd_export", "cmd_verify"]
+
+
+def add_commands(subparsers):
+    """Add the ``export`` and ``verify`` sub-commands to bll-ref's argparse sub-parsers."""
+    p = subparsers.add_parser("export", help="export a checkpoint as one fixed-point HDF5 file "
+                              "(float + integer weights, calibration traces; docs/hdf5-format.md)")
+    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train")
+    p.add_argument("--out", default=None, help="HDF5 file to write (default: model-w<width>.h5 next "
+                   "to the checkpoint)")
+    p.add_argument("--width", type=int, default=8, help="bits of weights and activations, 2..16 (8 or 16 "
+                   "for typical hardware; default 8)")
+    p.add_argument("--rounding", choices=ROUNDING_MODES, default="nearest")
+    p.add_argument("--overflow", choices=OVERFLOW_MODES, default="saturate")
+    p.add_argument("--percentile", type=float, default=100.0,
+                   help="activation calibration: clip |x| at this percentile (100 = no clipping)")
+    p.add_argument("--calibration", type=int, default=256, metavar="N",
+                   help="training examples that calibrate the activation formats (default 256)")
+    p.add_argument("--traces", type=int, default=16, metavar="N",
+                   help="calibration examples whose per-layer output codes are stored (default 16)")
+    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
+                   help="calibration data; auto: what the checkpoint was trained on")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("verify", help="rerun integer inference from an exported HDF5 file and "
+                              "compare with its stored traces (exit 1 on any mismatch)")
+    p.add_argument("file", help="HDF5 file written by bll-ref export")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report float vs fixed-point test accuracy when the data is available")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use the first N test examples")
+    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
+                   help="test data for --accuracy; auto: what the model was trained on")
+    p.set_defaults(func=cmd_verify)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+def cmd_export(args):
+    from bll_ref import checkpoint
+    if args.calibration < 1 or not 1 <= args.traces <= args.calibration:
+        raise ValueError(f"need --calibration >= 1 and 1 <= --traces <= --calibration, got "
+                         f"--calibration {args.calibration} --traces {args.traces}")
+    model, meta, aux = checkpoint.load(args.checkpoint)
+    images = _is_image_model(meta, model.config())
+    d = _load(meta, args.data, images, limit_train=args.calibration, limit_test=1)
+    x, y = d["x_train"][:args.calibration], d["y_train"][:args.calibration]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
+    e = hdf5.export(model, out, x, width=args.width, rounding=args.rounding, overflow=args.overflow,
+                    percentile=args.percentile, n_traces=args.traces, aux=aux,
+                    meta={**meta, "checkpoint": os.path.abspath(args.checkpoint)}, labels=y)
+    im = e.integer_model()
+    agree = float(np.mean(np.argmax(im.infer(x), 1) == np.argmax(model.forward(x, train=False), 1)))
+    print(f"{len(e.records)} integer records (width {args.width}, {args.rounding}, {args.overflow}) "
+          f"calibrated on {len(x)} examples; float/fixed argmax agreement on them {100 * agree:.1f}%")
+    print(f"wrote {out} ({_size(os.path.getsize(out))}; traces of {args.traces} examples); "
+          f"check it with: bll-ref verify {out}")
+    return 0
+
+
+def _is_image_model(meta, config):
+    if meta.get("model") in ("cnn", "resnet"):
+        return True
+    if meta.get("model") == "mlp":
+        return False
+    while config.get("type") == "Sequential" and config.get("layers"):
+        config = config["layers"][0]
+    return config.get("type") == "Conv2d"
+
+
+def _load(meta, want, images, *, limit_train, limit_test):
+    """The data the model was trained on (meta['data']) unless ``want`` says otherwise.
+    Synthetic data is regenerated with the training run's sizes so the split is the same."""
+    from bll_ref.cli import _load_data
+    source = meta.get("data", "fashion-mnist") if want == "auto" else want
+    if source == "synthetic":
+        opts = meta.get("options", {})
+        limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
+    elif want == "auto":
+        source = "auto"    # Fashion-MNIST when present, else the synthetic fallback (it says so)
+    ns = argparse.Namespace(data=source, limit_train=limit_train, limit_test=limit_test)
+    d, got = _load_data(ns, images)
+    if meta.get("data") and got != meta["data"]:
+        print(f"warning: the model was trained on {meta['data']} data, using {got} data instead")
+    return d
+
+
+def _size(n):
+    return f"{n} bytes" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024 ** 2 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# verify
+# ------------------------------------------------------------------------------------------------
+def cmd_verify(args):
+    rep = hdf5.verify(args.file)
+    o = rep["options"]
+    print(f"{args.file}: {hdf5.FORMAT} v{rep['format_version']}, {_size(rep['file_size'])}, "
+          f"{len(rep['records'])} records, width {o.get('width')} {o.get('rounding')}/{o.get('overflow')}, "
+          f"traces of {rep['n_samples']} examples ({rep['created_by']})")
+    wn = max([4] + [len(r["name"]) for r in rep["records"]])
+    ws = max([5] + [len(str(tuple(r["shape"]))) for r in rep["records"]])
+    wf = max([6] + [len(r["format"]) for r in rep["records"]])
+    print(f"{'#':>4}  {'kind':<11} {'name':<{wn}}  {'shape':<{ws}}  {'format':<{wf}}  {'max |diff|':>10}")
+    for r in rep["records"]:
+        diff = "shape!" if r["max_abs_diff"] is None else str(r["max_abs_diff"])
+        flag = "" if r["n_diff"] == 0 else f"  <- {r['n_diff']} codes differ"
+        print(f"{r['index']:>4}  {r['kind']:<11} {r['name']:<{wn}}  {str(tuple(r['shape'])):<{ws}}  "
+              f"{r['format']:<{wf}}  {diff:>10}{flag}")
+    if args.accuracy:
+        _report_accuracy(args)
+    n = len(rep["records"])
+    if rep["ok"]:
+        print(f"OK: integer inference from the file reproduces all {n} stored traces bit for bit "
+              f"({rep['n_samples']} examples)")
+        return 0
+    worst = max((r["max_abs_diff"] or 0) for r in rep["records"])
+    print(f"MISMATCH: {rep['n_mismatched']} of {n} records differ from the stored traces "
+          f"(largest difference {worst} codes); the file and this bll_ref disagree")
+    return 1
+
+
+def _report_accuracy(args):
+    e = hdf5.read(args.file)
+    images = len(e.records[0]["attrs"]["shape"]) == 3
+    try:
+        d = _load(e.meta, args.data, images, limit_train=1, limit_test=args.limit_test)
+    except FileNotFoundError as err:
+        print(f"accuracy: skipped ({err})")
+        return
+    x, y = d["x_test"][:args.limit_test], d["y_test"][:args.limit_test]
+    if x.shape[1:] != tuple(e.records[0]["attrs"]["shape"]):
+        print(f"accuracy: skipped (test inputs {x.shape[1:]} do not fit the model input "
+              f"{tuple(e.records[0]['attrs']['shape'])})")
+        return
+    model, im = e.float_model(), e.integer_model()
+    pf, pq = [], []
+    for i in range(0, len(x), 1000):
+        pf.append(np.argmax(model.forward(x[i:i + 1000], train=False), 1))
+        pq.append(np.argmax(im.infer(x[i:i + 1000]), 1))
+    pf, pq = np.concatenate(pf), np.concatenate(pq)
+    print(f"accuracy on {len(x)} test examples: float {100 * np.mean(pf == y):.2f}%, fixed point "
+          f"{100 * np.mean(pq == y):.2f}% (argmax agreement {100 * np.mean(pf == pq):.2f}%)")
