@@ -99,7 +99,8 @@ def main():
           f"Machine: {info['cpus']} CPUs, float32 1024^3 GEMM {gflops:.0f} GFLOP/s, numba {info['numba']} "
           f"({info['threads']} threads, {info['threading_layer']}), 1-min load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after (other jobs share the machine). Kernel = the default (serial below "
-          f"{kernels.PARALLEL_MIN_SIZE} elements or {kernels.PARALLEL_MIN_THREADS} threads); the prange column is the same kernel forced parallel, "
+          f"{kernels.PARALLEL_MIN_SIZE} elements or {kernels.PARALLEL_MIN_THREADS} threads); "
+          "the prange column is the same kernel forced parallel, "
           "timed against the serial one in a separate interleaved group.", "",
           "| estimator | dtype | reference (us) | kernel (us) | speed-up | serial (us) | prange (us) |",
           "|---|---|---:|---:|---:|---:|---:|"]

@@ -165,8 +165,9 @@ def walk_through(out, lr):
     out("M (epoch):  " + "  ".join(f"{M:6d}" for M in range(5)))
     out("m:          " + "  ".join(f"{local.mixing(M, TAU):6.4f}" for M in range(5)))
     method.on_epoch_start(START_EPOCH)
-    m = method.mixing()
-    out(f"this step: M = {START_EPOCH}, m = {m:.4f}   (library BLL.mixing() = {method.mixing():.4f})")
+    m = 1.0 / (1.0 + TAU * START_EPOCH)
+    out(f"this step: M = {START_EPOCH}, m = 1 / (1 + {TAU} * {START_EPOCH}) = {m:.4f}")
+    out.check("mixing (BLL.mixing())", abs(m - method.mixing()))
 
     # ---- Stage 2: forward ---------------------------------------------------------------------
     out.stage("Stage 2: forward pass, block outputs a_k (natural parameters of alpha_k)   [Eq. 3]")
@@ -181,11 +182,11 @@ def walk_through(out, lr):
     out.mat("h_2 = S(a_2)  (input of the output block)", h2)
     out.mat("logits z = h_2 W_3 + c_3", z)
     lib_a, lib_h, x = [], [], X
-    for block in blocks[:2]:
-        a, x = BLL._forward_block(block, x, train=False)
-        lib_a.append(a)
+    for block in blocks[:2]:  # block = Sequential(Dense, Sigmoid): a_k is the Dense layer's output
+        lib_a.append(block.layers[0].forward(x, train=False))
+        x = block.forward(x, train=False)
         lib_h.append(x)
-    out.check("forward (BLL._forward_block)", _maxdiff((a1, lib_a[0]), (h1, lib_h[0]), (a2, lib_a[1]),
+    out.check("forward (block.layers[0].forward, block.forward)", _maxdiff((a1, lib_a[0]), (h1, lib_h[0]), (a2, lib_a[1]),
                                                        (h2, lib_h[1]), (z, blocks[2].forward(h2, train=False))))
 
     # ---- Stage 3: closed-form feedback --------------------------------------------------------

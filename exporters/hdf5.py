@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -332,6 +331,8 @@ def _encode(e: ExportedModel) -> dict:
         group(f"{node}/observables/codes", __type__="TimeGriddedData", dt=1.0)
         dataset(f"{node}/observables/codes/data", t.reshape(t.shape[0], 1, -1),
                 shape=np.array(t.shape[1:], dtype=np.int64), **_q_attrs(rec["attrs"]["out_fmt"]))
+    tree["/"][1]["datasets"] = _json({p: [v[0].dtype.name, list(v[0].shape)] for p, v in tree.items()
+                                      if v[0] is not None}, "datasets")
     return tree
 
 
@@ -372,6 +373,8 @@ class _Tree:
         return a
 
     def attr(self, path, name, typ):
+        if path not in self.t:
+            self.fail(f"missing object {path}")
         attrs = self.t[path][1]
         if name not in attrs:
             self.fail(f"{self.kind(path)} {path} has no attribute {name!r}")
@@ -404,6 +407,7 @@ class _Tree:
 
     def check_q(self, path, want):
         """Q-format attributes of a code dataset equal ``want`` and its dtype fits them."""
+        self.dataset(path)
         for k in _Q_KEYS + ("hls_type",):
             got = self.attr(path, k, int if k in ("width", "frac", "signed") else str)
             if got != want[k]:
@@ -416,7 +420,10 @@ class _Tree:
 def _decode(tree, source) -> ExportedModel:
     t = _Tree(tree, source)
     _check_header(t)
+    _check_manifest(t)
     root = "/"
+    if t.attr(root, "__type__", str) != "NIRGraphData":
+        t.fail("root attribute '__type__' must be 'NIRGraphData'")
     model_config = t.json_attr(root, "model_config")
     meta, options = t.json_attr(root, "meta"), t.json_attr(root, "options")
     float_state = _decode_model(t, model_config)
@@ -451,9 +458,9 @@ def _decode(tree, source) -> ExportedModel:
 def _check_header(t):
     if "/" not in t.t:
         t.fail("no root group")
-    attrs = t.t["/"][1]
-    if attrs.get("format") != FORMAT:
-        t.fail(f"root attribute 'format' is {attrs.get('format')!r}, expected {FORMAT!r}: this is not a "
+    fmt = t.t["/"][1].get("format")
+    if not isinstance(fmt, str) or fmt != FORMAT:
+        t.fail(f"root attribute 'format' is {fmt!r}, expected {FORMAT!r}: this is not a "
                "bll_ref fixed-point export", hint="export one with bll-ref export CHECKPOINT")
     v = t.attr("/", "format_version", int)
     if v > FORMAT_VERSION:
@@ -461,6 +468,26 @@ def _check_header(t):
                hint="upgrade bll_ref to read this file")
     if v < 1:
         t.fail(f"root attribute 'format_version' is {v}; versions start at 1")
+
+
+def _check_manifest(t):
+    """Root attribute 'datasets' lists every dataset with dtype and shape: nothing may be missing
+    (optional and informational datasets included), added, retyped or reshaped."""
+    listed = t.json_attr("/", "datasets")
+    if not isinstance(listed, dict):
+        t.fail("root attribute 'datasets' must be a JSON object {path: [dtype, shape]}")
+    for p, spec in listed.items():
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], list)):
+            t.fail(f"root attribute 'datasets' entry {p!r} must be [dtype, shape], got {spec!r}")
+        if p not in t.t or t.t[p][0] is None:
+            t.fail(f"missing dataset {p} (listed in the root attribute 'datasets')")
+        a = t.t[p][0]
+        if a.dtype.name != spec[0] or list(a.shape) != spec[1]:
+            t.fail(f"dataset {p} is {a.dtype.name} {list(a.shape)}, but the root attribute 'datasets' "
+                   f"lists {spec[0]} {spec[1]}")
+    extra = sorted(p for p, v in t.t.items() if v[0] is not None and p not in listed)
+    if extra:
+        t.fail(f"dataset {extra[0]} is not listed in the root attribute 'datasets'")
 
 
 def _decode_model(t, config):
@@ -541,8 +568,8 @@ def _decode_traces(t, records):
                 t.fail(f"group {g} attribute '__type__' must be {typ!r}")
         if t.attr(node.rsplit("/", 2)[0], "record", int) != i:
             t.fail(f"group {node.rsplit('/', 2)[0]} attribute 'record' must be {i}")
-        if not math.isfinite(t.attr(node, "dt", float)):
-            t.fail(f"group {node} attribute 'dt' must be a finite number")
+        if t.attr(node, "dt", float) != 1.0:
+            t.fail(f"group {node} attribute 'dt' must be 1.0 (one evaluation of a static network)")
         p = f"{node}/data"
         t.check_q(p, _q_attrs(rec["attrs"]["out_fmt"]))
         a = t.dataset(p)
@@ -634,7 +661,7 @@ def _read_tree(path):
                     if "sha256" not in attrs:
                         raise ExportFormatError(f"{path}: dataset /{name} has no attribute 'sha256'; "
                                                 "re-export the model")
-                    if _sha256(data) != attrs["sha256"]:
+                    if not isinstance(attrs["sha256"], str) or _sha256(data) != attrs["sha256"]:
                         raise ExportFormatError(
                             f"{path}: dataset /{name} fails its SHA-256 checksum: its bytes changed after "
                             "export (corrupted or tampered); re-export the model or restore the file")

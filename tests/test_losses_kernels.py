@@ -232,6 +232,8 @@ def test_kernels_run_as_plain_python_with_jit_disabled():
             for fam in ("bernoulli", "gaussian", "poisson"):
                 k, r = kernels.kl_ef_gradients(fam, a, b), local.kl_ef_gradients(fam, a, b)
                 out[fam + dt.__name__] = max(abs(k[0] - r[0]) / abs(r[0]), *(float(np.max(np.abs(x - y)) / np.max(np.abs(y))) for x, y in zip(k[1:], r[1:])))
+            k, r = kernels.bernoulli_eq8(a, b, 0.6, parallel=True), kernels.bernoulli_eq8(a, b, 0.6, parallel=False)
+            out["prange" + dt.__name__] = max(abs(k[0] - r[0]), *(float(np.max(np.abs(x - y))) for x, y in zip(k[1:], r[1:])))
         import numba
         print(json.dumps({"disabled": bool(numba.config.DISABLE_JIT), "err": out}))
     """

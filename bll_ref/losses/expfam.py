@@ -116,7 +116,8 @@ class Poisson:
     def __post_init__(self):
         eta_max = float(self.eta_max)
         if not (0 < eta_max <= 88.0):
-            raise ValueError(f"Poisson eta_max must be in (0, 88] (e^88 is near float32's maximum), got {self.eta_max!r}")
+            raise ValueError(f"Poisson eta_max must be in (0, 88] (e^88 is near float32's maximum), "
+                             f"got {self.eta_max!r}")
         object.__setattr__(self, "eta_max", eta_max)
 
     def _exp(self, eta):

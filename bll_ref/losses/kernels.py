@@ -402,7 +402,8 @@ def _run(kernels, x, y, m, p, parallel):
         parallel = (n > 1 and x2.size >= PARALLEL_MIN_SIZE
                     and numba.get_num_threads() >= PARALLEL_MIN_THREADS)
     t = x2.dtype.type
-    kernels[1 if parallel else 0](x2, y2, t(m), t(p), o1, o2, row_loss)
+    with np.errstate(under="ignore"):  # only matters under NUMBA_DISABLE_JIT (NumPy scalar maths)
+        kernels[1 if parallel else 0](x2, y2, t(m), t(p), o1, o2, row_loss)
     return _finite_loss(float(row_loss.sum() / n)), o1.reshape(shape), o2.reshape(shape)
 
 
