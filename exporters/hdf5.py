@@ -637,38 +637,38 @@ def _read_tree(path):
     except OSError as err:
         raise ExportFormatError(f"{path}: cannot be opened as HDF5 ({err}); the file is truncated, still "
                                 "being written or not an export; re-export the model") from None
-    tree = {}
-    with f:
-        def fail(name, err):
-            raise ExportFormatError(f"{path}: cannot read /{name} ({type(err).__name__}: {err}); the file "
-                                    "is damaged; re-export the model") from None
-
-        try:
+    tree, where = {}, ["/"]
+    # A damaged file can make the HDF5 library fail anywhere (OSError, RuntimeError, KeyError,
+    # TypeError on garbled names, ...): every such failure means "damaged file", said once here.
+    try:
+        with f:
             tree["/"] = (None, dict(f.attrs))
-        except OSError as err:
-            fail("", err)
-        _check_header(_Tree(tree, path))         # a newer version may lay out things differently
+            _check_header(_Tree(tree, path))     # a newer version may lay out things differently
 
-        def visit(name, obj):
-            try:
+            def visit(name, obj):
+                where[0] = "/" + name
                 attrs = dict(obj.attrs)
                 if isinstance(obj, h5py.Dataset):
-                    data = np.asarray(obj[()])
-                    if data.dtype.kind not in "iuf":
-                        raise ExportFormatError(f"{path}: dataset /{name} is not numeric "
-                                                f"(dtype {data.dtype}); re-export the model")
-                    data = data.astype(data.dtype.newbyteorder("="), copy=False)
-                    if "sha256" not in attrs:
-                        raise ExportFormatError(f"{path}: dataset /{name} has no attribute 'sha256'; "
-                                                "re-export the model")
-                    if not isinstance(attrs["sha256"], str) or _sha256(data) != attrs["sha256"]:
-                        raise ExportFormatError(
-                            f"{path}: dataset /{name} fails its SHA-256 checksum: its bytes changed after "
-                            "export (corrupted or tampered); re-export the model or restore the file")
-                    tree["/" + name] = (data, attrs)
+                    tree["/" + name] = (_checked_data(path, "/" + name, obj, attrs), attrs)
                 elif isinstance(obj, h5py.Group):
                     tree["/" + name] = (None, attrs)
-            except (OSError, RuntimeError, KeyError) as err:
-                fail(name, err)
-        f.visititems(visit)
+            f.visititems(visit)
+    except ExportFormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - see above
+        raise ExportFormatError(f"{path}: cannot read {where[0]} ({type(err).__name__}: {err}); the file "
+                                "is damaged; re-export the model") from None
     return tree
+
+
+def _checked_data(path, name, obj, attrs):
+    data = np.asarray(obj[()])
+    if data.dtype.kind not in "iuf":
+        raise ExportFormatError(f"{path}: dataset {name} is not numeric (dtype {data.dtype}); re-export the model")
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)
+    if "sha256" not in attrs:
+        raise ExportFormatError(f"{path}: dataset {name} has no attribute 'sha256'; re-export the model")
+    if not isinstance(attrs["sha256"], str) or _sha256(data) != attrs["sha256"]:
+        raise ExportFormatError(f"{path}: dataset {name} fails its SHA-256 checksum: its bytes changed after "
+                                "export (corrupted or tampered); re-export the model or restore the file")
+    return data
