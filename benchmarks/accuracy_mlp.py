@@ -5,8 +5,9 @@ BLL default >= BP - 1.0).
     python benchmarks/accuracy_mlp.py [--runs bp,bll_default,...] [--seeds 0,1,2] [--epochs 10]
 
 Every finished run is stored in benchmarks/results/accuracy_mlp/<run>-seed<s>.json (a rerun skips
-finished runs, so an interrupted benchmark resumes); the table goes to
-benchmarks/results/accuracy_mlp.{json,md}.
+finished runs, so an interrupted benchmark resumes) with its checkpoint in
+runs/bench/<run>-seed<s>.npz (not committed; benchmarks/fixedpoint_accuracy.py exports them); the
+table goes to benchmarks/results/accuracy_mlp.{json,md}.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
 
-from bll_ref import data, models  # noqa: E402
+from bll_ref import checkpoint, data, models  # noqa: E402
 from bll_ref.methods.backprop import Backprop  # noqa: E402
 from bll_ref.methods.common import fit, write_json_atomic  # noqa: E402
 from bll_ref.methods.feedback_alignment import FeedbackAlignment  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
+CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")
 
 
 def BLL(*a, **k):  # imported on use: BP/FA runs don't need the local-loss modules
@@ -86,6 +88,11 @@ def main():
             hist = fit(method, d, epochs=args.epochs, batch_size=128, rng=seed)
             hist.update(name=name, seed=seed, description=desc, seconds=time.perf_counter() - t,
                         epochs_run=args.epochs, n_train=len(d["x_train"]))
+            os.makedirs(CKPT_DIR, exist_ok=True)
+            checkpoint.save(os.path.join(CKPT_DIR, f"{name}-seed{seed}.npz"), method.model,
+                            {"method": name, "model": "mlp", "data": "fashion-mnist", "activation": act,
+                             "test_acc": hist["test_acc"]},
+                            method.aux_state() if hasattr(method, "aux_state") else None)
             write_json_atomic(path, hist)
     # table over everything stored for these runs
     rows, payload = [], {"machine": machine(), "runs": {}}

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["softmax_cross_entropy", "softmax", "mse"]
+from .local import gaussian_kl_s15  # Eq. S15: the uncertainty autoencoder's output loss
+
+__all__ = ["softmax_cross_entropy", "softmax", "mse", "gaussian_kl_s15"]
 
 
 def softmax(z, axis=-1):
