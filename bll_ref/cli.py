@@ -13,7 +13,7 @@ from . import checkpoint, data, models
 from .methods.common import evaluate, write_json_atomic
 
 
-def _load_data(args, image_shape):
+def load_data(args, image_shape):
     """Fashion-MNIST when present (or asked for), else the synthetic task; says which."""
     want = getattr(args, "data", "auto")
     if want in ("auto", "fashion-mnist") and data.fashion_mnist_available():
@@ -29,8 +29,9 @@ def _load_data(args, image_shape):
     else:
         x, y = data.synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=1234)
     d = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
-    print(f"data: synthetic {'images' if image_shape else 'clusters'} ({n_train} train / {n_test} test); "
-          "Fashion-MNIST not found (apt-get install dataset-fashion-mnist or set BLL_DATA)")
+    why = ("as asked (--data synthetic)" if want == "synthetic" else
+           "Fashion-MNIST not found (apt-get install dataset-fashion-mnist or set BLL_DATA)")
+    print(f"data: synthetic {'images' if image_shape else 'clusters'} ({n_train} train / {n_test} test); {why}")
     return d, "synthetic"
 
 
@@ -98,7 +99,7 @@ def _add_train_options(p):
 def cmd_train(args):
     from .methods.common import fit
     blocks, images = _build_model(args)
-    d, source = _load_data(args, images)
+    d, source = load_data(args, images)
     if args.dtype == "float64":
         d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
     method = make_method(args.method, blocks, args, d["x_train"][:8])
@@ -119,7 +120,7 @@ def cmd_eval(args):
     model, meta, _ = checkpoint.load(args.checkpoint)
     images = meta.get("model") in ("cnn", "resnet")
     args.limit_train, args.limit_test = 1, args.limit_test
-    d, _ = _load_data(args, images)
+    d, _ = load_data(args, images)
     acc = evaluate(model, d["x_test"], d["y_test"])
     print(f"{args.checkpoint}: test accuracy {100 * acc:.2f}% ({len(d['x_test'])} examples)")
     return 0
@@ -129,7 +130,7 @@ def cmd_demo(args):
     """A short BP vs BLL run on Fashion-MNIST (10k examples) or the synthetic fallback."""
     from .methods.common import fit
     args.limit_train, args.limit_test, args.data = args.limit_train or 10000, args.limit_test or 2000, "auto"
-    d, source = _load_data(args, False)
+    d, source = load_data(args, False)
     rows = []
     for method_name in ("bp", "bll"):
         ns = argparse.Namespace(**{**_defaults(), "method": method_name, "epochs": args.epochs})
@@ -167,11 +168,8 @@ def main(argv=None):
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.set_defaults(func=cmd_demo)
-    try:
-        from exporters.cli import add_commands
-        add_commands(sub)
-    except ImportError:
-        pass
+    from exporters.cli import add_commands  # export, verify, nir, c-header
+    add_commands(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

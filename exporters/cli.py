@@ -18,7 +18,7 @@ from bll_ref.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
 
 from . import hdf5
 
-__all__ = ["add_commands", "cmd_export", "cmd_verify"]
+__all__ = ["add_commands", "cmd_export", "cmd_verify", "cmd_nir", "cmd_c_header"]
 
 
 def add_commands(subparsers):
@@ -51,6 +51,21 @@ def add_commands(subparsers):
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
                    help="test data for --accuracy; auto: what the model was trained on")
     p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("nir", help="write a checkpoint's network as a NIR graph file (.nir)")
+    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train")
+    p.add_argument("--out", required=True, help="NIR file to write, e.g. model.nir")
+    p.set_defaults(func=cmd_nir)
+
+    p = subparsers.add_parser("c-header", help="write the C header + C99 golden model of an exported "
+                              "HDF5 file (weights, formats, test vectors) and optionally compile and run it")
+    p.add_argument("file", help="HDF5 file written by bll-ref export")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", default="bll_model", help="C identifier prefixing files, functions, macros")
+    p.add_argument("--vectors", type=int, default=4, help="traced examples embedded as test vectors")
+    p.add_argument("--compile", action="store_true", help="compile with the system C compiler and run the "
+                   "self-test against the stored traces (exit 1 on mismatch)")
+    p.set_defaults(func=cmd_c_header)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +106,7 @@ def _is_image_model(meta, config):
 def _load(meta, want, images, *, limit_train, limit_test):
     """The data the model was trained on (meta['data']) unless ``want`` says otherwise.
     Synthetic data is regenerated with the training run's sizes so the split is the same."""
-    from bll_ref.cli import _load_data
+    from bll_ref.cli import load_data
     source = meta.get("data", "fashion-mnist") if want == "auto" else want
     if source == "synthetic":
         opts = meta.get("options", {})
@@ -99,7 +114,7 @@ def _load(meta, want, images, *, limit_train, limit_test):
     elif want == "auto":
         source = "auto"    # Fashion-MNIST when present, else the synthetic fallback (it says so)
     ns = argparse.Namespace(data=source, limit_train=limit_train, limit_test=limit_test)
-    d, got = _load_data(ns, images)
+    d, got = load_data(ns, images)
     if meta.get("data") and got != meta["data"]:
         print(f"warning: the model was trained on {meta['data']} data, using {got} data instead")
     return d
@@ -161,3 +176,39 @@ def _report_accuracy(args):
     pf, pq = np.concatenate(pf), np.concatenate(pq)
     print(f"accuracy on {len(x)} test examples: float {100 * np.mean(pf == y):.2f}%, fixed point "
           f"{100 * np.mean(pq == y):.2f}% (argmax agreement {100 * np.mean(pf == pq):.2f}%)")
+
+
+# ------------------------------------------------------------------------------------------------
+# nir / c-header
+# ------------------------------------------------------------------------------------------------
+def cmd_nir(args):
+    from bll_ref import checkpoint
+
+    from .nir import write_nir
+    model, meta, _ = checkpoint.load(args.checkpoint)
+    shape = (1, 28, 28) if _is_image_model(meta, model.config()) else (model[0][0].in_features,)
+    write_nir(model, args.out, input_shape=shape)
+    print(f"wrote {args.out} ({_size(os.path.getsize(args.out))}); read it with nir.read('{args.out}')")
+    return 0
+
+
+def cmd_c_header(args):
+    import subprocess
+
+    from .c_header import compile_c, find_c_compiler, write_c
+    e = hdf5.read(args.file)
+    n = max(1, min(args.vectors, e.traces[0].shape[0]))
+    paths = write_c(e.records, args.out_dir, name=args.name, test_inputs=e.traces[0][:n],
+                    traces=[t[:n] for t in e.traces])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not args.compile:
+        return 0
+    if find_c_compiler() is None:
+        print("no C compiler found ($CC, cc, gcc, clang): not compiled")
+        return 1
+    exe = compile_c(args.out_dir, name=args.name)
+    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    print(res.stdout.rstrip())
+    print(f"C golden model {'matches' if res.returncode == 0 else 'DOES NOT match'} the stored traces "
+          f"({n} examples, {len(e.records)} layers)")
+    return 0 if res.returncode == 0 else 1

@@ -158,10 +158,11 @@ def read(path) -> ExportedModel:
     """Read and check an export file.
 
     Checks, in order: the file opens as HDF5 (truncated files do not), ``format`` and
-    ``format_version`` (a newer version is refused), every dataset's SHA-256 checksum, every
-    required group, dataset and attribute, every dtype and shape (float weights against the
-    model config, code datasets against their Q-format attributes and the record, traces against
-    the calibration batch), and the records themselves (:meth:`IntegerModel.from_records`).
+    ``format_version`` (a newer version is refused), every dataset's SHA-256 checksum, the
+    manifest of every dataset's dtype and shape (root attribute ``datasets``), every required
+    group, dataset and attribute, every dtype and shape (float weights against the model config,
+    code datasets against their Q-format attributes and the record, traces against the
+    calibration batch), and the records themselves (:meth:`IntegerModel.from_records`).
 
     Raises
     ------
@@ -238,7 +239,8 @@ def _rec_name(i, rec):
 
 
 def _node_path(i, rec):
-    return f"/nodes/{_rec_name(i, rec)}/observables/codes"
+    """Trace node of record i, named by the record's layer path like the nodes of exporters.nir."""
+    return f"/nodes/{rec['attrs']['name']}/observables/codes"
 
 
 def _q_attrs(fmt) -> dict:
@@ -323,9 +325,12 @@ def _encode(e: ExportedModel) -> dict:
     if e.labels is not None:
         dataset("/calibration/labels", e.labels)
     group("/nodes")
+    names = [rec["attrs"]["name"] for rec in e.records]
+    if len(set(names)) != len(names) or any(not n or "/" in n or n in (".", "..") for n in names):
+        raise ValueError(f"record names must be unique and free of '/' to name trace nodes, got {names}")
     for i, (rec, t) in enumerate(zip(e.records, e.traces)):
         t = np.asarray(t)
-        node = f"/nodes/{_rec_name(i, rec)}"
+        node = _node_path(i, rec).rsplit("/", 2)[0]
         group(node, __type__="NIRNodeData", record=i)
         group(f"{node}/observables")
         group(f"{node}/observables/codes", __type__="TimeGriddedData", dt=1.0)
@@ -518,7 +523,6 @@ def _decode_records(t):
     n = t.attr("/integer", "n_records", int)
     t.group("/integer/records")
     names = [p.rsplit("/", 1)[1] for p in t.children("/integer/records")]
-    want = None
     records = []
     for i in range(n):
         matches = [s for s in names if _REC_NAME.match(s) and int(_REC_NAME.match(s).group(1)) == i]
@@ -583,8 +587,7 @@ def _decode_traces(t, records):
         if n == 0:
             t.fail(f"dataset {p} holds no samples")
         traces.append(a.reshape((n,) + shape))
-    extra = sorted(set(p.rsplit("/", 1)[1] for p in t.children("/nodes"))
-                   - {_rec_name(i, r) for i, r in enumerate(records)})
+    extra = sorted(set(p.rsplit("/", 1)[1] for p in t.children("/nodes")) - {r["attrs"]["name"] for r in records})
     if extra:
         t.fail(f"/nodes holds groups that match no record: {extra[:5]}")
     return traces

@@ -187,8 +187,8 @@ def doc_reference_traces(path):
             raise AssertionError(kind)
         outs.append(y)
     stored = []
-    for g in sorted(f["nodes"]):
-        d = f["nodes"][g]["observables/codes/data"]
+    for a in recs:
+        d = f["nodes"][a["name"]]["observables/codes/data"]
         stored.append(d[()].reshape((d.shape[0],) + tuple(d.attrs["shape"])))
     f.close()
     return outs, stored
@@ -232,17 +232,30 @@ def test_traces_read_as_nir_time_gridded_data(exported):
     nir = pytest.importorskip("nir")
     path, e, _, _ = exported
     data = nir.read_data(str(path))
-    assert len(data.nodes) == len(e.records)
-    for i, (name, node) in enumerate(sorted(data.nodes.items())):
-        obs = node.observables["codes"]
+    assert set(data.nodes) == {rec["attrs"]["name"] for rec in e.records}
+    for rec, t in zip(e.records, e.traces):
+        obs = data.nodes[rec["attrs"]["name"]].observables["codes"]
         assert isinstance(obs, nir.TimeGriddedData) and obs.dt == 1.0
-        t = e.traces[i]
         assert obs.data.shape == (t.shape[0], 1, int(np.prod(t.shape[1:])))
         assert np.array_equal(obs.data.reshape(t.shape), t)
 
 
+def test_trace_nodes_are_named_like_the_nodes_of_the_nir_graph(tmp_path):
+    nir = pytest.importorskip("nir")
+    from exporters.nir import write_nir
+    model = L.Sequential(*models.mlp((20, 16, 8, 4), activation_name="relu", rng=0))
+    x = np.random.default_rng(0).normal(size=(8, 20)).astype(np.float32)
+    hdf5.export(model, tmp_path / "m.h5", x)
+    graph = nir.read(write_nir(model, tmp_path / "m.nir", input_shape=(20,)))
+    data = nir.read_data(str(tmp_path / "m.h5"))
+    data.check_nodes(graph)                      # raises KeyError for a node the graph lacks
+    assert set(data.nodes) == set(graph.nodes) - {"output"}
+
+
 def test_code_datasets_carry_their_q_format(tmp_path):
     path, e, _, _ = _export(tmp_path, "mlp", width=16, rounding="floor")
+    x = np.zeros((4, 20), np.float32)
+    assert hdf5.export(models.mlp((20, 3), rng=0), tmp_path / "list.h5", x).model_config["type"] == "Sequential"
     with h5py.File(path, "r") as f:
         W = f["integer/records/001_dense/W"]
         w_fmt = e.records[1]["attrs"]["w_fmt"]
@@ -284,7 +297,7 @@ def test_interrupted_export_leaves_old_file_and_no_temporary(tmp_path, monkeypat
 def test_write_refuses_inconsistent_data_and_writes_nothing(tmp_path):
     path, e, _, _ = _export(tmp_path, "mlp")
     e.traces[2] = e.traces[2].astype(np.int32)
-    with pytest.raises(ExportFormatError, match=r"/nodes/002_leaky_relu/observables/codes/data has dtype int32"):
+    with pytest.raises(ExportFormatError, match=r"/nodes/0.1/observables/codes/data has dtype int32"):
         hdf5.write(e, tmp_path / "bad.h5")
     assert not (tmp_path / "bad.h5").exists()
 
@@ -312,7 +325,7 @@ def _flip(path, dataset, index=0):
 
 
 @pytest.mark.parametrize("dataset", ["/integer/records/001_dense/W", "/model/1/0/W",
-                                     "/nodes/003_dense/observables/codes/data", "/aux/feedback0/W"])
+                                     "/nodes/1.0/observables/codes/data", "/aux/feedback0/W"])
 def test_flipped_byte_in_a_dataset_is_named(tmp_path, dataset):
     path, _, _, _ = _export(tmp_path, "mlp")
     _flip(path, dataset, index=5)
@@ -322,7 +335,7 @@ def test_flipped_byte_in_a_dataset_is_named(tmp_path, dataset):
 
 
 @pytest.mark.parametrize("obj,attr", [("/integer/records/001_dense/W", "frac"), ("/", "model_config"),
-                                      ("/nodes/002_leaky_relu/observables/codes/data", "shape"),
+                                      ("/nodes/0.1/observables/codes/data", "shape"),
                                       ("/integer/records/003_dense", "record"), ("/model/0/0/c", "sha256")])
 def test_missing_attribute_is_named(tmp_path, obj, attr):
     path, _, _, _ = _export(tmp_path, "mlp")
@@ -364,12 +377,32 @@ def test_foreign_and_missing_files(tmp_path):
         hdf5.read(tmp_path / "absent.h5")
 
 
-def test_missing_dataset_is_named(tmp_path):
+@pytest.mark.parametrize("dataset", ["/model/1/0.body.1/running_var", "/calibration/labels",
+                                     "/integer/records/005_conv2d/W_float", "/aux/step"])
+def test_missing_dataset_is_named_even_when_optional(tmp_path, dataset):
     path, _, _, _ = _export(tmp_path, "cnn")
     with h5py.File(path, "r+") as f:
-        del f["model/1/0.body.1/running_var"]
-    with pytest.raises(ExportFormatError, match=r"missing dataset /model/1/0.body.1/running_var"):
+        del f[dataset]
+    with pytest.raises(ExportFormatError, match=rf"missing dataset {dataset} \(listed in the root attribute 'datasets'\)"):
         hdf5.read(path)
+
+
+def test_added_or_replaced_dataset_is_named(tmp_path):
+    path, _, _, _ = _export(tmp_path, "mlp")
+    with h5py.File(path, "r+") as f:
+        d = f.create_dataset("aux/extra", data=np.zeros(2))
+        d.attrs["sha256"] = hdf5._sha256(np.zeros(2))
+    with pytest.raises(ExportFormatError, match=r"dataset /aux/extra is not listed in the root attribute 'datasets'"):
+        hdf5.read(path)
+    _, e, _, _ = _export(tmp_path, "mlp", name="n.h5")
+    with h5py.File(tmp_path / "n.h5", "r+") as f:   # same checksum, other shape
+        W = f["integer/records/001_dense/W"][()].reshape(-1)
+        sha = f["integer/records/001_dense/W"].attrs["sha256"]
+        del f["integer/records/001_dense/W"]
+        f["integer/records/001_dense/W"] = W
+        f["integer/records/001_dense/W"].attrs["sha256"] = sha
+    with pytest.raises(ExportFormatError, match=r"dataset /integer/records/001_dense/W is int8 \[320\], but"):
+        hdf5.read(tmp_path / "n.h5")
 
 
 # ------------------------------------------------------------------------------------------------
