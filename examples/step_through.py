@@ -38,7 +38,7 @@ recipe (Gaussian term on LN(a) + local predictive head); stage 10 adds the predi
 
 How to run
 ----------
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python examples/step_through.py              # ~1 s
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python examples/step_through.py               # ~1 s
     OPENBLAS_NUM_THREADS=1 .venv/bin/python examples/step_through.py --interactive # Enter between stages
 
 Options: ``--steps N`` (training steps after the detailed one, default 60, for each of stages 9 and 10),

@@ -252,3 +252,12 @@ def test_cli_train_eval_round_trip(tmp_path, capsys):
     assert len(hist["test_acc"]) == 1 and len(hist["diagnostics"][0]["blocks"]) == 1
     assert main(["eval", str(out / "checkpoint.npz"), "--data", "synthetic", "--limit-test", "100"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("feedback", ["trained", "twin"])
+def test_bll_optimizer_choice_reaches_feedback_and_heads(feedback):
+    from bll_ref.optim import SGD
+    m = BLL(_mlp(), n_classes=4, sample_input=np.zeros((2, 20), np.float32), variational="eq8",
+            feedback=feedback, optimizer="sgd", lr=0.1)
+    opts = [f.opt for f in m.fb] if feedback == "trained" else m.fb.opts
+    assert all(isinstance(o, SGD) for o in opts + m.head_opts + m.optimizers)

@@ -153,9 +153,10 @@ class BLL(Method):
         if feedback == "closed":
             self.fb = [LinearFeedback(self.n_classes, u, l2=l2, decay=feedback_decay, dtype=self.dtype) for u in units]
         elif feedback == "trained":
-            self.fb = [TrainedLinearFeedback(self.n_classes, u, lr=feedback_lr, rng=rng, dtype=self.dtype) for u in units]
+            self.fb = [TrainedLinearFeedback(self.n_classes, u, optimizer=optimizer, lr=feedback_lr, rng=rng,
+                                             dtype=self.dtype) for u in units]
         else:
-            self.fb = TwinFeedback(self.n_classes, units, lr=feedback_lr, rng=rng, dtype=self.dtype)
+            self.fb = TwinFeedback(self.n_classes, units, optimizer=optimizer, lr=feedback_lr, rng=rng, dtype=self.dtype)
         self._stats = None
         self.on_epoch_start(0)
 

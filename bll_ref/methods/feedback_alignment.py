@@ -10,9 +10,7 @@ import numpy as np
 
 from ..layers import Conv2d, Dense, Residual, Sequential
 from ..layers.base import as_rng
-from ..losses.output import softmax_cross_entropy
-from ..optim import make_optimizer
-from .common import Method
+from .backprop import Backprop
 
 
 def _weight_layers(layer):
@@ -42,11 +40,13 @@ class _FABackward:
             self.layer.params["W"] = W
 
 
-class FeedbackAlignment(Method):
+class FeedbackAlignment(Backprop):
+    """Backprop's training step; only the backward matrices of Dense/Conv2d layers differ."""
+
     name = "fa"
 
     def __init__(self, model, *, optimizer="adam", lr=1e-3, rng=0, **opt_kw):
-        super().__init__(model)
+        super().__init__(model, optimizer=optimizer, lr=lr, **opt_kw)
         rng = as_rng(rng)
         self.feedback = []
         for layer in _weight_layers(self.model):
@@ -56,11 +56,3 @@ class FeedbackAlignment(Method):
             B = rng.uniform(-bound, bound, W.shape).astype(W.dtype)
             layer.backward = _FABackward(layer, B)
             self.feedback.append(B)
-        self.optimizer = make_optimizer(optimizer, self.model, lr, **opt_kw)
-
-    def train_step(self, x, y):
-        logits = self.model.forward(x, train=True)
-        loss, dz = softmax_cross_entropy(logits, y)
-        self.model.backward(dz, need_dx=False)
-        self.optimizer.step()
-        return loss
