@@ -64,16 +64,17 @@ def main():
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the table from stored runs")
     args = ap.parse_args()
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
-    d = data.load_fashion_mnist(limit_train=args.limit_train)
     out_dir = os.path.join(RESULTS, "accuracy_mlp")
     os.makedirs(out_dir, exist_ok=True)
+    d = data.load_fashion_mnist(limit_train=args.limit_train, limit_test=100 if args.table_only else None)
     print(f"GEMM {gemm_gflops():.0f} GFLOP/s; {len(d['x_train'])} train / {len(d['x_test'])} test")
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in ([] if args.table_only else (int(s) for s in args.seeds.split(","))):
         for name in names:
             path = os.path.join(out_dir, f"{name}-seed{seed}.json")
             if os.path.exists(path):

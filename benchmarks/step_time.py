@@ -3,7 +3,11 @@ BP, FA and BLL (default recipe and variants) interleaved in one run, with the ma
 GEMM rate measured in the same run and the fraction of the GEMM roofline each step reaches.
 If torch is importable, PyTorch's BP step for the same model is timed interleaved with ours.
 
-    python benchmarks/step_time.py [--repeats 40]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/step_time.py [--repeats 40] [--no-torch]
+
+On a 2-core machine that other work shares, multi-threaded BLAS collapses (one GEMM waits for a
+descheduled thread: 5-6x slower steps were measured); single-threaded BLAS gives stable numbers.
+The thread settings are recorded in the JSON.
 
 Writes benchmarks/results/step_time.{json,md}.
 """
@@ -36,6 +40,8 @@ def flops(sizes, n, skip_dx_blocks):
 
 def torch_step(x, y):
     import torch
+    # same thread count as our BLAS (OPENBLAS_NUM_THREADS), so the comparison is like for like
+    torch.set_num_threads(int(os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count())))
     torch.manual_seed(0)
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
@@ -55,6 +61,7 @@ def torch_step(x, y):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, SIZES[0])).astype(np.float32)
@@ -75,10 +82,11 @@ def main():
     A = rng.standard_normal((N, 1024)).astype(np.float32)
     fbs = [LinearFeedback(10, 1024) for _ in range(3)]
     fns["feedback_solves_x3"] = lambda: [f.fit(Y, A).predict(Y) for f in fbs]
-    try:
-        fns["torch_bp"] = torch_step(x, y)
-    except ImportError:
-        pass
+    if not args.no_torch:
+        try:
+            fns["torch_bp"] = torch_step(x, y)
+        except ImportError:
+            pass
     gf_before = gemm_gflops()
     med, _ = interleaved(fns, repeats=args.repeats)
     gf_after = gemm_gflops()
@@ -99,7 +107,10 @@ def main():
               f"\nBLL default step / BP step: {med['bll_default'] / med['bp']:.2f}")
     if "torch_bp" in med:
         table += f"\n\nour BP / PyTorch BP step time: {med['bp'] / med['torch_bp']:.2f}"
-    write("step_time", {"machine": machine(), "gemm_gflops": gf, "median_s": med, "flop": fl}, table)
+    threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    table += f"\n\nthread settings: {threads}"
+    write("step_time", {"machine": machine(), "threads": threads, "gemm_gflops": gf, "median_s": med, "flop": fl},
+          table)
 
 
 if __name__ == "__main__":
