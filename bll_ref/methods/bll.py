@@ -246,8 +246,8 @@ class BLL(Method):
 
     # --- the training step ----------------------------------------------------------------------
     def _feedback_messages(self, Y, train=True):
-        if self.feedback_kind == "closed":
-            return [None] * len(self.fb)
+        if self.feedback_kind == "closed" or self.variational == "none":  # solved later / unused
+            return [None] * (len(self.blocks) - 1)
         if self.feedback_kind == "twin":
             return [b.reshape(len(Y), -1) for b in self.fb.predict_all(Y, train=train)]
         return [f.predict(Y, train=train) for f in self.fb]
