@@ -261,3 +261,48 @@ def test_bll_optimizer_choice_reaches_feedback_and_heads(feedback):
             feedback=feedback, optimizer="sgd", lr=0.1)
     opts = [f.opt for f in m.fb] if feedback == "trained" else m.fb.opts
     assert all(isinstance(o, SGD) for o in opts + m.head_opts + m.optimizers)
+
+
+@pytest.mark.parametrize("terms", [("forward",), ("posterior",), ("forward", "posterior")])
+def test_eq8_terms_select_the_printed_terms(terms):
+    """Eq. 8: g_a = (-(rho - alpha) [forward] + rho(1 - rho) b [posterior]) / N, selected by eq8_terms."""
+    rng = np.random.default_rng(0)
+    m = BLL(_mlp(dtype=np.float64), n_classes=4, sample_input=rng.standard_normal((2, 20)), variational="eq8",
+            feedback="trained", m=0.5, eq8_terms=terms, use_kernels=False)
+    a, b = rng.standard_normal((6, 32)), rng.standard_normal((6, 32))
+    _, g_a, g_b, _ = m._variational(0, a, None, b)
+    S = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    rho, alpha = S(a + 0.5 * b), S(a)
+    want = (-(rho - alpha) * ("forward" in terms) + rho * (1 - rho) * b * ("posterior" in terms)) / 6
+    np.testing.assert_allclose(g_a, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g_b, rho * (1 - rho) * b / 6, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="non-empty"):
+        BLL(_mlp(), n_classes=4, sample_input=np.zeros((2, 20), np.float32), variational="eq8", eq8_terms=())
+
+
+def test_default_recipe_block_gradient_equals_finite_differences():
+    """The default local loss of a hidden block, w * 0.5 ||LN(a) - b||^2 / (N D) + w_h CE(head(h), y)
+    with the feedback message b held fixed (it is solved, not differentiated), has exactly the
+    gradient the block receives."""
+    from bll_ref.gradcheck import numeric_gradient, rel_error
+    from bll_ref.losses.output import softmax_cross_entropy
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((6, 20)), rng.integers(0, 4, 6)
+    m = BLL(_mlp(dtype=np.float64, sizes=(20, 7, 5, 4)), n_classes=4, sample_input=x[:2], anneal=False,
+            var_weight=0.7, head_weight=1.3)
+    blk, Y = m.blocks[0], data.one_hot(y, 4, dtype=np.float64)
+    a, h = m._forward_block(blk, x, train=True)
+    _, g_a, _, _ = m._variational(0, a, Y, None)
+    b = m.fb[0].predict(Y)
+    _, dl = softmax_cross_entropy(m.heads[0].forward(h, train=True), y)
+    m._backward_block(blk, m.heads[0].backward(dl * 1.3), g_a, need_dx=False)
+    analytic = {k: v.copy() for k, v in blk.grads.items()}
+
+    def loss():
+        a, h = m._forward_block(blk, x, train=True)
+        z = m.norms[0].forward(a, train=True)
+        var = 0.7 * 0.5 * ((z - b) ** 2).sum() / (len(x) * z.shape[1])
+        return var + 1.3 * softmax_cross_entropy(m.heads[0].forward(h, train=True), y)[0]
+
+    for k, p in blk.params.items():
+        assert rel_error(analytic[k], numeric_gradient(loss, p)) < 1e-6, k

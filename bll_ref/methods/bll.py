@@ -119,8 +119,8 @@ class BLL(Method):
         if span not in (1, 2):
             raise ValueError(f"span must be 1 or 2, got {span}")
         bad = set(eq8_terms) - {"forward", "posterior"}
-        if bad:
-            raise ValueError(f"eq8_terms may contain 'forward' and 'posterior', got {sorted(bad)}")
+        if bad or not eq8_terms:
+            raise ValueError(f"eq8_terms must be a non-empty subset of ('forward', 'posterior'), got {eq8_terms!r}")
         if not head and variational == "none":
             raise ValueError("with variational='none' and head=False the hidden blocks get no signal")
         if sample_input is None:
@@ -201,8 +201,9 @@ class BLL(Method):
         return rest[0].backward(d)
 
     def _variational(self, k, a, Y, b_fb):
-        """Local variational term of block k -> (loss, g_a, g_b, mean |b|); g_b is None for the
-        closed-form feedback (solved, not trained)."""
+        """Local variational term of block k -> (loss, g_a, g_b, mean |b|); all None/0 without a
+        variational term. g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback
+        is solved, not trained."""
         if self.variational == "none":
             return 0.0, None, None, 0.0
         A = a.reshape(-1, a.shape[-1]) if self.tokenwise[k] else a.reshape(len(a), -1)
