@@ -24,16 +24,12 @@ from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
 
 from bll_ref import checkpoint, data, models  # noqa: E402
 from bll_ref.methods.backprop import Backprop  # noqa: E402
+from bll_ref.methods.bll import BLL  # noqa: E402
 from bll_ref.methods.common import fit, write_json_atomic  # noqa: E402
 from bll_ref.methods.feedback_alignment import FeedbackAlignment  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")
-
-
-def BLL(*a, **k):  # imported on use: BP/FA runs don't need the local-loss modules
-    from bll_ref.methods.bll import BLL as _BLL
-    return _BLL(*a, **k)
 
 
 # name -> (activation, constructor(blocks, x_sample, seed), description)

@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 
+from .layers.base import as_rng
+
 __all__ = [
     "read_idx", "write_idx",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DEFAULT_FASHION_MNIST_PATH",
@@ -246,14 +248,6 @@ def _pixels(x, normalize, dtype, flatten):
 
 
 # --------------------------------------------------------------------------- batching
-def _as_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
-        return np.random.default_rng(rng)
-    raise ValueError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
-
-
 def _check_count(name, value, minimum):
     try:
         value = operator.index(value)
@@ -289,7 +283,7 @@ def batches(x, y, batch_size, rng=None, shuffle=True, drop_last=False):
         raise ValueError(f"batches: x and y must have the same length, got {len(x)} and {len(y)}")
     batch_size = _check_count("batch_size", batch_size, 1)
     n = len(x)
-    order = _as_rng(rng).permutation(n) if shuffle else None
+    order = as_rng(rng).permutation(n) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     return _iterate(x, y, order, batch_size, stop)
 
@@ -346,7 +340,7 @@ def permutation_reversal(n, *, length=10, rng=None) -> tuple[np.ndarray, np.ndar
     """
     n = _check_count("n", n, 0)
     length = _check_count("length", length, 1)
-    x = _as_rng(rng).permuted(np.tile(np.arange(length, dtype=np.int64), (n, 1)), axis=1)
+    x = as_rng(rng).permuted(np.tile(np.arange(length, dtype=np.int64), (n, 1)), axis=1)
     return x, np.ascontiguousarray(x[:, ::-1])
 
 
@@ -381,7 +375,7 @@ def synthetic_classification(n, *, n_features=20, n_classes=4, rng=None, separat
         raise ValueError(f"separation must be >= 0, got {separation}")
     mu = np.random.default_rng(task_seed).standard_normal((n_classes, n_features))
     mu *= separation / np.linalg.norm(mu, axis=1, keepdims=True)
-    rng = _as_rng(rng)
+    rng = as_rng(rng)
     y = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
     x = mu[y] + rng.standard_normal((n, n_features))
     return x.astype(dtype), y
@@ -415,7 +409,7 @@ def synthetic_images(n, *, n_classes=4, size=12, rng=None, noise=0.3, dtype=np.f
     size = _check_count("size", size, 4)
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
-    rng = _as_rng(rng)
+    rng = as_rng(rng)
     y = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
     theta = np.pi * y / n_classes
     centre = (size - 1) / 2 + rng.uniform(-size / 6, size / 6, size=(n, 2))

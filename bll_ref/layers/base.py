@@ -33,7 +33,7 @@ def as_rng(rng) -> np.random.Generator:
     """Accept a Generator, an int seed or None (fresh entropy); never touches global state."""
     if isinstance(rng, np.random.Generator):
         return rng
-    if rng is None or isinstance(rng, (int, np.integer)):
+    if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
 

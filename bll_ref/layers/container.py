@@ -51,12 +51,7 @@ class Sequential(Layer):
 
     def backward(self, dy, need_dx=True):
         """Backpropagate through the children; ``need_dx=False`` lets the first layer skip dx."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if i == 0 and not need_dx and hasattr(layer, "backward") and _accepts_need_dx(layer):
-                return layer.backward(dy, need_dx=False)
-            dy = layer.backward(dy)
-        return dy
+        return backward_through(self.layers, dy, need_dx)
 
     def zero_grads(self):
         for l in self.layers:
@@ -72,6 +67,16 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "\n".join("  " + repr(l).replace("\n", "\n  ") for l in self.layers)
         return f"Sequential(\n{inner}\n)"
+
+
+def backward_through(layers, dy, need_dx=True):
+    """Backward through ``layers`` (last to first); with ``need_dx=False`` the first layer skips
+    its input gradient when it can (Dense, Conv2d), and None is returned."""
+    for layer in layers[:0:-1]:
+        dy = layer.backward(dy)
+    if not need_dx and _accepts_need_dx(layers[0]):
+        return layers[0].backward(dy, need_dx=False)
+    return layers[0].backward(dy)
 
 
 def _accepts_need_dx(layer):

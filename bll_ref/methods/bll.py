@@ -31,7 +31,7 @@ import numpy as np
 
 from ..data import one_hot
 from ..feedback import LinearFeedback, TrainedLinearFeedback, TwinFeedback
-from ..layers.container import _accepts_need_dx
+from ..layers.container import backward_through
 from ..layers import (AvgPool2d, Dense, Flatten, LayerNorm, LeakyReLU, ReLU, Sequential, Sigmoid,
                       Tanh)
 from ..layers.base import as_rng
@@ -194,11 +194,7 @@ class BLL(Method):
         else:
             d = dh if g_a is None else (g_a if dh is None else dh + g_a)
             rest = layers
-        for i in range(len(rest) - 1, 0, -1):
-            d = rest[i].backward(d)
-        if not need_dx and _accepts_need_dx(rest[0]):
-            return rest[0].backward(d, need_dx=False)
-        return rest[0].backward(d)
+        return backward_through(rest, d, need_dx)
 
     def _variational(self, k, a, Y, b_fb):
         """Local variational term of block k -> (loss, g_a, g_b, mean |b|); all None/0 without a
