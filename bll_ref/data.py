@@ -1,4 +1,5 @@
-"""Data: the IDX file format, Fashion-MNIST, mini-batches and small synthetic tasks.
+"""Data: the IDX file format, Fashion-MNIST, mini-batches, small synthetic tasks, and ``load``,
+the one place that decides between Fashion-MNIST and the synthetic stand-in.
 
 Everything random takes ``rng`` (a ``np.random.Generator``, an int seed, or None for fresh
 entropy); nothing here touches NumPy's global random state.
@@ -17,7 +18,7 @@ from .layers.base import as_rng
 __all__ = [
     "read_idx", "write_idx",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DEFAULT_FASHION_MNIST_PATH",
-    "load_fashion_mnist", "fashion_mnist_available",
+    "load_fashion_mnist", "fashion_mnist_available", "DATA_SOURCES", "resolve_source", "load",
     "batches", "one_hot",
     "permutation_reversal", "synthetic_classification", "synthetic_images",
 ]
@@ -133,10 +134,18 @@ _FILES = {
 }
 
 
-def _resolve_path(path) -> str:
+_INSTALL_HINT = "apt-get install dataset-fashion-mnist or set BLL_DATA"
+
+
+def _resolve_path(path) -> tuple[str, str]:
+    """(directory, where it came from): ``path``, else ``$BLL_DATA`` (unless empty), else the
+    module constant ``DEFAULT_FASHION_MNIST_PATH``, read at call time."""
     if path is not None:
-        return os.fspath(path)
-    return os.environ.get("BLL_DATA") or DEFAULT_FASHION_MNIST_PATH
+        return os.fspath(path), "given as path"
+    env = os.environ.get("BLL_DATA")
+    if env:
+        return env, "from $BLL_DATA"
+    return DEFAULT_FASHION_MNIST_PATH, "the default path"
 
 
 def _find_files(root: str) -> tuple[dict, list]:
@@ -153,10 +162,28 @@ def _find_files(root: str) -> tuple[dict, list]:
     return found, missing
 
 
+def _problem(root: str, missing: list) -> str | None:
+    """Why ``root`` holds no complete Fashion-MNIST, or None when all four files are there."""
+    if not os.path.exists(root):
+        return "no such directory"
+    if not os.path.isdir(root):
+        return "not a directory"
+    if not missing:
+        return None
+    return f"{'empty directory, ' if not os.listdir(root) else ''}missing {', '.join(missing)}"
+
+
+def _not_found(root, origin, problem) -> FileNotFoundError:
+    return FileNotFoundError(f"no Fashion-MNIST under {root} ({origin}): {problem}; {_INSTALL_HINT}")
+
+
 def fashion_mnist_available(path=None) -> bool:
     """True when all four Fashion-MNIST files exist under the directory ``load_fashion_mnist``
-    would use (``path``, else ``$BLL_DATA``, else the default). Does not parse them."""
-    return not _find_files(_resolve_path(path))[1]
+    would use (``path``, else ``$BLL_DATA``, else the default): exactly when
+    ``load_fashion_mnist(path)`` and ``load("fashion-mnist", path=path)`` find the dataset
+    rather than raise FileNotFoundError. Does not parse the files."""
+    root, _ = _resolve_path(path)
+    return _problem(root, _find_files(root)[1]) is None
 
 
 def _check_limit(name, limit):
@@ -200,22 +227,22 @@ def load_fashion_mnist(path=None, *, normalize=True, dtype=np.float32, flatten=T
     Raises
     ------
     FileNotFoundError
-        Some of the four files are missing.
+        The directory is missing, or some of the four files are; the message names the
+        directory, where it came from, the missing files and how to install them.
     ValueError
         A file is not valid IDX, or images are not (N, 28, 28) uint8, labels not (N,) uint8
         in 0..9, or the image and label counts differ.
     """
-    root = _resolve_path(path)
+    root, origin = _resolve_path(path)
     dtype = np.dtype(dtype)
     if not (np.issubdtype(dtype, np.floating) or (np.issubdtype(dtype, np.integer) and not normalize)):
         raise ValueError(f"load_fashion_mnist: dtype must be floating (or integer with normalize=False), "
                          f"got {dtype} with normalize={normalize}")
     limits = {"train": _check_limit("limit_train", limit_train), "test": _check_limit("limit_test", limit_test)}
     found, missing = _find_files(root)
-    if missing:
-        detail = f" (missing {', '.join(missing)})" if os.path.isdir(root) else ""
-        raise FileNotFoundError(f"no Fashion-MNIST under {root}; apt-get install dataset-fashion-mnist "
-                                f"or set BLL_DATA{detail}")
+    problem = _problem(root, missing)
+    if problem is not None:
+        raise _not_found(root, origin, problem)
     out = {}
     for split in ("train", "test"):
         x_file, y_file = found[f"x_{split}"], found[f"y_{split}"]
@@ -245,6 +272,130 @@ def _pixels(x, normalize, dtype, flatten):
         x -= dtype.type(FASHION_MNIST_MEAN)
         x /= dtype.type(FASHION_MNIST_STD)
     return x
+
+
+# --------------------------------------------------------------------------- data policy
+DATA_SOURCES = ("auto", "fashion-mnist", "synthetic")
+# Sizes and seed of the synthetic stand-in, as ``bll-ref train`` has always drawn it.
+_SYNTHETIC_TRAIN, _SYNTHETIC_TEST, _SYNTHETIC_SEED = 4000, 1000, 1234
+
+
+def resolve_source(source="auto", path=None) -> tuple[str, str, str]:
+    """Which data ``load`` would use, without loading it.
+
+    * ``"fashion-mnist"``: the directory ``path``, else ``$BLL_DATA``, else
+      ``DEFAULT_FASHION_MNIST_PATH``; missing, empty or incomplete is an error.
+    * ``"auto"``: the same when ``path`` or ``$BLL_DATA`` is given (an explicit location that
+      does not hold Fashion-MNIST is an error, never a quiet fallback); otherwise Fashion-MNIST
+      from the default path when all four files are there, else the synthetic task.
+    * ``"synthetic"``: the synthetic task; ``path`` must be None.
+
+    Returns
+    -------
+    name : "fashion-mnist" or "synthetic"
+    root : str, the Fashion-MNIST directory used, or looked in ("" for ``source="synthetic"``)
+    why : str, "" for Fashion-MNIST, else why the synthetic task (one clause, for a log line)
+
+    Raises
+    ------
+    ValueError
+        ``source`` not one of ``DATA_SOURCES``, or a ``path`` with ``source="synthetic"``.
+    FileNotFoundError
+        No complete Fashion-MNIST where it was asked for; names the directory, where the
+        directory came from, the missing files and how to install them.
+    """
+    if not isinstance(source, str) or source not in DATA_SOURCES:
+        raise ValueError(f"data source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {source!r}")
+    if source == "synthetic":
+        if path is not None:
+            raise ValueError(f"path={os.fspath(path)!r} given with source='synthetic', which reads no "
+                             "files; use source='fashion-mnist' or 'auto', or drop path")
+        return "synthetic", "", "as asked (source 'synthetic')"
+    root, origin = _resolve_path(path)
+    problem = _problem(root, _find_files(root)[1])
+    if problem is None:
+        return "fashion-mnist", root, ""
+    if source == "fashion-mnist" or path is not None or origin == "from $BLL_DATA":
+        raise _not_found(root, origin, problem)
+    return "synthetic", root, f"Fashion-MNIST not found under {root} ({problem})"
+
+
+def _check_limit_cli(name, value):
+    """None, or an int >= 1 (not bool); the message names the option both ways."""
+    if value is None:
+        return None
+    option = "--" + name.replace("_", "-")
+    try:
+        index = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None:
+        raise ValueError(f"{name} ({option}) must be an int >= 1 or None, got {value!r}")
+    value = index
+    if value < 1:
+        raise ValueError(f"{name} ({option}) must be >= 1, got {value}")
+    return value
+
+
+def load(source="auto", *, images=False, limit_train=None, limit_test=None, path=None,
+         dtype=np.float32, rng=_SYNTHETIC_SEED, log=print) -> tuple[dict, str]:
+    """The project's data policy in one call: Fashion-MNIST, or a synthetic stand-in, said out loud.
+
+    Parameters
+    ----------
+    source : "auto", "fashion-mnist" or "synthetic"; see ``resolve_source`` for the rules.
+    images : bool
+        True: images (N, 1, 28, 28) for convolutional models (synthetic: 10 bar orientations,
+        ``synthetic_images``); False: vectors (N, 784) (synthetic: 10 Gaussian clusters,
+        ``synthetic_classification``).
+    limit_train, limit_test : int >= 1 or None
+        Fashion-MNIST: the first n examples (at most all). Synthetic: exactly n examples;
+        None means 4000 train / 1000 test.
+    path : str or os.PathLike or None
+        Fashion-MNIST directory; overrides ``$BLL_DATA`` and makes ``"auto"`` strict.
+    dtype : floating dtype of the inputs. Fashion-MNIST pixels are standardised with the
+        training-set mean and std (``load_fashion_mnist`` defaults).
+    rng : np.random.Generator or int or None
+        Draws the synthetic task (ignored for Fashion-MNIST). The default 1234 gives the data
+        ``bll-ref train`` has always used.
+    log : callable or None
+        Receives the one line saying which data was loaded and, for a fallback, why.
+
+    Returns
+    -------
+    data : dict with ``x_train``, ``y_train`` (int64 in 0..9), ``x_test``, ``y_test``
+    name : "fashion-mnist" or "synthetic", the source actually used
+
+    Raises
+    ------
+    ValueError
+        Unknown ``source``, bad limit, non-floating ``dtype``, invalid Fashion-MNIST files.
+    FileNotFoundError
+        Fashion-MNIST asked for (``source="fashion-mnist"``, ``path`` or ``$BLL_DATA``) but not
+        complete there.
+    """
+    limit_train = _check_limit_cli("limit_train", limit_train)
+    limit_test = _check_limit_cli("limit_test", limit_test)
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"load: dtype must be floating, got {dtype}")
+    name, root, why = resolve_source(source, path)
+    say = log or (lambda line: None)
+    if name == "fashion-mnist":
+        d = load_fashion_mnist(root, dtype=dtype, flatten=not images,
+                               limit_train=limit_train, limit_test=limit_test)
+        say(f"data: Fashion-MNIST ({len(d['x_train'])} train / {len(d['x_test'])} test) from {root}")
+        return d, name
+    n_train, n_test = limit_train or _SYNTHETIC_TRAIN, limit_test or _SYNTHETIC_TEST
+    if images:
+        x, y = synthetic_images(n_train + n_test, n_classes=10, size=28, rng=rng, dtype=dtype)
+    else:
+        x, y = synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=rng, dtype=dtype)
+    d = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+    what = f"synthetic {'images' if images else 'clusters'} ({n_train} train / {n_test} test)"
+    say(f"data: {what}, {why}" if source == "synthetic" else
+        f"data: {why}; using {what} instead; {_INSTALL_HINT}")
+    return d, name
 
 
 # --------------------------------------------------------------------------- batching

@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 
+from bll_ref import data
 from bll_ref.data import (
     DEFAULT_FASHION_MNIST_PATH, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-    batches, fashion_mnist_available, load_fashion_mnist, one_hot, permutation_reversal,
-    read_idx, synthetic_classification, synthetic_images, write_idx,
+    batches, fashion_mnist_available, load, load_fashion_mnist, one_hot, permutation_reversal,
+    read_idx, resolve_source, synthetic_classification, synthetic_images, write_idx,
 )
 
 IDX_DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
@@ -185,11 +186,11 @@ def test_missing_dataset_says_how_to_install(tmp_path, monkeypatch):
     missing = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError) as e:
         load_fashion_mnist(missing)
-    assert str(e.value) == (f"no Fashion-MNIST under {missing}; "
+    assert str(e.value) == (f"no Fashion-MNIST under {missing} (given as path): no such directory; "
                             "apt-get install dataset-fashion-mnist or set BLL_DATA")
     _fake_fashion(tmp_path / "partial")
     os.remove(tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz")
-    with pytest.raises(FileNotFoundError, match=r"apt-get install .*missing t10k-labels-idx1-ubyte\[\.gz\]"):
+    with pytest.raises(FileNotFoundError, match=r"missing t10k-labels-idx1-ubyte\[\.gz\]; apt-get install "):
         load_fashion_mnist(tmp_path / "partial")
 
 
@@ -227,6 +228,220 @@ def test_real_fashion_mnist_with_limits():
         assert abs(x.mean()) < 0.2 and 0.8 < x.std() < 1.2  # roughly standardised
     assert set(np.unique(d["y_train"])) == set(range(10))
     assert len(FASHION_MNIST_CLASSES) == 10
+
+
+
+# --------------------------------------------------------------------------- data policy: load
+HINT = "apt-get install dataset-fashion-mnist or set BLL_DATA"
+
+
+@pytest.fixture
+def no_env(tmp_path, monkeypatch):
+    """No $BLL_DATA and a default path (returned) that does not exist yet."""
+    monkeypatch.delenv("BLL_DATA", raising=False)
+    default = tmp_path / "default"
+    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_PATH", str(default))
+    return default
+
+
+def _old_cli_synthetic(images, n_train=4000, n_test=1000):
+    """What bll_ref.cli.load_data drew before ``load`` existed (seed 1234, 10 classes)."""
+    if images:
+        x, y = synthetic_images(n_train + n_test, n_classes=10, size=28, rng=1234)
+    else:
+        x, y = synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=1234)
+    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+
+
+def _assert_same(d, expected):
+    assert list(d) == ["x_train", "y_train", "x_test", "y_test"]
+    for k in expected:
+        assert d[k].dtype == expected[k].dtype and d[k].shape == expected[k].shape, k
+        np.testing.assert_array_equal(d[k], expected[k])
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_synthetic_source_is_bit_identical_to_the_old_cli_data(no_env, images):
+    lines = []
+    d, name = load("synthetic", images=images, log=lines.append)
+    assert name == "synthetic"
+    _assert_same(d, _old_cli_synthetic(images))
+    kind = "images" if images else "clusters"
+    assert lines == [f"data: synthetic {kind} (4000 train / 1000 test), as asked (source 'synthetic')"]
+    d, _ = load("synthetic", images=images, limit_train=300, limit_test=50, log=None)
+    _assert_same(d, _old_cli_synthetic(images, 300, 50))
+    if not images:
+        x, y = synthetic_classification(5000, n_features=784, n_classes=10, rng=1234)
+        d, _ = load("synthetic", log=None)
+        np.testing.assert_array_equal(d["x_train"], x[:4000])
+        np.testing.assert_array_equal(d["y_test"], y[4000:])
+
+
+def test_synthetic_source_ignores_an_existing_dataset_and_takes_dtype_and_rng(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "fm")
+    monkeypatch.setenv("BLL_DATA", str(tmp_path / "fm"))
+    d, name = load("synthetic", limit_train=10, limit_test=5, dtype=np.float64, rng=0, log=None)
+    assert name == "synthetic" and d["x_train"].shape == (10, 784) and d["x_train"].dtype == np.float64
+    x, _ = synthetic_classification(15, n_features=784, n_classes=10, rng=0, dtype=np.float64)
+    np.testing.assert_array_equal(d["x_test"], x[10:])
+    with pytest.raises(ValueError, match="source='synthetic', which reads no files"):
+        load("synthetic", path=tmp_path / "fm")
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_fashion_mnist_source_reads_the_given_path_and_logs_it(tmp_path, no_env, images):
+    arrays = _fake_fashion(tmp_path / "fm")
+    _fake_fashion(no_env, n_train=3)  # a complete default must not win over path
+    lines = []
+    d, name = load("fashion-mnist", images=images, path=tmp_path / "fm", limit_train=5, log=lines.append)
+    assert name == "fashion-mnist"
+    assert lines == [f"data: Fashion-MNIST (5 train / 7 test) from {tmp_path / 'fm'}"]
+    _assert_same(d, load_fashion_mnist(tmp_path / "fm", flatten=not images, limit_train=5))
+    assert d["x_train"].shape == ((5, 1, 28, 28) if images else (5, 784))
+    np.testing.assert_array_equal(d["y_test"], arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_fashion_mnist_source_uses_bll_data_then_the_default(tmp_path, no_env, monkeypatch):
+    _fake_fashion(no_env, n_train=3)
+    assert len(load("fashion-mnist", log=None)[0]["x_train"]) == 3
+    _fake_fashion(tmp_path / "env", n_train=4)
+    monkeypatch.setenv("BLL_DATA", str(tmp_path / "env"))
+    assert len(load("fashion-mnist", log=None)[0]["x_train"]) == 4
+    assert len(load("auto", log=None)[0]["x_train"]) == 4
+
+
+@pytest.mark.parametrize("source", ["auto", "fashion-mnist"])
+def test_explicit_bll_data_that_does_not_exist_is_an_error_naming_it(tmp_path, no_env, monkeypatch, source):
+    _fake_fashion(no_env)  # a complete default path must not be a quiet fallback either
+    nowhere = tmp_path / "nowhere"
+    monkeypatch.setenv("BLL_DATA", str(nowhere))
+    with pytest.raises(FileNotFoundError) as e:
+        load(source, log=None)
+    assert str(e.value) == f"no Fashion-MNIST under {nowhere} (from $BLL_DATA): no such directory; {HINT}"
+
+
+@pytest.mark.parametrize("source", ["auto", "fashion-mnist"])
+def test_incomplete_bll_data_is_an_error_naming_the_missing_file(tmp_path, no_env, monkeypatch, source):
+    _fake_fashion(tmp_path / "partial", gz=False)
+    os.remove(tmp_path / "partial" / "train-labels-idx1-ubyte")
+    monkeypatch.setenv("BLL_DATA", str(tmp_path / "partial"))
+    with pytest.raises(FileNotFoundError) as e:
+        load(source, log=None)
+    assert str(e.value) == (f"no Fashion-MNIST under {tmp_path / 'partial'} (from $BLL_DATA): "
+                            f"missing train-labels-idx1-ubyte[.gz]; {HINT}")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("BLL_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"\(from \$BLL_DATA\): empty directory, missing "
+                                                r"train-images-idx3-ubyte\[\.gz\], .*t10k-labels-idx1-ubyte\[\.gz\]; apt-get"):
+        load(source, log=None)
+
+
+def test_explicit_path_that_is_broken_is_an_error_even_for_auto(tmp_path, no_env):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(FileNotFoundError, match=r"under .*file \(given as path\): not a directory; apt-get"):
+        load("auto", path=tmp_path / "file", log=None)
+    with pytest.raises(FileNotFoundError, match=r"under .*nope \(given as path\): no such directory"):
+        load(path=tmp_path / "nope", log=None)
+
+
+def test_fashion_mnist_source_never_falls_back(no_env):
+    with pytest.raises(FileNotFoundError) as e:
+        load("fashion-mnist", log=None)
+    assert str(e.value) == f"no Fashion-MNIST under {no_env} (the default path): no such directory; {HINT}"
+
+
+def test_auto_without_bll_data_and_no_dataset_is_synthetic_and_says_why(no_env, capsys):
+    d, name = load(images=True)  # default log=print
+    assert name == "synthetic"
+    _assert_same(d, _old_cli_synthetic(True))
+    assert capsys.readouterr().out == (
+        f"data: Fashion-MNIST not found under {no_env} (no such directory); "
+        f"using synthetic images (4000 train / 1000 test) instead; {HINT}\n")
+    _fake_fashion(no_env)
+    os.remove(no_env / "t10k-images-idx3-ubyte.gz")
+    lines = []
+    d, name = load("auto", limit_test=20, log=lines.append)
+    assert name == "synthetic" and len(d["x_test"]) == 20
+    assert lines == [f"data: Fashion-MNIST not found under {no_env} (missing t10k-images-idx3-ubyte[.gz]); "
+                     f"using synthetic clusters (4000 train / 20 test) instead; {HINT}"]
+
+
+def test_auto_without_bll_data_uses_a_complete_default(no_env, monkeypatch):
+    _fake_fashion(no_env, n_train=9)
+    lines = []
+    d, name = load(log=lines.append)
+    assert name == "fashion-mnist" and d["x_train"].shape == (9, 784)
+    assert lines == [f"data: Fashion-MNIST (9 train / 7 test) from {no_env}"]
+    monkeypatch.setenv("BLL_DATA", "")  # empty counts as unset, as it always has
+    assert load(log=None)[1] == "fashion-mnist"
+    assert resolve_source() == ("fashion-mnist", str(no_env), "")
+
+
+@pytest.mark.parametrize("source", ["synthetic", "fashion-mnist", "auto", "auto-missing"])
+@pytest.mark.parametrize("name", ["limit_train", "limit_test"])
+@pytest.mark.parametrize("bad", [0, -3, True, False, 2.0, "5"])
+def test_limits_are_validated_for_every_source(tmp_path, no_env, source, name, bad):
+    if source != "auto-missing":  # without a dataset, the limit error still comes first
+        _fake_fashion(no_env)
+    option = "--" + name.replace("_", "-")
+    pattern = (rf"{name} \({option}\) must be >= 1, got {bad}" if type(bad) is int
+               else rf"{name} \({option}\) must be an int >= 1 or None, got {bad!r}")
+    with pytest.raises(ValueError, match=pattern):
+        load(source.replace("-missing", ""), **{name: bad}, log=None)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "fashion-mnist"])
+def test_limits_accept_numpy_ints_and_keep_at_most_all(no_env, source):
+    _fake_fashion(no_env)
+    d, _ = load(source, limit_train=np.int64(2), limit_test=1000, log=None)
+    assert len(d["x_train"]) == 2 and len(d["x_test"]) == (7 if source == "fashion-mnist" else 1000)
+
+
+@pytest.mark.parametrize("source", ["mnist", "Fashion-MNIST", "", None, 3])
+def test_unknown_source_lists_the_choices(source):
+    with pytest.raises(ValueError, match=r"data source must be one of 'auto', 'fashion-mnist', 'synthetic', got "):
+        load(source)
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_source(source)
+
+
+def test_dtype_must_be_floating_and_is_honoured(no_env):
+    with pytest.raises(ValueError, match="dtype must be floating, got int32"):
+        load("synthetic", dtype=np.int32)
+    _fake_fashion(no_env)
+    assert load("fashion-mnist", images=True, dtype=np.float64, log=None)[0]["x_test"].dtype == np.float64
+
+
+@pytest.mark.parametrize("state", ["complete", "raw-and-gz", "missing-file", "empty", "absent", "a-file"])
+def test_fashion_mnist_available_agrees_with_load(tmp_path, no_env, monkeypatch, state):
+    root = tmp_path / "fm"
+    if state == "complete":
+        _fake_fashion(root)
+    elif state == "raw-and-gz":
+        _fake_fashion(root, gz=False)
+        os.rename(root / "t10k-images-idx3-ubyte", root / "t10k-images-idx3-ubyte.gz")
+    elif state == "missing-file":
+        _fake_fashion(root)
+        os.remove(root / "train-images-idx3-ubyte.gz")
+    elif state == "empty":
+        root.mkdir()
+    elif state == "a-file":
+        root.write_bytes(b"")
+    found = state in ("complete", "raw-and-gz")
+    assert fashion_mnist_available(root) is found
+    for loader in (lambda: load("fashion-mnist", path=root, log=None), lambda: load_fashion_mnist(root)):
+        if found:
+            loader()
+        else:
+            with pytest.raises(FileNotFoundError):
+                loader()
+    # without path: the same answer through $BLL_DATA, and through the default path for auto
+    monkeypatch.setenv("BLL_DATA", str(root))
+    assert fashion_mnist_available() is found
+    monkeypatch.delenv("BLL_DATA")
+    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_PATH", str(root))
+    assert fashion_mnist_available() is found
+    assert resolve_source("auto")[0] == ("fashion-mnist" if found else "synthetic")
 
 
 # --------------------------------------------------------------------------- batching
