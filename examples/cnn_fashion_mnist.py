@@ -28,10 +28,11 @@ Commands
 Default mode: 10 000 training / 2 000 test images, 3 epochs (~2 min on 2 cores). ``--full``: all
 60 000 / 10 000 images, 8 epochs (26 min for the three methods on 2 cores). Other options:
 ``--methods bp,bll``, ``--epochs``, ``--limit-train``, ``--limit-test``, ``--channels 32,64,128``,
-``--seed``, ``--synthetic`` (force the synthetic task), ``--quiet``. Fashion-MNIST is read from
-``$BLL_DATA`` or /usr/share/datasets/fashion-mnist (Debian package ``dataset-fashion-mnist``);
-without it the example says so and falls back to synthetic 28x28 bar images
-(``bll_ref.data.synthetic_images``, 10 orientations) — those numbers say nothing about the paper.
+``--seed``, ``--synthetic`` (force the synthetic task), ``--quiet``. Data come from
+``bll_ref.data.load``: Fashion-MNIST from ``$BLL_DATA`` (an error when set but incomplete) or
+/usr/share/datasets/fashion-mnist (Debian package ``dataset-fashion-mnist``); without it the
+example says so and falls back to synthetic 28x28 bar images (``bll_ref.data.synthetic_images``,
+10 orientations) — those numbers say nothing about the paper.
 
 Expected output (measured 2026-11-23 on 2 shared CPU cores, load ~5-7, OPENBLAS_NUM_THREADS=1)
 ------------------------------------------------------------------------------------------------
@@ -86,16 +87,13 @@ FULL = {"limit_train": None, "limit_test": None, "epochs": 8}
 
 def load(args, log):
     """Fashion-MNIST as (N, 1, 28, 28) float32, or the synthetic fallback (said out loud)."""
-    if not args.synthetic and data.fashion_mnist_available():
-        d = data.load_fashion_mnist(flatten=False, limit_train=args.limit_train, limit_test=args.limit_test)
-        return d, "fashion-mnist"
-    if not args.synthetic:
-        log("NOTE: Fashion-MNIST not found (set BLL_DATA or apt-get install dataset-fashion-mnist); "
-            "using synthetic 28x28 bar images instead - these numbers say nothing about the paper")
-    n_train = args.limit_train or 60_000
-    n_test = args.limit_test or 10_000
-    x, y = data.synthetic_images(n_train + n_test, n_classes=10, size=28, rng=args.seed)
-    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}, "synthetic"
+    # No limit means all of Fashion-MNIST (60 000 / 10 000), and as many synthetic images.
+    d, source = data.load("synthetic" if args.synthetic else "auto", images=True,
+                          limit_train=args.limit_train or 60_000, limit_test=args.limit_test or 10_000,
+                          rng=args.seed, log=log)
+    if source == "synthetic" and not args.synthetic:
+        log("NOTE: synthetic 28x28 bar images - these numbers say nothing about the paper")
+    return d, source
 
 
 def table(results) -> str:
