@@ -68,7 +68,7 @@ def main():
         raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
     out_dir = os.path.join(RESULTS, "accuracy_mlp")
     os.makedirs(out_dir, exist_ok=True)
-    d = data.load_fashion_mnist(limit_train=args.limit_train, limit_test=100 if args.table_only else None)
+    d, _ = data.load("fashion-mnist", limit_train=args.limit_train, limit_test=100 if args.table_only else None)
     print(f"GEMM {gemm_gflops():.0f} GFLOP/s; {len(d['x_train'])} train / {len(d['x_test'])} test")
     for seed in ([] if args.table_only else (int(s) for s in args.seeds.split(","))):
         for name in names:

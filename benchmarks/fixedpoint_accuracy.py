@@ -40,7 +40,7 @@ def main():
     paths = args.checkpoints.split(",") if args.checkpoints else sorted(glob.glob(os.path.join(ROOT, "runs", "bench", "*.npz")))
     if not paths:
         raise SystemExit("no checkpoints: run benchmarks/accuracy_mlp.py first (it saves runs/bench/*.npz)")
-    d = data.load_fashion_mnist()
+    d, _ = data.load("fashion-mnist")
     calib = d["x_train"][:256]
     rows, payload = [], {"machine": machine(), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
