@@ -39,6 +39,24 @@ def _window(a, i, j, out, stride):
              j:j + stride[1] * (out[1] - 1) + 1:stride[1]]
 
 
+def im2col(x, kernel_size, stride, padding, who="im2col"):
+    """(N, C, H, W) -> cols (C*kh*kw, N*H_out*W_out), (H_out, W_out): one row per weight (the
+    order of ``W.reshape(out, -1)``), one column per output pixel; zero padding on both sides.
+    Also the integer convolution of ``bll_ref.fixedpoint``; ValueError (naming ``who``) when the
+    window does not fit the padded input."""
+    out = _out_size(who, x.shape, kernel_size, stride, padding)
+    (ph, pw), (kh, kw) = padding, kernel_size
+    if ph or pw:
+        n, c, h, w = x.shape
+        xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), x.dtype)
+        xp[:, :, ph:ph + h, pw:pw + w] = x
+    else:
+        xp = x
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
+    # (N, C, Ho, Wo, kh, kw) -> (C, kh, kw, N, Ho, Wo): rows match W.reshape(out, -1)
+    return win.transpose(1, 4, 5, 0, 2, 3).reshape(-1, x.shape[0] * out[0] * out[1]), out
+
+
 @register
 class Conv2d(Layer):
     """y[n, o] = sum_c W[o, c] (*) x[n, c] + c[o]  (cross-correlation, as in PyTorch).
@@ -76,21 +94,8 @@ class Conv2d(Layer):
         if self.bias:
             self.params["c"] = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype)
 
-    def _im2col(self, x, out):
-        """(N, C, H, W) -> cols (C*kh*kw, N*H_out*W_out): one row per weight, one column per pixel."""
-        (ph, pw), (kh, kw) = self.padding, self.kernel_size
-        if ph or pw:
-            n, c, h, w = x.shape
-            xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), x.dtype)
-            xp[:, :, ph:ph + h, pw:pw + w] = x
-        else:
-            xp = x
-        win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::self.stride[0], ::self.stride[1]]
-        # (N, C, Ho, Wo, kh, kw) -> (C, kh, kw, N, Ho, Wo): rows match W.reshape(out, -1)
-        return win.transpose(1, 4, 5, 0, 2, 3).reshape(-1, x.shape[0] * out[0] * out[1])
-
     def _col2im(self, dcols, shape, out):
-        """Adjoint of _im2col: dcols (C, kh, kw, N, Ho, Wo) -> dx (N, C, H, W), one slice add per offset."""
+        """Adjoint of im2col: dcols (C, kh, kw, N, Ho, Wo) -> dx (N, C, H, W), one slice add per offset."""
         n, c, h, w = shape
         (ph, pw), (kh, kw) = self.padding, self.kernel_size
         dxp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dcols.dtype)
@@ -101,8 +106,7 @@ class Conv2d(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "Conv2d", ndim=4, tail=(self.in_channels, None, None), dtype=self.dtype)
-        out = _out_size("Conv2d", x.shape, self.kernel_size, self.stride, self.padding)
-        cols = self._im2col(x, out)
+        cols, out = im2col(x, self.kernel_size, self.stride, self.padding, "Conv2d")
         y = self.params["W"].reshape(self.out_channels, -1) @ cols  # (out, N*Ho*Wo)
         if self.bias:
             y += self.params["c"][:, None]

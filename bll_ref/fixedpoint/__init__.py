@@ -1,0 +1,30 @@
+"""Fixed-point (Q-format) quantisation, integer ops, and integer-only reference inference.
+
+=================  ===============================================================================
+module             what
+=================  ===============================================================================
+``qformat``        :class:`QFormat`, quantize / dequantize, round_shift / overflow / requantize,
+                   calibration (no layer knowledge)
+``records``        one dataclass per record kind (dense, conv2d, scale, relu, ..., lut): validates
+                   itself, runs itself in int64 arithmetic, and is plain data for exporters
+``model``          :class:`IntegerModel`: the list of records, linked and run
+``walk``           the one walk over a float model (flattening, BatchNorm folding), shared with
+                   ``exporters.nir``
+``compile``        :func:`compile_integer`: float model -> records -> IntegerModel
+=================  ===============================================================================
+
+:meth:`IntegerModel.from_records` rebuilds the same bit-exact inference from the records' plain
+data alone (what an exporter wrote).
+"""
+from .compile import compile_integer
+from .model import IntegerModel
+from .qformat import (OVERFLOW_MODES, ROUNDING_MODES, QFormat, calibrate_activation, calibrate_weight, dequantize,
+                      overflow, quantize, requantize, round_shift)
+from .records import RECORD_KINDS, RECORD_TYPES, Record
+from .walk import fold_batchnorm
+
+__all__ = [
+    "QFormat", "quantize", "dequantize", "round_shift", "overflow", "requantize",
+    "calibrate_weight", "calibrate_activation", "fold_batchnorm", "IntegerModel",
+    "compile_integer", "ROUNDING_MODES", "OVERFLOW_MODES", "RECORD_KINDS", "RECORD_TYPES", "Record",
+]

@@ -1,0 +1,193 @@
+"""The compiler: float model -> layer records -> :class:`~bll_ref.fixedpoint.IntegerModel`."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import layers as L
+from . import records as R
+from .model import IntegerModel
+from .qformat import (QFormat, _check_fmt, _finite_array, _quantize_int64, calibrate_activation, calibrate_weight,
+                      dequantize, quantize)
+from .walk import Affine, ChannelAffine, Junction, walk
+
+__all__ = ["compile_integer"]
+
+
+def _hp(layer, key, default=None):
+    hp = layer.hyperparameters() if hasattr(layer, "hyperparameters") else {}
+    return hp[key] if key in hp else getattr(layer, key, default)
+
+
+def _avg_reciprocal(k):
+    """recip = round(2**30 / k) (half up, integer arithmetic); exact when k is a power of two."""
+    return ((1 << 31) // k + 1) // 2, 30
+
+
+class _Compiler:
+    """Follows the model walk once, computing float64 activations of the (BN-folded) graph on the
+    calibration batch to calibrate each record's output format."""
+
+    def __init__(self, width, rounding, overflow, percentile):
+        self.width, self.rounding, self.overflow, self.percentile = width, rounding, overflow, percentile
+        self.records, self.acts = [], []
+
+    def emit(self, cls, name, inputs, y, out_fmt=None, **fields):
+        if out_fmt is None:
+            out_fmt = calibrate_activation(y, self.width, self.percentile,
+                                           rounding=self.rounding, overflow=self.overflow)
+        head = name.split(".")[0].split("+")[0]
+        self.records.append(cls(name=name, block=int(head) if head.isdigit() else -1, inputs=tuple(inputs),
+                                out_fmt=out_fmt, **fields))
+        self.acts.append(y)
+
+    def step(self, st):
+        """One step of the walk -> one record."""
+        if isinstance(st, Affine):
+            return self.affine(st)
+        if isinstance(st, ChannelAffine):
+            return self.scale(st)
+        name, (idx, *rest), layer = st.name, st.inputs, st.layer
+        x, in_fmt = self.acts[idx], self.records[idx].out_fmt
+        if isinstance(st, Junction):
+            body, sc = self.acts[idx], self.acts[rest[0]]
+            if body.shape != sc.shape:
+                raise ValueError(f"Residual {name}: body {body.shape} and shortcut {sc.shape} outputs differ")
+            return self.emit(R.Add, name, st.inputs, body + sc)
+        if isinstance(layer, L.ReLU):
+            return self.emit(R.ReLU, name, [idx], np.maximum(x, 0.0), out_fmt=in_fmt)
+        if isinstance(layer, L.LeakyReLU):
+            slope = float(layer.slope)
+            sf = calibrate_weight(np.array([slope]), 16, rounding=self.rounding)
+            return self.emit(R.LeakyReLU, name, [idx], np.where(x > 0, x, slope * x), out_fmt=in_fmt,
+                             slope=slope, slope_code=int(quantize(slope, sf)), slope_frac=sf.frac)
+        if isinstance(layer, (L.Sigmoid, L.Tanh)):
+            return self.lut(name, layer, idx)
+        if isinstance(layer, L.Flatten):
+            return self.emit(R.Flatten, name, [idx], x.reshape(x.shape[0], -1), out_fmt=in_fmt)
+        if isinstance(layer, (L.MaxPool2d, L.AvgPool2d)):
+            return self.pool(name, layer, idx)
+        raise ValueError(f"compile_integer: layer {name} ({type(layer).__name__}) has no integer "
+                         "implementation; supported: Dense, Conv2d, BatchNorm, ReLU, LeakyReLU, "
+                         "Sigmoid, Tanh, Flatten, MaxPool2d, AvgPool2d, Residual, Sequential")
+
+    def pool(self, name, layer, idx):
+        x, in_fmt = self.acts[idx], self.records[idx].out_fmt
+        k = R.pair(_hp(layer, "kernel_size"))
+        s = _hp(layer, "stride")
+        s = k if s is None else R.pair(s)
+        if R.pair(_hp(layer, "padding", 0) or 0) != (0, 0):
+            raise ValueError(f"{name}: padded pooling has no integer implementation")
+        win = R.windows(x, k, s)
+        if isinstance(layer, L.MaxPool2d):
+            return self.emit(R.MaxPool2d, name, [idx], win.max(axis=(-2, -1)), out_fmt=in_fmt, kernel_size=k, stride=s)
+        recip, rshift = _avg_reciprocal(k[0] * k[1])
+        return self.emit(R.AvgPool2d, name, [idx], win.mean(axis=(-2, -1)), out_fmt=in_fmt, kernel_size=k,
+                         stride=s, recip=recip, recip_shift=rshift)
+
+    def quantize_affine(self, name, W, c, in_fmt, who):
+        """Weight codes and the bias aligned to the accumulator: (w_fmt, acc_frac, Wq, cq)."""
+        w_fmt = calibrate_weight(W, self.width, rounding=self.rounding, overflow=self.overflow)
+        acc_frac = in_fmt.frac + w_fmt.frac
+        return w_fmt, acc_frac, quantize(W, w_fmt), _quantize_int64(c, acc_frac, self.rounding, who)
+
+    def affine(self, st):
+        name, idx, layer, W, c = st.name, st.inputs[0], st.layer, st.W, st.c
+        x, in_fmt = self.acts[idx], self.records[idx].out_fmt
+        w_fmt, acc_frac, Wq, cq = self.quantize_affine(name, W, c, in_fmt, f"compile_integer {name} bias")
+        if isinstance(layer, L.Dense):
+            cls, conv, y = R.Dense, {}, x @ W + c
+            k = W.shape[0]
+        else:
+            cls = R.Conv2d
+            conv = {"stride": R.pair(_hp(layer, "stride", 1)), "padding": R.pair(_hp(layer, "padding", 0))}
+            y = R.conv2d(x, W, conv["stride"], conv["padding"], np.matmul) + c.reshape(1, -1, 1, 1)
+            k = int(np.prod(W.shape[1:]))
+        bound = k * (1 << (in_fmt.width - 1)) * (1 << (w_fmt.width - 1)) + int(np.abs(cq).max(initial=0))
+        if bound >= 2 ** 62:
+            raise ValueError(f"compile_integer {name}: accumulator could reach {bound} and overflow "
+                             "int64; use a smaller width")
+        return self.emit(cls, name, [idx], y, w_fmt=w_fmt, acc_frac=acc_frac, W=Wq, c=cq,
+                         info={"W_float": W, "c_float": c}, **conv)
+
+    def scale(self, st):
+        name, idx, s, t = st.name, st.inputs[0], st.s, st.t
+        x, in_fmt = self.acts[idx], self.records[idx].out_fmt
+        w_fmt, acc_frac, Wq, cq = self.quantize_affine(name, s, t, in_fmt, f"{name} shift")
+        shp = R.channel_shape(x.ndim)
+        return self.emit(R.Scale, name, [idx], x * s.reshape(shp) + t.reshape(shp), w_fmt=w_fmt,
+                         acc_frac=acc_frac, W=Wq, c=cq, info={"W_float": s, "c_float": t})
+
+    def lut(self, name, layer, idx):
+        x, in_fmt = self.acts[idx], self.records[idx].out_fmt
+        if in_fmt.width > 16:
+            raise ValueError(f"{name}: lookup tables need an input width <= 16, got {in_fmt.width}")
+        f = np.tanh if isinstance(layer, L.Tanh) else L.sigmoid
+        out_fmt = QFormat(self.width, self.width - 1, True, self.rounding, self.overflow)
+        table_fmt = QFormat(out_fmt.width, out_fmt.frac, True, self.rounding, "saturate")
+        grid = dequantize(np.arange(in_fmt.min_code, in_fmt.max_code + 1), in_fmt)
+        return self.emit(R.Lut, name, [idx], f(x), out_fmt=out_fmt, function="tanh" if f is np.tanh else "sigmoid",
+                         index_offset=in_fmt.min_code, table=quantize(f(grid), table_fmt))
+
+
+def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overflow="saturate",
+                    percentile=100.0, input_fmt=None, check=True) -> IntegerModel:
+    """Compile a float model into integer-only reference inference.
+
+    Follows the model walk (:func:`bll_ref.fixedpoint.walk.walk`: nested Sequentials flattened,
+    a ``Residual`` becomes its body and shortcut paths plus an ``add`` record, each BatchNorm
+    folded into the Dense / Conv2d right before it, a BatchNorm elsewhere a per-channel
+    ``scale``), quantises weights per tensor (:func:`calibrate_weight`) and each record's output
+    from the float64 activations of ``calibration_x`` (:func:`calibrate_activation` with
+    ``percentile``).
+
+    Integer semantics per record kind (x, y codes; all arithmetic int64):
+
+    - dense / conv2d / scale: acc = x @ W_q (im2col for conv, per channel for scale) + c_q, where
+      c_q is the bias at acc_frac = in_frac + w_frac; y = requantize(acc, acc_frac, out_fmt).
+    - relu: y = max(x, 0).  leaky_relu: y = x if x > 0 else round_shift(x * slope_code,
+      slope_frac) (slope as a 16-bit code), then overflow.  Both keep the input format.
+    - maxpool2d: max of codes.  avgpool2d: y = round_shift(sum * recip, 30) with
+      recip = round(2**30 / k) (k = window size): exact ``sum >> log2 k`` for power-of-two
+      windows, else a fixed-point reciprocal (error < 1 code step for windows < 2**14).
+      Both keep the input format.
+    - flatten: reshape.  add (Residual): both operands are aligned exactly to the larger frac by
+      left shifts, added in int64, then requantised once to the calibrated out_fmt.
+    - lut (Sigmoid / Tanh): y = table[x - min_code], a table of 2**in_width entries (in_width
+      <= 16) with output format frac = width - 1 (signed; entries saturated).
+
+    Parameters
+    ----------
+    model : Layer (usually Sequential of blocks), float weights, eval-mode BN statistics used
+    calibration_x : (N, *input_shape) float array
+    width : int, 2..16, bits of weights and activations
+    rounding, overflow : QFormat modes used everywhere
+    percentile : float in (0, 100], activation calibration (100 = no clipping)
+    input_fmt : QFormat or None (None: calibrated from calibration_x)
+    check : bool, compare the compiler's float64 twin with ``model.forward(x, train=False)``
+        (catches a layer convention the compiler misreads)
+
+    Returns
+    -------
+    IntegerModel
+    """
+    if not 2 <= int(width) <= 16:
+        raise ValueError(f"compile_integer: width must be in 2..16 (int64 accumulators), got {width}")
+    x = _finite_array(calibration_x, "compile_integer calibration_x")
+    if x.ndim < 2:
+        raise ValueError(f"compile_integer expects a calibration batch (N, ...), got shape {x.shape}")
+    comp = _Compiler(int(width), rounding, overflow, percentile)
+    QFormat(int(width), 0, True, rounding, overflow)   # validates the modes early
+    if input_fmt is None:
+        input_fmt = calibrate_activation(x, width, percentile, rounding=rounding, overflow=overflow)
+    _check_fmt(input_fmt, "compile_integer input_fmt")
+    comp.emit(R.Input, "input", [], x, out_fmt=input_fmt, shape=x.shape[1:])
+    for st in walk(model):
+        comp.step(st)
+    if check:
+        ref = np.asarray(model.forward(np.asarray(calibration_x), train=False), dtype=np.float64)
+        twin = comp.acts[-1]
+        scale = max(float(np.abs(ref).max()), 1e-12)
+        if ref.shape != twin.shape or float(np.abs(ref - twin).max()) > 1e-3 * scale:
+            raise RuntimeError("compile_integer: the compiler's float twin disagrees with "
+                               "model.forward(x, train=False); a layer convention is not understood")
+    return IntegerModel(comp.records)
