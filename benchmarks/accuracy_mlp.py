@@ -48,7 +48,7 @@ RUNS = {
                                                                feedback="trained", tau=0.5, head=False, rng=s),
                                 "BLL paper-literal Eq. 8, trained linear feedback, m=1/(1+0.5 epoch), sigmoid"),
     "bll_eq8_head": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, variational="eq8", feedback="trained",
-                                                       tau=0.5, anneal=False, rng=s),
+                                                       tau=0.5, rng=s),
                      "BLL Eq. 8 + head, trained feedback"),
     "bll_span2": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, span=2, rng=s), "BLL(2) default recipe"),
 }

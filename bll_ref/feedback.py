@@ -96,10 +96,10 @@ class TrainedLinearFeedback:
     ``update(Y, g_b)`` applies one optimiser step with dL/dV = Yᵀ g_b, dL/de = sum g_b.
     """
 
-    def __init__(self, n_classes, n_units, *, optimizer="adam", lr=1e-3, rng=None, dtype=np.float32):
+    def __init__(self, n_classes, n_units, *, optimizer="adam", lr=1e-3, rng=None, dtype=np.float32, **opt_kw):
         self.n_classes, self.n_units = int(n_classes), int(n_units)
         self.net = Sequential(Dense(n_classes, n_units, rng=as_rng(rng), dtype=dtype))
-        self.opt = make_optimizer(optimizer, self.net, lr)
+        self.opt = make_optimizer(optimizer, self.net, lr, **opt_kw)
 
     @property
     def W(self):
@@ -129,7 +129,8 @@ class TwinFeedback:
     is trained by its own block's g_b only: no gradient crosses a stage boundary either.
     """
 
-    def __init__(self, n_classes, unit_counts, *, optimizer="adam", lr=1e-3, rng=None, dtype=np.float32):
+    def __init__(self, n_classes, unit_counts, *, optimizer="adam", lr=1e-3, rng=None, dtype=np.float32,
+                 **opt_kw):
         rng = as_rng(rng)
         self.unit_counts = [int(u) for u in unit_counts]
         self.n_classes = int(n_classes)
@@ -140,7 +141,7 @@ class TwinFeedback:
             layers.append(Dense(upper, self.unit_counts[k], rng=rng, dtype=dtype))
             self.stages.insert(0, Sequential(*layers))
             upper = self.unit_counts[k]
-        self.opts = [make_optimizer(optimizer, s, lr) for s in self.stages]
+        self.opts = [make_optimizer(optimizer, s, lr, **opt_kw) for s in self.stages]
         self._dtype = np.dtype(dtype)
 
     def predict_all(self, Y, train=True):

@@ -150,8 +150,7 @@ def _label(run):
     h, o = run["history"], run["options"]
     parts = [h["method"]]
     if h["method"] == "bll":
-        if o.get("variational"):
-            parts.append(str(o["variational"]))
+        parts.append(str(o.get("variational") or "gauss_ln"))  # None: the CLI's default recipe
         if o.get("feedback") not in (None, "closed"):
             parts.append(str(o["feedback"]))
         if o.get("span") not in (None, 1):

@@ -20,7 +20,7 @@ Run
 
 Expected output (numbers vary slightly with the machine's BLAS)::
 
-    data: Fashion-MNIST (20000 train / 10000 test)
+    data: Fashion-MNIST (20000 train / 10000 test) from /usr/share/datasets/fashion-mnist
     ...
     | width | verify | float acc % | fixed acc % | file KiB |
     | 8 | bit-exact | 85.9 | 85.6 | 180 |
@@ -48,13 +48,7 @@ from bll_ref.methods import BLL, evaluate, fit
 
 
 def _data(n_train, n_test):
-    if data.fashion_mnist_available():
-        d = data.load_fashion_mnist(limit_train=n_train, limit_test=n_test)
-        print(f"data: Fashion-MNIST ({len(d['x_train'])} train / {len(d['x_test'])} test)")
-        return d
-    x, y = data.synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=0)
-    print("data: synthetic clusters (Fashion-MNIST not installed: apt-get install dataset-fashion-mnist)")
-    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+    return data.load("auto", limit_train=n_train, limit_test=n_test, rng=0)[0]
 
 
 def main(argv=None):

@@ -280,7 +280,8 @@ def walk_through(out, lr):
     out.check("update (BLL.train_step)",
               _maxdiff(*[(new[k][0], blocks[k].layers[0].params["W"]) for k in range(3)],
                        *[(new[k][1], blocks[k].layers[0].params["c"]) for k in range(3)]))
-    out.check("feedback inside the step (BLL.fb[k].W)", _maxdiff(*[(Wfb[k], method.fb[k].W) for k in range(2)]))
+    out.check("feedback inside the step (BLL.learners[k].feedback.W)",
+              _maxdiff(*[(Wfb[k], method.learners[k].feedback.W) for k in range(2)]))
 
     # ---- Stage 8: trained feedback -----------------------------------------------------------
     out.stage("Stage 8: Eq. 8's db term, for a *trained* linear feedback b = Y V + e (the main paper)")

@@ -77,7 +77,7 @@ LENGTH = 10  # permutations of 0..9 (the paper's task)
 VARIANTS = {
     "eq8+head": dict(variational="eq8", feedback="twin", head=True),
     "eq8": dict(variational="eq8", feedback="twin", head=False),     # paper-literal, no head
-    "head": dict(variational="none", feedback="twin", head=True),    # ablation: head only
+    "head": dict(variational="none", head=True),                     # ablation: head only, no feedback
 }
 
 
@@ -136,11 +136,12 @@ def build_method(method, variant, n_blocks, args, data):
     if method == "bp":
         return Backprop(blocks, lr=args.lr)
     kw = dict(VARIANTS[variant])
-    var_weight = args.var_weight
-    if var_weight is None:  # with the head, Eq. 8's term must be weighted down (module docstring)
-        var_weight = 0.03 if kw["head"] and kw["variational"] != "none" else 1.0
-    return BLL(blocks, n_classes=LENGTH, m=args.m, var_weight=var_weight, lr=args.lr,
-               sample_input=data["x_train"][:4], rng=args.seed, **kw)
+    if kw["variational"] != "none":  # the mixing and the weight belong to the variational term
+        kw["m"] = args.m
+        kw["var_weight"] = args.var_weight
+        if kw["var_weight"] is None:  # with the head, Eq. 8's term must be weighted down (docstring)
+            kw["var_weight"] = 0.03 if kw["head"] else 1.0
+    return BLL(blocks, n_classes=LENGTH, lr=args.lr, sample_input=data["x_train"][:4], rng=args.seed, **kw)
 
 
 def run_one(method, variant, n_blocks, args, data, log=print):
@@ -162,7 +163,7 @@ def run_one(method, variant, n_blocks, args, data, log=print):
               "sequence_acc": float(np.mean(np.all(pred == data["y_test"], axis=1))),
               "seconds": seconds}
     if method == "bll":
-        result["var_weight"] = trainer.var_weight
+        result["var_weight"] = trainer.rule.var_weight
         last = hist["diagnostics"][-1]["blocks"]
         # Per block: mean |b| of the twin feedback messages and mean |a| (see the docstring:
         # with the head b decays towards zero, without it a saturates).
@@ -170,7 +171,7 @@ def run_one(method, variant, n_blocks, args, data, log=print):
                                           for diag in hist["diagnostics"]]
         result["mean_abs_a_per_epoch"] = [[d["mean_abs_a"] for d in diag["blocks"]]
                                           for diag in hist["diagnostics"]]
-        if trainer.use_head:
+        if trainer.rule.use_head:
             result["head_acc_last_epoch"] = [d["head_acc"] for d in last]
     return result
 

@@ -81,7 +81,8 @@ BatchNorm statistics are recomputed as a plain mean over 2000 training images (`
 the running averages jittered enough to move the test metrics by more than an epoch of training.
 Without matplotlib the PNG is skipped with a note (``pip install matplotlib``, the "examples"
 extra). Without Fashion-MNIST (``BLL_DATA`` or
-/usr/share/datasets/fashion-mnist) the example says so and uses synthetic 28x28 bar images.
+/usr/share/datasets/fashion-mnist) the example says so and uses synthetic 28x28 bar images; a
+``BLL_DATA`` that is set but does not hold Fashion-MNIST is an error (``bll_ref.data.load``).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ import time
 
 import numpy as np
 
-from bll_ref.data import fashion_mnist_available, load_fashion_mnist, synthetic_images
+from bll_ref.data import load, resolve_source, synthetic_images
 from bll_ref.layers import BatchNorm, Conv2d, LeakyReLU, MaxPool2d, Sequential, Upsample2d
 from bll_ref.losses.local import gaussian_kl_s15, uncertainty_metrics_s16_s17
 from bll_ref.methods.common import write_json_atomic
@@ -104,12 +105,17 @@ PNG_NAME = "uncertainty_autoencoder.png"
 
 # ----------------------------------------------------------------------------------- data
 def load_images(n_train, n_test, seed, log=print):
-    """(x_train, x_test, source): standardised (N, 1, 28, 28) float32 images."""
-    if fashion_mnist_available():
-        d = load_fashion_mnist(flatten=False, limit_train=n_train, limit_test=n_test)
-        return d["x_train"], d["x_test"], "fashion-mnist"
-    log("note: Fashion-MNIST not found (set BLL_DATA or apt-get install dataset-fashion-mnist); "
-        "using synthetic 28x28 bar images (bll_ref.data.synthetic_images) instead")
+    """(x_train, x_test, source): standardised (N, 1, 28, 28) float32 images.
+
+    The choice is ``bll_ref.data``'s policy (a set but incomplete ``$BLL_DATA`` is an error);
+    the synthetic stand-in is this example's own: 4 bar orientations, labels unused, train and
+    test drawn with seeds ``seed + 1`` and ``seed + 2`` and standardised with the train statistics."""
+    source, root, why = resolve_source("auto")
+    if source == "fashion-mnist":
+        d, _ = load("fashion-mnist", images=True, path=root, limit_train=n_train, limit_test=n_test, log=log)
+        return d["x_train"], d["x_test"], source
+    log(f"note: {why}; using synthetic 28x28 bar images (bll_ref.data.synthetic_images) instead; "
+        "apt-get install dataset-fashion-mnist or set BLL_DATA")
     x_train, _ = synthetic_images(n_train, size=28, rng=seed + 1)
     x_test, _ = synthetic_images(n_test, size=28, rng=seed + 2)
     mean, std = float(x_train.mean()), float(x_train.std())

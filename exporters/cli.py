@@ -108,15 +108,14 @@ def _is_image_model(meta, config):
 def _load(meta, want, images, *, limit_train, limit_test):
     """The data the model was trained on (meta['data']) unless ``want`` says otherwise.
     Synthetic data is regenerated with the training run's sizes so the split is the same."""
-    from bll_ref.cli import load_data
+    from bll_ref.data import load
     source = meta.get("data", "fashion-mnist") if want == "auto" else want
     if source == "synthetic":
         opts = meta.get("options", {})
         limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
     elif want == "auto":
         source = "auto"    # Fashion-MNIST when present, else the synthetic fallback (it says so)
-    ns = argparse.Namespace(data=source, limit_train=limit_train, limit_test=limit_test)
-    d, got = load_data(ns, images)
+    d, got = load(source, images=images, limit_train=limit_train, limit_test=limit_test)
     if meta.get("data") and got != meta["data"]:
         print(f"warning: the model was trained on {meta['data']} data, using {got} data instead")
     return d

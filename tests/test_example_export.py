@@ -15,7 +15,9 @@ def _load():
 
 
 def test_export_example_runs_and_everything_verifies(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("BLL_DATA", str(tmp_path / "no-data"))  # synthetic path: fast and deterministic
+    # synthetic path (fast and deterministic): no $BLL_DATA and nothing at the default path
+    monkeypatch.delenv("BLL_DATA", raising=False)
+    monkeypatch.setattr("bll_ref.data.DEFAULT_FASHION_MNIST_PATH", str(tmp_path / "no-data"))
     rc = _load().main(["--epochs", "1", "--n-train", "600", "--n-test", "200", "--hidden", "16",
                        "--out-dir", str(tmp_path / "hw")])
     out = capsys.readouterr().out

@@ -104,7 +104,8 @@ def test_uncertainty_autoencoder_tiny_run(autoencoder, tmp_path, capsys):
 
 
 def test_uncertainty_autoencoder_folded_and_synthetic_fallback(autoencoder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("BLL_DATA", str(tmp_path / "no-such-dir"))
+    monkeypatch.delenv("BLL_DATA", raising=False)
+    monkeypatch.setattr("bll_ref.data.DEFAULT_FASHION_MNIST_PATH", str(tmp_path / "no-such-dir"))
     res = autoencoder.main(["--method", "both", "--n-train", "128", "--n-test", "32", "--epochs", "1",
                             "--out-dir", str(tmp_path)])
     assert res["data"] == "synthetic"

@@ -10,6 +10,7 @@ from bll_ref.methods.backprop import Backprop
 from bll_ref.methods.bll import BLL, between_class_fraction
 from bll_ref.methods.common import evaluate, fit
 from bll_ref.methods.feedback_alignment import FeedbackAlignment
+from bll_ref.methods.learner import backward_block, forward_block
 
 
 def _task(n=1200, n_features=20, n_classes=4, seed=0):
@@ -70,7 +71,8 @@ def test_fa_uses_fixed_random_backward_matrices():
     fa, bp = FeedbackAlignment(_mlp(), rng=1), Backprop(_mlp())
     fa.model.forward(x), bp.model.forward(x)
     dz = rng.standard_normal((8, 4)).astype(np.float32)
-    dx_fa, dx_bp = fa.model[-1].backward(dz), bp.model[-1].backward(dz)
+    dx_fa, dx_bp = fa.backward(dz, layer=fa.model[-1]), bp.model[-1].backward(dz)
+    assert all("backward" not in vars(l) for l in fa.model[-1])  # FA leaves the model's layers alone
     np.testing.assert_array_equal(fa.model[-1].grads["0.W"], bp.model[-1].grads["0.W"])  # same weight grads
     np.testing.assert_allclose(dx_fa, dz @ fa.feedback[-1].T, rtol=1e-6)
     assert not np.allclose(dx_fa, dx_bp)
@@ -97,39 +99,41 @@ def test_one_bll_step_changes_only_its_own_block(opts):
     d = _task(n=64)
     m = BLL(_mlp(act=act), n_classes=4, sample_input=d["x_train"][:4], **opts)
     x, y = d["x_train"][:32], d["y_train"][:32]
-    # step block k alone (after a forward pass), the others must stay untouched
+    # update learner k alone (after every learner's forward), the others must stay untouched
     for k in range(len(m.blocks)):
         before = _snapshot(m.blocks)
-        Y = data.one_hot(y, 4)
-        b_fb = m._feedback_messages(Y)
-        inputs, pre = [x], []
-        for block in m.blocks[:-1]:
-            a, h = m._forward_block(block, inputs[-1], train=True)
-            pre.append(a), inputs.append(h)
-        logits = m.blocks[-1].forward(inputs[-1], train=True)
-        last = k == len(m.blocks) - 1
-        m.step_block(k, logits if last else inputs[k + 1], None if last else pre[k], y, Y,
-                     None if last else b_fb[k])
+        Y = m.one_hot(y)
+        b_fb = m.twin.predict_all(Y) if m.twin is not None else [None] * len(m.blocks)
+        h = x
+        for learner in m.learners:
+            h = learner.forward(h)
+        m.learners[k].update(y, Y, b_fb[k] if k < len(m.blocks) - 1 else None)
         changed = _changed(before, m.blocks)
         assert changed[k], f"block {k} did not change"
         assert sum(changed) == 1, f"step of block {k} changed blocks {np.flatnonzero(changed)}"
+
+
+def test_learner_update_needs_a_forward_first():
+    d = _task(n=64)
+    m = BLL(_mlp(), n_classes=4, sample_input=d["x_train"][:4])
+    with pytest.raises(RuntimeError, match="forward"):
+        m.learners[0].update(d["y_train"][:8], m.one_hot(d["y_train"][:8]))
 
 
 def test_span2_step_reaches_exactly_one_neighbour():
     d = _task(n=64)
     m = BLL(_mlp(), n_classes=4, sample_input=d["x_train"][:4], span=2)
     x, y = d["x_train"][:32], d["y_train"][:32]
-    Y = data.one_hot(y, 4)
-    inputs, pre = [x], []
-    for block in m.blocks[:-1]:
-        a, h = m._forward_block(block, inputs[-1], train=True)
-        pre.append(a), inputs.append(h)
+    Y = m.one_hot(y)
+    h = x
+    for learner in m.learners:
+        h = learner.forward(h)
     before = _snapshot(m.blocks)
     k = 2
-    from_above = m.step_block(k, inputs[k + 1], pre[k], y, Y, None)
-    assert from_above is not None and from_above.shape == inputs[k].shape
+    from_above = m.learners[k].update(y, Y)
+    assert from_above is not None and from_above.shape == (32, 32)
     assert _changed(before, m.blocks) == [False, False, True, False]
-    m.step_block(k - 1, inputs[k], pre[k - 1], y, Y, None, from_above)
+    m.learners[k - 1].update(y, Y, None, from_above)
     assert _changed(before, m.blocks) == [False, True, True, False]
 
 
@@ -150,8 +154,9 @@ def test_span2_gradient_equals_own_plus_neighbour_loss():
     h2 = ref.blocks[1].forward(h1, train=True)
     h3 = ref.blocks[2].forward(h2, train=True)
     from bll_ref.losses.output import softmax_cross_entropy
-    _, dl = softmax_cross_entropy(ref.heads[2].forward(h3, train=True), y)
-    dh2 = ref.blocks[2].backward(ref.heads[2].backward(dl))
+    head = ref.learners[2].head
+    _, dl = softmax_cross_entropy(head.forward(h3, train=True), y)
+    dh2 = ref.blocks[2].backward(head.backward(dl))
     ref.blocks[1].backward(dh2)
     np.testing.assert_allclose(delta2 - delta1, ref.blocks[1].grads["0.W"], rtol=1e-8, atol=1e-12)
 
@@ -259,8 +264,9 @@ def test_bll_optimizer_choice_reaches_feedback_and_heads(feedback):
     from bll_ref.optim import SGD
     m = BLL(_mlp(), n_classes=4, sample_input=np.zeros((2, 20), np.float32), variational="eq8",
             feedback=feedback, optimizer="sgd", lr=0.1)
-    opts = [f.opt for f in m.fb] if feedback == "trained" else m.fb.opts
-    assert all(isinstance(o, SGD) for o in opts + m.head_opts + m.optimizers)
+    hidden = m.learners[:-1]
+    opts = [l.feedback.opt for l in hidden] if feedback == "trained" else m.twin.opts
+    assert all(isinstance(o, SGD) for o in opts + [l.head_opt for l in hidden] + [l.opt for l in m.learners])
 
 
 @pytest.mark.parametrize("terms", [("forward",), ("posterior",), ("forward", "posterior")])
@@ -270,7 +276,7 @@ def test_eq8_terms_select_the_printed_terms(terms):
     m = BLL(_mlp(dtype=np.float64), n_classes=4, sample_input=rng.standard_normal((2, 20)), variational="eq8",
             feedback="trained", m=0.5, eq8_terms=terms, use_kernels=False)
     a, b = rng.standard_normal((6, 32)), rng.standard_normal((6, 32))
-    _, g_a, g_b, _ = m._variational(0, a, None, b)
+    _, g_a, g_b, _ = m.learners[0].variational(a, None, b)
     S = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     rho, alpha = S(a + 0.5 * b), S(a)
     want = (-(rho - alpha) * ("forward" in terms) + rho * (1 - rho) * b * ("posterior" in terms)) / 6
@@ -290,19 +296,20 @@ def test_default_recipe_block_gradient_equals_finite_differences():
     x, y = rng.standard_normal((6, 20)), rng.integers(0, 4, 6)
     m = BLL(_mlp(dtype=np.float64, sizes=(20, 7, 5, 4)), n_classes=4, sample_input=x[:2], anneal=False,
             var_weight=0.7, head_weight=1.3)
-    blk, Y = m.blocks[0], data.one_hot(y, 4, dtype=np.float64)
-    a, h = m._forward_block(blk, x, train=True)
-    _, g_a, _, _ = m._variational(0, a, Y, None)
-    b = m.fb[0].predict(Y)
-    _, dl = softmax_cross_entropy(m.heads[0].forward(h, train=True), y)
-    m._backward_block(blk, m.heads[0].backward(dl * 1.3), g_a, need_dx=False)
+    learner, Y = m.learners[0], data.one_hot(y, 4, dtype=np.float64)
+    blk, head = learner.block, learner.head
+    a, h = forward_block(blk, x, train=True)
+    _, g_a, _, _ = learner.variational(a, Y, None)
+    b = learner.feedback.predict(Y)
+    _, dl = softmax_cross_entropy(head.forward(h, train=True), y)
+    backward_block(blk, head.backward(dl * 1.3), g_a, need_dx=False)
     analytic = {k: v.copy() for k, v in blk.grads.items()}
 
     def loss():
-        a, h = m._forward_block(blk, x, train=True)
-        z = m.norms[0].forward(a, train=True)
+        a, h = forward_block(blk, x, train=True)
+        z = learner.norm.forward(a, train=True)
         var = 0.7 * 0.5 * ((z - b) ** 2).sum() / (len(x) * z.shape[1])
-        return var + 1.3 * softmax_cross_entropy(m.heads[0].forward(h, train=True), y)[0]
+        return var + 1.3 * softmax_cross_entropy(head.forward(h, train=True), y)[0]
 
     for k, p in blk.params.items():
         assert rel_error(analytic[k], numeric_gradient(loss, p)) < 1e-6, k

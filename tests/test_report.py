@@ -103,7 +103,10 @@ def test_optional_history_keys_are_used_or_ignored(runs, tmp_path):
         h.update(samples_per_s=[1000.0] * len(h["epochs"]), schedule={"kind": "x"}, workers=2,
                  options={"variational": "eq8", "feedback": "twin"})
     a = _copy_run(runs["bll"], tmp_path / "a", add_keys)
-    b = _copy_run(runs["bp"], tmp_path / "b", checkpoint=False)  # no checkpoint, no sample count
+    def drop_counts(h):  # an older history: no sample count, no throughput
+        for k in ("samples_per_s", "n_train"):
+            h.pop(k, None)
+    b = _copy_run(runs["bp"], tmp_path / "b", drop_counts, checkpoint=False)  # no checkpoint either
     res = report.make_report([a, b], tmp_path / "out", log=None)
     rows = {r["run"]: r for r in res["rows"]}
     assert rows["a"]["samples_per_s"] == pytest.approx(1000.0)

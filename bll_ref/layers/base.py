@@ -77,6 +77,9 @@ def check_array(x, who: str, *, ndim=None, tail=None, dtype=None, floating=True)
 class Layer:
     """Base class: empty params/grads/buffers, cache handling, config round trip."""
 
+    #: True when ``backward(dy, need_dx=False)`` can skip the input gradient (Dense, Conv2d, Sequential)
+    takes_need_dx = False
+
     def __init__(self):
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}

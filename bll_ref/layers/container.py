@@ -49,6 +49,8 @@ class Sequential(Layer):
             x = layer.forward(x, train=train)
         return x
 
+    takes_need_dx = True
+
     def backward(self, dy, need_dx=True):
         """Backpropagate through the children; ``need_dx=False`` lets the first layer skip dx."""
         return backward_through(self.layers, dy, need_dx)
@@ -74,17 +76,9 @@ def backward_through(layers, dy, need_dx=True):
     its input gradient when it can (Dense, Conv2d), and None is returned."""
     for layer in layers[:0:-1]:
         dy = layer.backward(dy)
-    if not need_dx and _accepts_need_dx(layers[0]):
+    if not need_dx and layers[0].takes_need_dx:
         return layers[0].backward(dy, need_dx=False)
     return layers[0].backward(dy)
-
-
-def _accepts_need_dx(layer):
-    import inspect
-    try:
-        return "need_dx" in inspect.signature(layer.backward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @register

@@ -115,8 +115,11 @@ class Conv2d(Layer):
         y = y.reshape(self.out_channels, x.shape[0], *out).transpose(1, 0, 2, 3)
         return np.ascontiguousarray(y)
 
-    def backward(self, dy, need_dx=True):
-        """``need_dx=False`` skips the input gradient and returns None (a block's first layer under BLL)."""
+    takes_need_dx = True
+
+    def backward(self, dy, need_dx=True, dx_weight=None):
+        """``need_dx=False`` skips the input gradient and returns None (a block's first layer under
+        BLL); ``dx_weight`` (shape of W) replaces W in the input gradient (feedback alignment)."""
         cols, shape, out = self._cached()
         self._check_dy(dy, (shape[0], self.out_channels, *out))
         dy = dy.astype(self.dtype, copy=False)  # grads keep the parameters' dtype
@@ -127,6 +130,8 @@ class Conv2d(Layer):
             self.grads["c"] = dy.sum(axis=(0, 2, 3))
         if not need_dx:
             return None
+        if dx_weight is not None:
+            W = dx_weight
         dcols = W.reshape(self.out_channels, -1).T @ dy2  # (C*kh*kw, N*Ho*Wo)
         kh, kw = self.kernel_size
         return self._col2im(dcols.reshape(shape[1], kh, kw, shape[0], *out), shape, out)

@@ -44,15 +44,19 @@ class Dense(Layer):
             self._cache = x
         return y
 
-    def backward(self, dy, need_dx=True):
-        """``need_dx=False`` skips the input gradient (a block's first layer under BLL)."""
+    takes_need_dx = True
+
+    def backward(self, dy, need_dx=True, dx_weight=None):
+        """``need_dx=False`` skips the input gradient (a block's first layer under BLL);
+        ``dx_weight`` (shape of W) replaces W in dL/dx = dy Wᵀ (feedback alignment)."""
         x = self._cached()
         self._check_dy(dy, x.shape[:-1] + (self.out_features,))
         x2, dy2 = x.reshape(-1, self.in_features), dy.reshape(-1, self.out_features)
         self.grads = {"W": x2.T @ dy2}
         if self.bias:
             self.grads["c"] = dy2.sum(axis=0)
-        return dy @ self.params["W"].T if need_dx else None
+        W = self.params["W"] if dx_weight is None else dx_weight
+        return dy @ W.T if need_dx else None
 
     def hyperparameters(self):
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -44,8 +44,8 @@ PARALLEL_MIN_SIZE = 1 << 20
 #: shared 2-core machine a prange call measured 7-20x slower than serial (benchmarks/results/kernels.md).
 PARALLEL_MIN_THREADS = 4
 
-_jit = dict(cache=True, error_model="numpy")
-_helper = dict(error_model="numpy")  # small helpers; LLVM inlines them into the row loops
+_jit = dict(cache=True, error_model="numpy", nogil=True)  # nogil: pipeline worker threads run kernels side by side
+_helper = dict(error_model="numpy", nogil=True)  # small helpers; LLVM inlines them into the row loops
 
 
 # ------------------------------------------------------------------------- elementary functions

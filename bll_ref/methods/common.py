@@ -1,13 +1,12 @@
 """What every training method shares: the loop, evaluation, progress lines, history."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
 
 from ..data import batches
+from ..fileio import write_json_atomic
 from ..layers import Sequential
 
 
@@ -36,14 +35,6 @@ def evaluate(model, x, y, batch_size=1000) -> float:
     return accuracy(predict(model, x, batch_size), y)
 
 
-def write_json_atomic(path, obj):
-    """Write JSON through a temporary file + rename: an interrupted write leaves the old file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 class Method:
     """Base of Backprop, FeedbackAlignment and BLL: ``train_step`` on one batch, hooks per epoch."""
 
@@ -62,51 +53,89 @@ class Method:
     def epoch_diagnostics(self, x, y) -> dict:
         return {}
 
+    def aux_state(self) -> dict:
+        """Arrays besides the model a checkpoint keeps (BLL heads and feedback, FA matrices)."""
+        return {}
+
+    def state_dict(self) -> dict:  # pragma: no cover - abstract
+        """Everything needed to resume: parameters, buffers, optimiser state, auxiliary networks."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state):  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def predict(self, x, batch_size=1000):
         return predict(self.model, x, batch_size)
 
 
 def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=None,
-        eval_batch=1000, diag_samples=2000):
+        eval_batch=1000, diag_samples=2000, schedule=None, state_dir=None, resume=False, options=None):
     """Train ``method`` on ``data`` (dict x_train, y_train, x_test, y_test) for ``epochs``.
 
     Prints a progress line ~10 times per epoch (epoch, step, loss, samples/s) and the test
     accuracy after every epoch. Returns the history dict (also written to ``history_path``
     atomically after every epoch, so an interrupted run keeps what it finished).
+
+    schedule : a ``bll_ref.parallel`` schedule (default: the sequential loop); only its root
+        process evaluates, logs epoch results and writes files.
+    state_dir : write the resumable state there after every epoch (``bll_ref.runstate``);
+        ``resume=True`` first loads the last complete epoch from it and continues, making the
+        same updates as an uninterrupted run. ``options`` are stored with the state.
     """
+    from .. import runstate
+    from ..parallel import SequentialSchedule
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    rng = np.random.default_rng(rng)
+    schedule = schedule or SequentialSchedule()
+    gen = np.random.default_rng(rng)
     x, y = data["x_train"], data["y_train"]
     steps = (len(x) + batch_size - 1) // batch_size
     every = max(1, steps // 10)
-    history = {"method": method.name, "epochs": [], "test_acc": [], "train_loss": [],
-               "epoch_seconds": [], "diagnostics": []}
-    for epoch in range(epochs):
+    history = {"method": method.name, "schedule": schedule.name, "workers": schedule.workers,
+               "n_train": len(x), "batch_size": batch_size, "epochs": [], "test_acc": [],
+               "train_loss": [], "epoch_seconds": [], "samples_per_s": [], "diagnostics": []}
+    start = 0
+    if resume:
+        t = runstate.load(state_dir, method)
+        start, history = t["epoch"], t["history"]
+        gen.bit_generator.state = t["rng"]
+        history.update(schedule=schedule.name, workers=schedule.workers)
+        if log and schedule.is_root:
+            log(f"resuming after epoch {start} from {state_dir}")
+    for epoch in range(start, epochs):
         method.on_epoch_start(epoch)
         t0 = time.perf_counter()
-        losses = []
-        for step, (xb, yb) in enumerate(batches(x, y, batch_size, rng=rng), 1):
-            loss = method.train_step(xb, yb)
+        recent = []
+
+        def on_step(step, loss):
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {step}; "
                                          "lower the learning rate or check the inputs")
-            losses.append(loss)
+            recent.append(loss)
             if log and (step % every == 0 or step == steps):
                 dt = time.perf_counter() - t0
-                log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {np.mean(losses[-every:]):.4f} "
+                log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {np.mean(recent[-every:]):.4f} "
                     f"{step * batch_size / dt:,.0f} samples/s")
+
+        losses = schedule.run_epoch(method, batches(x, y, batch_size, rng=gen), on_step)
         seconds = time.perf_counter() - t0
+        schedule.gather(method)
+        if not schedule.is_root:
+            continue
         acc = evaluate(method.model, data["x_test"], data["y_test"], eval_batch)
         diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
         history["epochs"].append(epoch + 1)
         history["test_acc"].append(acc)
         history["train_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(seconds)
+        history["samples_per_s"].append(len(x) / seconds)
         history["diagnostics"].append(diag)
         if log:
             log(f"epoch {epoch + 1}/{epochs} done in {seconds:.1f}s: train loss {np.mean(losses):.4f}, "
                 f"test accuracy {100 * acc:.2f}%")
         if history_path:
             write_json_atomic(history_path, history)
+        if state_dir:
+            runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options)
+    schedule.close()
     return history

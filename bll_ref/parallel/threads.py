@@ -1,0 +1,117 @@
+"""Thread pipeline: one thread per contiguous group of block learners, bounded queues between.
+
+Worker w takes (step, h, y, Y) from its queue, forwards h through its learners with their
+pre-update weights, hands the output to worker w + 1, then updates its learners. BLAS calls and
+the Numba kernels (``nogil=True``) release the GIL, so the workers' GEMMs run on separate cores.
+BLAS is held to ``blas`` threads per worker (default 1) while the pipeline runs.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+from . import WorkerError, blas_threads, blocks_label, check_pipelinable, fault_point
+
+_END = object()
+_POLL = 0.05  # seconds between checks for a failed worker while waiting on a queue
+
+
+class ThreadPipeline:
+    """Runs the learners of ``method`` in ``len(groups)`` threads (groups of learner indices)."""
+
+    name, is_root = "threads", True
+
+    def __init__(self, method, groups, depth=2, blas=1):
+        check_pipelinable(method)
+        self.groups, self.depth, self.blas = [list(g) for g in groups], int(depth), blas
+        self.workers = len(self.groups)
+
+    def _put(self, q, item, failed):
+        while not failed.is_set():
+            try:
+                q.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _get(self, q, failed):
+        while not failed.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                pass
+        return _END
+
+    def _worker(self, w, method, q_in, q_out, results, failed, errors):
+        learners = [method.learners[k] for k in self.groups[w]]
+        last = w == self.workers - 1
+        try:
+            while True:
+                item = self._get(q_in, failed)
+                if item is _END:
+                    if not last:
+                        self._put(q_out, _END, failed)
+                    return
+                step, h, y, Y = item
+                fault_point(w, method.epoch, step)
+                for learner in learners:
+                    h = learner.forward(h)
+                if not last and not self._put(q_out, (step, h, y, Y), failed):
+                    return
+                for learner in reversed(learners):
+                    learner.update(y, Y)
+                if last:
+                    results.put((step, learners[-1].last_loss))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread with the worker's name
+            errors.append((w, e))
+            failed.set()
+
+    def run_epoch(self, method, batches, on_step):
+        qs = [queue.Queue(maxsize=self.depth) for _ in range(self.workers)]
+        results, failed, errors = queue.Queue(), threading.Event(), []
+        threads = [threading.Thread(target=self._worker, name=f"bll-worker-{w}", daemon=True,
+                                    args=(w, method, qs[w], qs[w + 1] if w + 1 < self.workers else None,
+                                          results, failed, errors))
+                   for w in range(self.workers)]
+        losses, fed = [], 0
+
+        def collect(block):
+            while len(losses) < fed:
+                try:
+                    step, loss = results.get(timeout=_POLL) if block else results.get_nowait()
+                except queue.Empty:
+                    if not block or failed.is_set():
+                        return
+                    continue
+                losses.append(loss)
+                on_step(step, loss)
+
+        with blas_threads(self.blas):
+            for t in threads:
+                t.start()
+            try:
+                for step, (xb, yb) in enumerate(batches, 1):
+                    if not self._put(qs[0], (step, xb, yb, method.one_hot(yb)), failed):
+                        break
+                    fed += 1
+                    collect(block=False)
+                self._put(qs[0], _END, failed)
+                collect(block=True)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                for t in threads:
+                    t.join()
+        if errors:
+            w, e = errors[0]
+            raise WorkerError(f"worker {w} ({blocks_label(self.groups[w])}) failed: "
+                              f"{type(e).__name__}: {e}") from e
+        return losses
+
+    def gather(self, method):
+        pass  # threads share the learners
+
+    def close(self):
+        pass
