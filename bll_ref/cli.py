@@ -184,7 +184,7 @@ def cmd_train(args):
         hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=args.seed,
                    log=print if (rank == 0 or schedule.name == "mpi" and schedule.last) else None,
                    history_path=os.path.join(out, "history.json") if rank == 0 else None,
-                   state_dir=os.path.join(out, "state") if rank == 0 else None,
+                   state_dir=os.path.join(out, "state"),  # every rank resumes from it; rank 0 writes
                    resume=bool(args.resume), options=options, schedule=schedule)
     except Exception as e:
         if schedule.name == "mpi":
