@@ -48,15 +48,14 @@ Rueckauer et al. 2017).  A reader that wants the ANN back maps every IF node who
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import h5py
 import numpy as np
 
 from bll_ref import layers as L
-from bll_ref.fixedpoint import fold_batchnorm
+from bll_ref.fileio import atomic_path
+from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, walk
 
 __all__ = ["write_nir", "to_nir_dict", "NIR_VERSION", "FORMAT_VERSION"]
 
@@ -67,31 +66,13 @@ RELU_MAPPING = ("ReLU -> IF(r=1, v_threshold=1, v_reset=0): rate-coded ANN-to-SN
 _NO_PRIMITIVE = (L.MaxPool2d, L.LeakyReLU, L.Sigmoid, L.Tanh)
 
 
-def _items(layer, path):
-    """Flatten nested Sequentials into [(path, layer)] (the naming of ``compile_integer``)."""
-    if isinstance(layer, L.Sequential):
-        out = []
-        for i, child in enumerate(layer.layers):
-            out += _items(child, f"{path}.{i}" if path else str(i))
-        return out
-    return [(path, layer)]
-
-
-def _bn_affine(bn):
-    """Eval-mode BatchNorm as per-channel y = s x + t (float64)."""
-    n = bn.buffers["running_mean"].shape[0]
-    s, t = fold_batchnorm(np.eye(n), None, bn.params.get("gamma", np.ones(n)),
-                          bn.params.get("beta", np.zeros(n)), bn.buffers["running_mean"],
-                          bn.buffers["running_var"], bn.eps)
-    return np.diag(s).copy(), t
-
-
 class _GraphBuilder:
     """Collects nodes (in nir's ``to_dict`` layout), edges and per-sample output shapes."""
 
     def __init__(self, dtype):
         self.dtype = dtype
         self.nodes, self.edges, self.shapes = {}, [], {}
+        self.names = []                          # node of each step of the walk (0: the input)
 
     def add(self, name, node, srcs, shape):
         if name in self.nodes:
@@ -108,39 +89,32 @@ class _GraphBuilder:
     def arr(self, a):
         return np.ascontiguousarray(a, dtype=self.dtype)
 
-    # -- walking the model ------------------------------------------------------------------------
-    def sequence(self, items, src):
-        i = 0
-        while i < len(items):
-            path, layer = items[i]
-            nxt = items[i + 1][1] if i + 1 < len(items) else None
-            if isinstance(layer, (L.Dense, L.Conv2d)) and isinstance(nxt, L.BatchNorm):
-                src = self.affine(f"{path}+{items[i + 1][0]}", layer, nxt, src)
-                i += 2
-            else:
-                src = self.layer(path, layer, src)
-                i += 1
-        return src
+    # -- one node per step of the model walk ----------------------------------------------------
+    def step(self, st):
+        src = self.names[st.inputs[0]]
+        if isinstance(st, Affine):
+            name = self.affine(st.name, st.layer, st.W, st.c, st.bn is not None, src)
+        elif isinstance(st, ChannelAffine):
+            name = self.batchnorm(st.name, st.s, st.t, src)
+        elif isinstance(st, Junction):
+            name = self.junction(st.name, src, self.names[st.inputs[1]])
+        else:
+            name = self.layer(st.name, st.layer, src)
+        self.names.append(name)
+
+    def junction(self, name, body, sc):
+        if self.shapes[body] != self.shapes[sc]:
+            raise ValueError(f"write_nir: Residual {name}: body output {self.shapes[body]} and "
+                             f"shortcut output {self.shapes[sc]} differ")
+        node = {"type": "Scale", "scale": self.arr(np.ones(self.shapes[body])),
+                "metadata": {"bll_ref_layer": "Residual",
+                             "mapping": "sum junction: NIR sums the signals of all incoming "
+                                        "edges (body and shortcut); scale 1 is the identity"}}
+        return self.add(name, node, [body, sc], self.shapes[body])
 
     def layer(self, name, layer, src):
         shape = self.shapes[src]
         kind = type(layer).__name__
-        if isinstance(layer, (L.Dense, L.Conv2d)):
-            return self.affine(name, layer, None, src)
-        if isinstance(layer, L.BatchNorm):
-            return self.batchnorm(name, layer, src)
-        if isinstance(layer, L.Residual):
-            body = self.sequence(_items(layer.body, f"{name}.body"), src)
-            sc = (src if layer.shortcut is None
-                  else self.sequence(_items(layer.shortcut, f"{name}.shortcut"), src))
-            if self.shapes[body] != self.shapes[sc]:
-                raise ValueError(f"write_nir: Residual {name}: body output {self.shapes[body]} and "
-                                 f"shortcut output {self.shapes[sc]} differ")
-            node = {"type": "Scale", "scale": self.arr(np.ones(self.shapes[body])),
-                    "metadata": {"bll_ref_layer": "Residual",
-                                 "mapping": "sum junction: NIR sums the signals of all incoming "
-                                            "edges (body and shortcut); scale 1 is the identity"}}
-            return self.add(name, node, [body, sc], self.shapes[body])
         if isinstance(layer, L.ReLU):
             node = {"type": "IF", "r": self.arr(np.ones(shape)), "v_threshold": self.arr(np.ones(shape)),
                     "v_reset": self.arr(np.zeros(shape)),
@@ -168,17 +142,9 @@ class _GraphBuilder:
         raise ValueError(f"write_nir: layer {name} ({kind}) has no NIR mapping; supported: Dense, "
                          "Conv2d, BatchNorm, ReLU, AvgPool2d, Flatten, Residual, Sequential")
 
-    def affine(self, name, layer, bn, src):
+    def affine(self, name, layer, W, c, folded, src):
         shape = self.shapes[src]
-        W = np.asarray(layer.params["W"], dtype=np.float64)
-        c = layer.params.get("c")
-        n_out = W.shape[1] if isinstance(layer, L.Dense) else W.shape[0]
-        c = np.zeros(n_out) if c is None else np.asarray(c, np.float64)
-        if bn is not None:
-            W, c = fold_batchnorm(W, c, bn.params.get("gamma", np.ones(n_out)),
-                                  bn.params.get("beta", np.zeros(n_out)), bn.buffers["running_mean"],
-                                  bn.buffers["running_var"], bn.eps)
-        meta = {"bll_ref_layer": type(layer).__name__ + ("+BatchNorm (folded)" if bn is not None else "")}
+        meta = {"bll_ref_layer": type(layer).__name__ + ("+BatchNorm (folded)" if folded else "")}
         if isinstance(layer, L.Dense):
             if shape != (W.shape[0],):
                 raise ValueError(f"write_nir: Dense {name} expects a vector of {W.shape[0]} features, got "
@@ -201,9 +167,8 @@ class _GraphBuilder:
                 "metadata": meta}
         return self.add(name, node, [src], out)
 
-    def batchnorm(self, name, bn, src):
+    def batchnorm(self, name, s, t, src):
         shape = self.shapes[src]
-        s, t = _bn_affine(bn)
         meta = {"bll_ref_layer": "BatchNorm"}
         if len(shape) == 1 and shape[0] == s.shape[0]:
             node = {"type": "Affine", "weight": self.arr(np.diag(s)), "bias": self.arr(t), "metadata": meta}
@@ -254,9 +219,10 @@ def to_nir_dict(model, *, input_shape, dtype=np.float32) -> dict:
                          f"batch axis), got {input_shape!r}")
     model = _as_model(model)
     g = _GraphBuilder(dtype)
-    g.add("input", {"type": "Input", "shape": np.array(shape, np.int64)}, [], shape)
-    root = _items(model, "") if isinstance(model, L.Sequential) else [("0", model)]
-    last = g.sequence(root, "input")
+    g.names.append(g.add("input", {"type": "Input", "shape": np.array(shape, np.int64)}, [], shape))
+    for st in walk(model):
+        g.step(st)
+    last = g.names[-1]
     g.add("output", {"type": "Output", "shape": np.array(g.shapes[last], np.int64)}, [last], g.shapes[last])
     meta = {"generator": "bll_ref exporters.nir", "bll_ref_format_version": np.int64(FORMAT_VERSION),
             "relu_mapping": RELU_MAPPING,
@@ -301,17 +267,9 @@ def write_nir(model, path, *, input_shape, dtype=np.float32) -> pathlib.Path:
     graph = to_nir_dict(model, input_shape=input_shape, dtype=dtype)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["bll_ref_format"] = "nir"
-            f.attrs["bll_ref_format_version"] = FORMAT_VERSION
-            f.create_dataset("version", data=NIR_VERSION, dtype=h5py.string_dtype())
-            _write_group(f.create_group("node", track_order=True), graph)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.attrs["bll_ref_format"] = "nir"
+        f.attrs["bll_ref_format_version"] = FORMAT_VERSION
+        f.create_dataset("version", data=NIR_VERSION, dtype=h5py.string_dtype())
+        _write_group(f.create_group("node", track_order=True), graph)
     return path

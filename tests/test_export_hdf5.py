@@ -10,7 +10,9 @@ import pytest
 from bll_ref import layers as L
 from bll_ref import models
 from bll_ref.cli import main
-from exporters import hdf5
+from bll_ref.fixedpoint import IntegerModel
+from bll_ref.fixedpoint import records as R
+from exporters import hdf5, hdf5_read
 from exporters.hdf5 import ExportFormatError
 
 
@@ -90,7 +92,7 @@ def test_integer_inference_from_file_equals_stored_traces_exactly(tmp_path, whic
     assert rep["ok"] and rep["n_mismatched"] == 0 and rep["n_samples"] == 12
     assert [row["max_abs_diff"] for row in rep["records"]] == [0] * len(r.records)
     if which == "cnn":
-        kinds = {rec["attrs"]["kind"] for rec in r.records}
+        kinds = {rec.kind for rec in r.records}
         assert {"conv2d", "add", "relu", "maxpool2d", "scale", "lut", "avgpool2d", "flatten", "dense"} <= kinds
 
 
@@ -219,22 +221,23 @@ def test_export_read_round_trip_gives_identical_arrays(exported):
     assert set(r.aux) == set(e.aux) and all(_same(r.aux[k], e.aux[k]) for k in e.aux)
     assert len(r.records) == len(e.records)
     for a, b in zip(r.records, e.records):
-        assert a["attrs"] == b["attrs"] and set(a["arrays"]) == set(b["arrays"])
-        assert all(_same(a["arrays"][k], b["arrays"][k]) for k in b["arrays"])
+        assert type(a) is type(b) and a.attrs == b.attrs and set(a.arrays) == set(b.arrays)
+        assert all(_same(a.arrays[k], b.arrays[k]) for k in b.arrays)
     assert all(_same(a, b) for a, b in zip(r.traces, e.traces))
     assert _same(r.calibration_x, e.calibration_x) and _same(r.labels, e.labels)
     # the float model rebuilt from the file computes exactly what the exported one did
     assert np.array_equal(r.float_model().forward(x, train=False), model.forward(x, train=False))
-    assert hdf5.validate(path).records[0]["attrs"] == e.records[0]["attrs"]
+    assert hdf5.validate(path).records[0].attrs == e.records[0].attrs
+    assert r.records[0]["attrs"]["shape"] == list(x.shape[1:])     # the plain-data view of old
 
 
 def test_traces_read_as_nir_time_gridded_data(exported):
     nir = pytest.importorskip("nir")
     path, e, _, _ = exported
     data = nir.read_data(str(path))
-    assert set(data.nodes) == {rec["attrs"]["name"] for rec in e.records}
+    assert set(data.nodes) == {rec.name for rec in e.records}
     for rec, t in zip(e.records, e.traces):
-        obs = data.nodes[rec["attrs"]["name"]].observables["codes"]
+        obs = data.nodes[rec.name].observables["codes"]
         assert isinstance(obs, nir.TimeGriddedData) and obs.dt == 1.0
         assert obs.data.shape == (t.shape[0], 1, int(np.prod(t.shape[1:])))
         assert np.array_equal(obs.data.reshape(t.shape), t)
@@ -258,15 +261,47 @@ def test_code_datasets_carry_their_q_format(tmp_path):
     assert hdf5.export(models.mlp((20, 3), rng=0), tmp_path / "list.h5", x).model_config["type"] == "Sequential"
     with h5py.File(path, "r") as f:
         W = f["integer/records/001_dense/W"]
-        w_fmt = e.records[1]["attrs"]["w_fmt"]
+        w_fmt = e.records[1].attrs["w_fmt"]
         assert W.dtype == np.int16
         assert {k: W.attrs[k] for k in ("width", "frac", "signed", "rounding", "overflow")} == \
             {**w_fmt, "signed": 1}
         c = f["integer/records/001_dense/c"]
-        assert c.dtype == np.int64 and c.attrs["frac"] == e.records[1]["attrs"]["acc_frac"]
+        assert c.dtype == np.int64 and c.attrs["frac"] == e.records[1].acc_frac
         assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] == 1
         assert json.loads(f.attrs["model_config"]) == e.model_config
         assert f["model/0/0/W"].attrs["role"] == "param"
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_export_checks_each_record_once(tmp_path, monkeypatch):
+    made = _count_calls(monkeypatch, R.Record, "__post_init__")
+    path, e, _, _ = _export(tmp_path, "cnn")
+    assert len(made) == len(e.records)           # made (and checked) by the compiler, never again
+    made.clear()
+    hdf5.read(path)
+    assert len(made) == len(e.records)           # a reader builds them once from the file
+
+
+def test_verify_reads_the_file_once_and_builds_one_integer_model(tmp_path, monkeypatch):
+    path, e, _, _ = _export(tmp_path, "cnn")
+    reads = _count_calls(monkeypatch, hdf5_read, "_read_tree")
+    hashed = _count_calls(monkeypatch, hdf5_read, "_checked_data")
+    models_built = _count_calls(monkeypatch, IntegerModel, "__init__")
+    made = _count_calls(monkeypatch, R.Record, "__post_init__")
+    assert hdf5.verify(path)["ok"]
+    with h5py.File(path, "r") as f:
+        n_datasets = len(json.loads(f.attrs["datasets"]))
+    assert (len(reads), len(hashed), len(models_built), len(made)) == (1, n_datasets, 1, len(e.records))
 
 
 # ------------------------------------------------------------------------------------------------

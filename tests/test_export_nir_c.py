@@ -13,7 +13,7 @@ from bll_ref import layers as L
 from bll_ref import models
 from bll_ref.fixedpoint import (RECORD_KINDS, IntegerModel, QFormat, compile_integer, fold_batchnorm,
                                 overflow, requantize, round_shift)
-from exporters import c_header
+from exporters import c_golden, c_header
 from exporters.c_header import compile_c, find_c_compiler, write_c
 from exporters.nir import to_nir_dict, write_nir
 
@@ -270,9 +270,9 @@ def test_c_golden_model_equals_python_integer_traces(tmp_path, cc, net, width, r
     for r, t in enumerate(im.run(codes)):
         for s in range(len(codes)):
             np.testing.assert_array_equal(got[s, r], t[s].ravel().astype(np.int64),
-                                          err_msg=f"record {r} {im.records[r]['attrs']['kind']} sample {s}")
+                                          err_msg=f"record {r} {im.records[r].kind} sample {s}")
     if ovf == "wrap":   # the inputs do overflow somewhere: the same records saturating differ
-        recs = copy.deepcopy([{"attrs": r["attrs"], "arrays": r["arrays"]} for r in im.records])
+        recs = copy.deepcopy([{"attrs": r.attrs, "arrays": r.arrays} for r in im.records])   # plain data
         for r in recs:
             r["attrs"]["out_fmt"]["overflow"] = "saturate"
         sat = IntegerModel(recs).run(codes)
@@ -284,7 +284,7 @@ def test_c_configs_cover_every_record_kind():
     kinds = set()
     for net, (build, shape) in _NETS.items():
         im = compile_integer(build(rng), rng.normal(size=(8,) + shape), width=8)
-        kinds |= {r["attrs"]["kind"] for r in im.records}
+        kinds |= {r.kind for r in im.records}
     assert kinds == set(RECORD_KINDS)
 
 
@@ -323,7 +323,7 @@ def test_c_integer_helpers_match_fixedpoint_on_edge_values(tmp_path, cc):
     src = ("#include <stdint.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
            "#define BLL_FLOOR 0\n#define BLL_NEAREST 1\n#define BLL_NEAREST_EVEN 2\n"
            "#define BLL_SATURATE 0\n#define BLL_WRAP 1\n"
-           + c_header._C_FROM_U64 + c_header._C_ROUND_SHIFT + c_header._C_REQUANTIZE + """
+           + c_golden._C_FROM_U64 + c_golden._C_ROUND_SHIFT + c_golden._C_REQUANTIZE + """
 int main(void)
 {
     char op[4];

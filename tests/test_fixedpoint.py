@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from bll_ref import layers as L
 from bll_ref.fixedpoint import (
-    IntegerModel, QFormat, calibrate_activation, calibrate_weight, compile_integer, dequantize,
-    fold_batchnorm, overflow, quantize, requantize, round_shift,
+    RECORD_KINDS, IntegerModel, QFormat, Record, calibrate_activation, calibrate_weight, compile_integer,
+    dequantize, fold_batchnorm, overflow, quantize, requantize, round_shift,
 )
+from bll_ref.fixedpoint import records as R
+from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, Op, walk
 
 PROP = settings(max_examples=300, deadline=None)
 
@@ -355,7 +357,7 @@ def test_mlp_integer_inference_close_to_float():
     model = _mlp(rng)
     x = rng.normal(size=(64, 12))
     im = compile_integer(model, x[:32], width=16)
-    kinds = [r["attrs"]["kind"] for r in im.records]
+    kinds = [r.kind for r in im.records]
     assert kinds == ["input", "dense", "relu", "dense", "leaky_relu", "dense", "lut", "dense"]
     assert _rel_err(model, im, x[:32]) < 2e-4     # the calibration batch: no saturation
     assert _rel_err(model, im, x[32:]) < 1e-2     # unseen inputs may saturate a little
@@ -367,12 +369,12 @@ def test_cnn_integer_inference_close_to_float():
     model = _cnn(rng)
     x = rng.normal(size=(16, 2, 8, 8))
     im = compile_integer(model, x, width=16)
-    kinds = [r["attrs"]["kind"] for r in im.records]
+    kinds = [r.kind for r in im.records]
     assert kinds == ["input", "conv2d", "relu", "maxpool2d", "conv2d", "relu", "conv2d", "add", "relu",
                      "scale", "conv2d", "relu", "conv2d", "add", "avgpool2d", "flatten", "dense", "lut"]
-    names = [r["attrs"]["name"] for r in im.records]
+    names = [r.name for r in im.records]
     assert names[1] == "0.0+0.1" and names[6] == "1.0.body.3+1.0.body.4" and names[12] == "2.0.shortcut.0+2.0.shortcut.1"
-    assert [r["attrs"]["block"] for r in im.records][:5] == [-1, 0, 0, 0, 1]
+    assert [r.block for r in im.records][:5] == [-1, 0, 0, 0, 1]
     # the pre-sigmoid logits carry the conv/residual error; compare them (sigmoid compresses it)
     logits = L.Sequential(*model.layers[:2], L.Sequential(*model.layers[2].layers[:-1])).forward(x, train=False)
     trace = im.run(im.quantize_input(x))
@@ -419,8 +421,8 @@ def test_leaky_relu_and_avgpool_integer_semantics_by_hand():
     x = np.array([[[[-7, 6], [-3, 1]]]]) / 8.0          # codes -7, 6, -3, 1 at frac 3
     model = L.Sequential(L.LeakyReLU(0.25), L.AvgPool2d(2))
     im = compile_integer(model, x, width=8, input_fmt=QFormat(8, 3))
-    rec = im.records[1]["attrs"]
-    assert rec["slope_code"] * 2.0 ** -rec["slope_frac"] == 0.25
+    rec = im.records[1]
+    assert isinstance(rec, R.LeakyReLU) and rec.slope_code * 2.0 ** -rec.slope_frac == 0.25
     trace = im.run(im.quantize_input(x))
     assert trace[1].ravel().tolist() == [-2, 6, -1, 1]   # -7/4 = -1.75 -> -2 (half up), -3/4 -> -1
     assert trace[2].ravel().tolist() == [1]              # (-2 + 6 - 1 + 1) / 4 = 1
@@ -434,7 +436,7 @@ def test_lut_tables_sigmoid_and_tanh():
     for layer, f in ((L.Sigmoid(), L.sigmoid), (L.Tanh(), np.tanh)):
         im = compile_integer(L.Sequential(layer), x, width=8)
         rec = im.records[1]
-        assert rec["arrays"]["table"].shape == (256,) and im.output_fmt.frac == 7
+        assert isinstance(rec, R.Lut) and rec.table.shape == (256,) and im.output_fmt.frac == 7
         assert np.abs(im.infer(x) - f(x)).max() <= 2 ** -8 + 4 * 2 ** -5 * 0.25 + 1e-12
 
 
@@ -484,3 +486,78 @@ def test_compile_rejects_unsupported_layers_and_widths():
         compile_integer(L.Sequential(L.LayerNorm(8, dtype=np.float64)), x)
     with pytest.raises(ValueError, match="width"):
         compile_integer(_mlp(rng), rng.normal(size=(4, 12)), width=24)
+
+
+# ------------------------------------------------------------------------------------------------
+# typed records, the model walk, the shared im2col
+# ------------------------------------------------------------------------------------------------
+def test_records_are_one_type_per_kind_and_their_plain_data_round_trips():
+    rng = np.random.default_rng(8)
+    model = _cnn(rng)
+    im = compile_integer(model, rng.normal(size=(4, 2, 8, 8)), width=8)
+    assert [type(r) for r in im.records[:4]] == [R.Input, R.Conv2d, R.ReLU, R.MaxPool2d]
+    assert all(isinstance(r, Record) and r.kind in RECORD_KINDS for r in im.records)
+    assert set(RECORD_KINDS) == set(R.RECORD_TYPES)
+    conv = im.records[1]
+    assert conv.W.dtype == conv.w_fmt.code_dtype and conv.c.dtype == np.int64
+    assert conv.stride == (1, 1) and conv.padding == (1, 1) and set(conv.info) == {"W_float", "c_float"}
+    # the plain data: JSON attrs (what exporters write) and arrays, also as rec["attrs"] / rec["arrays"]
+    assert conv["attrs"] == conv.attrs and conv.attrs["stride"] == [1, 1] and conv.attrs["kind"] == "conv2d"
+    assert list(conv["arrays"]) == ["W", "c", "W_float", "c_float"]
+    for i, rec in enumerate(im.records):
+        back = R.record_from_plain(i, {"attrs": json.loads(json.dumps(rec.attrs)), "arrays": rec.arrays})
+        assert type(back) is type(rec) and back.attrs == rec.attrs
+        assert all(np.array_equal(back.arrays[k], a) and back.arrays[k].dtype == a.dtype
+                   for k, a in rec.arrays.items())
+    with pytest.raises(KeyError):
+        conv["W"]
+
+
+def test_unknown_attributes_are_kept_and_records_copy_their_arrays():
+    W = np.array([[1, -2], [3, 4]])
+    rec = R.Dense(name="0.0", inputs=[0], out_fmt=QFormat(8, 4), w_fmt=QFormat(8, 6), acc_frac=9, W=W,
+                  c=np.zeros(2, np.int64), extra={"note": np.int64(3)})
+    W[0, 0] = 99
+    assert rec.W[0, 0] == 1 and rec.W.dtype == np.int8 and rec.inputs == (0,) and rec.block is None
+    assert rec.attrs["note"] == 3 and "block" not in rec.attrs
+    with pytest.raises(ValueError, match="weight codes outside"):
+        R.Dense(name="d", inputs=[0], out_fmt=QFormat(8, 4), w_fmt=QFormat(4, 2), acc_frac=6,
+                W=np.full((2, 2), 9), c=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="attribute 'acc_frac': must be an integer"):
+        R.Dense(name="d", inputs=[0], out_fmt=QFormat(8, 4), w_fmt=QFormat(8, 2), acc_frac=1.5,
+                W=np.zeros((2, 2), int), c=np.zeros(2, np.int64))
+
+
+def test_walk_names_steps_by_layer_path_and_folds_batchnorm():
+    rng = np.random.default_rng(9)
+    model = _cnn(rng)
+    steps = list(walk(model))
+    assert [s.name for s in steps[:4]] == ["0.0+0.1", "0.2", "0.3", "1.0.body.0+1.0.body.1"]
+    assert isinstance(steps[0], Affine) and steps[0].bn is model[0][1] and steps[0].inputs == (0,)
+    assert isinstance(steps[1], Op) and isinstance(steps[1].layer, L.ReLU) and steps[1].inputs == (1,)
+    junction = next(s for s in steps if isinstance(s, Junction))
+    assert junction.name == "1.0" and junction.inputs == (6, 3)          # body output, identity shortcut
+    lone = next(s for s in steps if isinstance(s, ChannelAffine))
+    assert lone.name == "1.2"
+    bn = model[0][1]
+    W, c = fold_batchnorm(model[0][0].params["W"], model[0][0].params["c"], bn.params["gamma"],
+                          bn.params["beta"], bn.buffers["running_mean"], bn.buffers["running_var"], bn.eps)
+    np.testing.assert_array_equal(steps[0].W, W)
+    np.testing.assert_array_equal(steps[0].c, c)
+    im = compile_integer(model, rng.normal(size=(3, 2, 8, 8)), width=8)
+    assert [r.name for r in im.records[1:]] == [s.name for s in steps]
+
+
+def test_integer_conv_uses_the_conv_layers_im2col():
+    """One im2col: the float twin of the integer convolution is the Conv2d layer's forward."""
+    rng = np.random.default_rng(10)
+    conv = L.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), rng=1, dtype=np.float64)
+    x = rng.normal(size=(2, 3, 7, 6))
+    y = R.conv2d(x, conv.params["W"], conv.stride, conv.padding, np.matmul) + conv.params["c"].reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(y, conv.forward(x, train=False), rtol=1e-12, atol=1e-12)
+    codes = rng.integers(-100, 100, size=x.shape)
+    Wq = rng.integers(-100, 100, size=conv.params["W"].shape)
+    got = R.conv2d(codes, Wq, conv.stride, conv.padding, R.matmul_int)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, R.conv2d(codes.astype(float), Wq.astype(float), conv.stride,
+                                                conv.padding, np.matmul).astype(np.int64))
