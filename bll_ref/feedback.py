@@ -35,8 +35,6 @@ class LinearFeedback:
     n_classes, n_units : int
     l2 : float > 0
         Ridge strength; keeps the solve well posed when a class is missing from the batch.
-    bias : bool
-        Append a constant column to Y (its weight is regularised like the others).
     decay : float in [0, 1) or None
         None: solve on the current batch only. Otherwise keep running sufficient statistics
         S_yy <- decay S_yy + YᵀY, S_ya <- decay S_ya + YᵀA and solve on them (spans many batches).
@@ -44,25 +42,22 @@ class LinearFeedback:
     Shapes: Y (N, n_classes) one-hot (or soft) labels, A (N, n_units); W (n_classes[+1], n_units).
     """
 
-    def __init__(self, n_classes, n_units, *, l2=1.0, bias=False, decay=None, dtype=np.float32):
+    def __init__(self, n_classes, n_units, *, l2=1.0, decay=None, dtype=np.float32):
         if not l2 > 0:
             raise ValueError(f"l2 must be > 0 (it keeps the solve well posed), got {l2}")
         if decay is not None and not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1) or None, got {decay}")
         self.n_classes, self.n_units, self.l2 = int(n_classes), int(n_units), float(l2)
-        self.bias, self.decay, self.dtype = bool(bias), decay, np.dtype(dtype)
-        k = self.n_classes + self.bias
+        self.decay, self.dtype = decay, np.dtype(dtype)
+        k = self.n_classes
         self.W = np.zeros((k, self.n_units), self.dtype)
         self._syy = np.zeros((k, k))
         self._sya = np.zeros((k, self.n_units))
 
-    def _design(self, Y):
-        return np.hstack([Y, np.ones((len(Y), 1), Y.dtype)]) if self.bias else Y
-
     def fit(self, Y, A):
         """Solve for W on this batch (or on the running statistics); returns self."""
         _check_ya(Y, A, self.n_classes, self.n_units)
-        X = self._design(Y).astype(self.dtype, copy=False)
+        X = Y.astype(self.dtype, copy=False)
         syy, sya = X.T.astype(np.float64) @ X, X.T @ A.astype(self.dtype, copy=False)
         if self.decay is not None:
             self._syy *= self.decay
@@ -78,10 +73,10 @@ class LinearFeedback:
         return self
 
     def predict(self, Y):
-        """B = Y W (+ bias row), shape (N, n_units)."""
+        """B = Y W, shape (N, n_units)."""
         if Y.ndim != 2 or Y.shape[1] != self.n_classes:
             raise ValueError(f"feedback expects Y of shape (N, {self.n_classes}), got {Y.shape}")
-        return self._design(Y).astype(self.dtype, copy=False) @ self.W
+        return Y.astype(self.dtype, copy=False) @ self.W
 
     def state_dict(self):
         return {"W": self.W, "syy": self._syy, "sya": self._sya}

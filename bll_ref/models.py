@@ -14,7 +14,7 @@ from .layers import (AvgPool2d, BatchNorm, Conv2d, Dense, Embedding, Flatten, La
                      Sigmoid, Tanh)
 from .layers.base import as_rng
 
-__all__ = ["mlp", "cnn", "resnet", "transformer", "autoencoder", "activation", "build", "MODELS"]
+__all__ = ["mlp", "cnn", "resnet", "transformer", "activation", "build", "MODELS"]
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
@@ -113,26 +113,7 @@ def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, caus
     return blocks
 
 
-def autoencoder(*, image_size=28, channels=(16, 32), rng=0, dtype=np.float32):
-    """Convolutional Gaussian autoencoder of the supplement (Sec. 2.1): input (N, 2, H, W) = mean
-    and log-variance channels, output (N, 2, H, W) = predicted mean and log-variance.
-    Encoder: [Conv3x3 stride 2 + LeakyReLU] per width; decoder mirrors with Upsample2d + Conv3x3."""
-    from .layers import Upsample2d
-    rng = as_rng(rng)
-    blocks, c = [], 2
-    for w in channels:
-        blocks.append(Sequential(Conv2d(c, w, 3, stride=2, padding=1, rng=rng, dtype=dtype), LeakyReLU()))
-        c = w
-    for w in list(channels[-2::-1]) + [None]:
-        layers = [Upsample2d(2), Conv2d(c, 2 if w is None else w, 3, padding=1, rng=rng, dtype=dtype)]
-        if w is not None:
-            layers.append(LeakyReLU())
-        blocks.append(Sequential(*layers))
-        c = w
-    return blocks
-
-
-MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer, "autoencoder": autoencoder}
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer}
 
 
 def build(name, **kw):

@@ -1,4 +1,4 @@
-"""Optimisers (SGD with momentum, Adam) and learning-rate schedules.
+"""Optimisers: SGD with momentum, Adam.
 
 An optimiser holds a layer (a block, or a whole model) and, on ``step()``, reads ``layer.grads``
 and updates ``layer.params`` in place. Under BLL every block owns one optimiser, so blocks update
@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["SGD", "Adam", "CosineSchedule", "StepSchedule", "make_optimizer", "adam_update_reference"]
+__all__ = ["SGD", "Adam", "make_optimizer", "adam_update_reference"]
 
 
 def adam_update_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
@@ -152,28 +152,3 @@ def make_optimizer(name, layer, lr, **kw):
     if unknown:
         raise ValueError(f"optimiser {name!r} takes no {', '.join(unknown)} (it takes {', '.join(sorted(known))})")
     return kinds[name](layer, lr=lr, **kw)
-
-
-class CosineSchedule:
-    """lr(e) = min_lr + (base_lr - min_lr) (1 + cos(pi e / total)) / 2, e clipped to [0, total]."""
-
-    def __init__(self, base_lr, total, min_lr=0.0):
-        if total < 1:
-            raise ValueError(f"CosineSchedule total must be >= 1, got {total}")
-        self.base_lr, self.total, self.min_lr = float(base_lr), int(total), float(min_lr)
-
-    def __call__(self, e):
-        e = min(max(e, 0), self.total)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * e / self.total))
-
-
-class StepSchedule:
-    """lr(e) = base_lr * gamma ** (e // step_size)."""
-
-    def __init__(self, base_lr, step_size, gamma=0.1):
-        if step_size < 1:
-            raise ValueError(f"StepSchedule step_size must be >= 1, got {step_size}")
-        self.base_lr, self.step_size, self.gamma = float(base_lr), int(step_size), float(gamma)
-
-    def __call__(self, e):
-        return self.base_lr * self.gamma ** (max(e, 0) // self.step_size)

@@ -5,7 +5,7 @@ import pytest
 from bll_ref.gradcheck import numeric_gradient, rel_error
 from bll_ref.layers import Dense, Sequential
 from bll_ref.losses.output import mse, softmax_cross_entropy
-from bll_ref.optim import SGD, Adam, CosineSchedule, StepSchedule, adam_update_reference, make_optimizer
+from bll_ref.optim import SGD, Adam, adam_update_reference, make_optimizer
 
 
 def _model(dtype=np.float64, seed=0):
@@ -75,13 +75,6 @@ def test_bad_optimizer_arguments():
         make_optimizer("rmsprop", _model(), 1e-3)
     with pytest.raises(ValueError, match="learning rate"):
         Adam(_model(), lr=0)
-
-
-def test_schedules():
-    cos = CosineSchedule(1.0, 10, min_lr=0.1)
-    assert cos(0) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(5) == pytest.approx(0.55)
-    st = StepSchedule(1.0, 3, gamma=0.5)
-    assert [st(e) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
 
 
 def test_cross_entropy_gradient_finite_differences():
