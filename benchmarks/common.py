@@ -1,12 +1,13 @@
 """Shared helpers for benchmark scripts: machine GEMM rate, interleaved timing, JSON + markdown."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 
 import numpy as np
+
+from bll_ref.fileio import atomic_open, write_json_atomic
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -46,8 +47,7 @@ def machine():
 def write(name, payload, table_md):
     """Write results/<name>.json and results/<name>.md; print the markdown."""
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    write_json_atomic(os.path.join(RESULTS, f"{name}.json"), payload)
+    with atomic_open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(table_md + "\n")
     print(table_md)

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from .fileio import atomic_open
 from .layers import Sequential, layer_from_config, load_state_dict, state_dict
 
 FORMAT = "bll_ref-checkpoint"
@@ -24,14 +25,8 @@ def save(path, blocks, meta=None, aux=None):
     arrays.update({f"aux/{k}": np.asarray(v) for k, v in (aux or {}).items()})
     arrays["header"] = np.array(json.dumps(header))
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

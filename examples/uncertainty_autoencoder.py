@@ -97,7 +97,7 @@ import numpy as np
 from bll_ref.data import load, resolve_source, synthetic_images
 from bll_ref.layers import BatchNorm, Conv2d, LeakyReLU, MaxPool2d, Sequential, Upsample2d
 from bll_ref.losses.local import gaussian_kl_s15, uncertainty_metrics_s16_s17
-from bll_ref.methods.common import write_json_atomic
+from bll_ref.fileio import write_json_atomic
 from bll_ref.optim import make_optimizer
 
 PNG_NAME = "uncertainty_autoencoder.png"
