@@ -1,19 +1,21 @@
-"""Data: the IDX file format, Fashion-MNIST, mini-batches, small synthetic tasks, and ``load``,
-the one place that decides between Fashion-MNIST and the synthetic stand-in.
+"""Data: Fashion-MNIST, mini-batches, and ``load``, the one place that decides between
+Fashion-MNIST and the synthetic stand-in. The IDX format lives in ``bll_ref.idx`` and the
+synthetic tasks in ``bll_ref.synthetic``; both are re-exported here.
 
 Everything random takes ``rng`` (a ``np.random.Generator``, an int seed, or None for fresh
 entropy); nothing here touches NumPy's global random state.
 """
 from __future__ import annotations
 
-import gzip
 import operator
 import os
-import zlib
 
 import numpy as np
 
+from .idx import read_idx, write_idx
 from .layers.base import as_rng
+from .synthetic import check_count as _check_count
+from .synthetic import permutation_reversal, synthetic_classification, synthetic_images
 
 __all__ = [
     "read_idx", "write_idx",
@@ -22,104 +24,6 @@ __all__ = [
     "batches", "one_hot",
     "permutation_reversal", "synthetic_classification", "synthetic_images",
 ]
-
-# --------------------------------------------------------------------------- IDX format
-# http://yann.lecun.com/exdb/mnist/ : magic = 0x00 0x00 <type code> <ndim>, then ndim
-# big-endian uint32 sizes, then the data, big-endian, C order.
-_IDX_TYPES = {
-    0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
-}
-_IDX_CODES = {(dt.kind, dt.itemsize): code for code, dt in _IDX_TYPES.items()}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _idx_type_list() -> str:
-    return ", ".join(f"0x{c:02X} ({dt.newbyteorder('=').name})" for c, dt in _IDX_TYPES.items())
-
-
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file (raw or gzip-compressed; gzip is detected by its magic bytes 1f 8b).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-
-    Returns
-    -------
-    array : ndarray, shape = the dims in the header, dtype one of uint8, int8, int16, int32,
-        float32, float64 (native byte order, writable, C-contiguous).
-
-    Raises
-    ------
-    ValueError
-        Corrupted gzip stream, bad magic, unknown type code, short header, or a payload whose
-        size is not exactly prod(dims) * itemsize (truncated file or trailing bytes). The
-        message names the file.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupted gzip stream ({e}); re-download or re-extract the file") from None
-    if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is shorter than the 4-byte IDX magic; not an IDX file")
-    if data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an IDX file: magic must start with 0x00 0x00, "
-                         f"got 0x{data[0]:02X} 0x{data[1]:02X}")
-    code, ndim = data[2], data[3]
-    if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02X}; expected one of {_idx_type_list()}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: IDX header declares ndim={ndim} and needs {header} bytes, "
-                         f"file has only {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_TYPES[code]
-    expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
-    got = len(data) - header
-    if got != expected:
-        what = "truncated" if got < expected else f"{got - expected} trailing bytes"
-        raise ValueError(f"{path}: IDX header says shape {dims} of {dtype.newbyteorder('=').name}, "
-                         f"i.e. {expected} payload bytes, got {got} ({what})")
-    array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
-    return array.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
-
-
-def write_idx(path, array, *, compress=None) -> None:
-    """Write ``array`` as an IDX file.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    array : array_like of dtype uint8, int8, int16, int32, float32 or float64, any shape
-        with at most 255 axes, each shorter than 2**32.
-    compress : bool or None
-        gzip the file; None (default) means: when the name ends in ``.gz``. The gzip header
-        carries no time stamp, so equal arrays give equal files.
-    """
-    path = os.fspath(path)
-    array = np.asarray(array)
-    key = (array.dtype.kind, array.dtype.itemsize)
-    if key not in _IDX_CODES:
-        raise ValueError(f"write_idx: IDX has no type for dtype {array.dtype}; convert to one of "
-                         "uint8, int8, int16, int32, float32, float64 first")
-    if array.ndim > 255 or any(d >= 2**32 for d in array.shape):
-        raise ValueError(f"write_idx: IDX holds at most 255 axes each < 2**32, got shape {array.shape}")
-    header = bytes([0, 0, _IDX_CODES[key], array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    payload = np.ascontiguousarray(array, dtype=_IDX_TYPES[_IDX_CODES[key]]).tobytes()
-    if compress is None:
-        compress = path.endswith(".gz")
-    with open(path, "wb") as f:
-        if compress:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as g:
-                g.write(header + payload)
-        else:
-            f.write(header + payload)
-
 
 # --------------------------------------------------------------------------- Fashion-MNIST
 DEFAULT_FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
@@ -399,16 +303,6 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
 
 
 # --------------------------------------------------------------------------- batching
-def _check_count(name, value, minimum):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def batches(x, y, batch_size, rng=None, shuffle=True, drop_last=False):
     """Mini-batches ``(xb, yb)`` covering every example once.
 
@@ -471,106 +365,3 @@ def one_hot(y, n_classes, dtype=np.float32) -> np.ndarray:
     out = np.zeros(y.shape + (n_classes,), dtype=dtype)
     np.put_along_axis(out, y[..., None].astype(np.intp), 1, axis=-1)
     return out
-
-
-# --------------------------------------------------------------------------- synthetic tasks
-def permutation_reversal(n, *, length=10, rng=None) -> tuple[np.ndarray, np.ndarray]:
-    """Sequence task of the BLL paper (Sec. 4.2): a random permutation of 0..length-1 in,
-    the same sequence reversed out.
-
-    Parameters
-    ----------
-    n : int >= 0, number of sequences
-    length : int >= 1, sequence length and vocabulary size (10 in the paper)
-    rng : np.random.Generator or int or None
-
-    Returns
-    -------
-    x : ndarray, shape (n, length), int64; each row a permutation of 0..length-1
-    y : ndarray, shape (n, length), int64; ``y = x[:, ::-1]``
-    """
-    n = _check_count("n", n, 0)
-    length = _check_count("length", length, 1)
-    x = as_rng(rng).permuted(np.tile(np.arange(length, dtype=np.int64), (n, 1)), axis=1)
-    return x, np.ascontiguousarray(x[:, ::-1])
-
-
-def synthetic_classification(n, *, n_features=20, n_classes=4, rng=None, separation=3.0,
-                             task_seed=0, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian clusters: class k is ``N(mu_k, I)`` with ``|mu_k| = separation``.
-
-    The class means depend only on ``task_seed``, ``n_features`` and ``n_classes``, so a
-    training and a test set drawn with different ``rng`` are the same task. Random means in
-    20 dimensions are nearly orthogonal, so neighbouring clusters sit about
-    ``separation * sqrt(2)`` apart; with the defaults the Bayes accuracy is about 95%.
-
-    Parameters
-    ----------
-    n : int >= 0, number of examples (classes balanced to within one, in random order)
-    n_features : int >= 1
-    n_classes : int >= 2
-    rng : np.random.Generator or int or None; draws the examples
-    separation : float >= 0, norm of every class mean, in units of the noise std
-    task_seed : int; draws the class means
-    dtype : floating dtype of x
-
-    Returns
-    -------
-    x : ndarray, shape (n, n_features), ``dtype``
-    y : ndarray, shape (n,), int64 in 0..n_classes-1
-    """
-    n = _check_count("n", n, 0)
-    n_features = _check_count("n_features", n_features, 1)
-    n_classes = _check_count("n_classes", n_classes, 2)
-    if not separation >= 0:
-        raise ValueError(f"separation must be >= 0, got {separation}")
-    mu = np.random.default_rng(task_seed).standard_normal((n_classes, n_features))
-    mu *= separation / np.linalg.norm(mu, axis=1, keepdims=True)
-    rng = as_rng(rng)
-    y = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
-    x = mu[y] + rng.standard_normal((n, n_features))
-    return x.astype(dtype), y
-
-
-def synthetic_images(n, *, n_classes=4, size=12, rng=None, noise=0.3, dtype=np.float32
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Small images of one bar each; the class is the bar's orientation ``pi * k / n_classes``.
-
-    Each bar passes near the centre, shifted by up to ``size / 6`` pixels in each direction,
-    with a random contrast in [0.7, 1.3] and Gaussian pixel noise of std ``noise``, so a
-    classifier must detect orientation rather than match fixed pixels: a task for
-    convolutions. Bar width is ``size / 12`` pixels (std of the Gaussian profile).
-
-    Parameters
-    ----------
-    n : int >= 0
-    n_classes : int >= 2 (up to about size / 1.5 stays clearly separable)
-    size : int >= 4, image height and width
-    rng : np.random.Generator or int or None
-    noise : float >= 0, std of the additive pixel noise
-    dtype : floating dtype of x
-
-    Returns
-    -------
-    x : ndarray, shape (n, 1, size, size), ``dtype``; roughly in [-1, 2]
-    y : ndarray, shape (n,), int64 in 0..n_classes-1
-    """
-    n = _check_count("n", n, 0)
-    n_classes = _check_count("n_classes", n_classes, 2)
-    size = _check_count("size", size, 4)
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    rng = as_rng(rng)
-    y = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
-    theta = np.pi * y / n_classes
-    centre = (size - 1) / 2 + rng.uniform(-size / 6, size / 6, size=(n, 2))
-    contrast = rng.uniform(0.7, 1.3, size=n)
-    r = np.arange(size, dtype=np.float64)
-    dr = r[None, :, None] - centre[:, 0, None, None]  # rows, (n, size, 1)
-    dc = r[None, None, :] - centre[:, 1, None, None]  # cols, (n, 1, size)
-    # distance from the line through the centre with direction (sin theta, cos theta)
-    d = dr * np.cos(theta)[:, None, None] - dc * np.sin(theta)[:, None, None]
-    width = size / 12
-    x = contrast[:, None, None] * np.exp(-0.5 * (d / width) ** 2)
-    x = x + noise * rng.standard_normal(x.shape)
-    return x[:, None].astype(dtype), y

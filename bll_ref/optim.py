@@ -32,9 +32,8 @@ def adam_update_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
 
 @njit(cache=True, nogil=True)  # nogil: block learners step their optimisers in parallel threads
 def _adam_kernel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, c1, c2):
-    # One pass over flat contiguous arrays instead of ~10 NumPy passes (memory-bound: ~4x faster).
-    # Serial on purpose: on 2 cores a prange version gained little when the machine was quiet and
-    # lost badly (spinning worker threads vs. BLAS threads) when it was not.
+    # One pass over flat contiguous arrays instead of ~10 NumPy passes (the update is memory-bound).
+    # Serial: a prange version would compete with BLAS and pipeline worker threads for the cores.
     for i in range(p.size):
         gi = g[i] + weight_decay * p[i]
         mi = beta1 * m[i] + (1 - beta1) * gi

@@ -40,8 +40,8 @@ __all__ = [
 
 #: By default rows run in parallel only for batches of at least this many elements (N * D) ...
 PARALLEL_MIN_SIZE = 1 << 20
-#: ... and only with at least this many Numba threads: with 2 the gain is at most 2x, while on a
-#: shared 2-core machine a prange call measured 7-20x slower than serial (benchmarks/results/kernels.md).
+#: ... and only with at least this many Numba threads: below that, thread hand-off costs more than
+#: it saves (measurements: benchmarks/results/kernels.md).
 PARALLEL_MIN_THREADS = 4
 
 _jit = dict(cache=True, error_model="numpy", nogil=True)  # nogil: pipeline worker threads run kernels side by side
