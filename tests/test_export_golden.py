@@ -22,6 +22,8 @@ import pytest
 from bll_ref import layers as L
 from bll_ref import models
 
+import test_export_hdf5 as hdf5_tests  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "export_hashes.json"
 # (width, rounding, overflow, percentile) of each HDF5 export
 CONFIGS = [(8, "nearest", "saturate", 100.0), (16, "nearest_even", "wrap", 99.0), (8, "floor", "saturate", 99.9)]
@@ -29,19 +31,7 @@ CONFIGS = [(8, "nearest", "saturate", 100.0), (16, "nearest_even", "wrap", 99.0)
 
 def _randomise_bn(layer, rng):
     """Non-trivial eval statistics so BN folding and the scale record change the numbers."""
-    if isinstance(layer, L.BatchNorm):
-        n = layer.buffers["running_mean"].shape[0]
-        layer.buffers["running_mean"][:] = rng.normal(0, 0.3, n)
-        layer.buffers["running_var"][:] = rng.uniform(0.5, 2.0, n)
-        layer.params["gamma"][:] = rng.uniform(0.5, 1.5, n)
-        layer.params["beta"][:] = rng.normal(0, 0.2, n)
-    for child in getattr(layer, "layers", []):
-        _randomise_bn(child, rng)
-    if isinstance(layer, L.Residual):
-        _randomise_bn(layer.body, rng)
-        if layer.shortcut is not None:
-            _randomise_bn(layer.shortcut, rng)
-    return layer
+    return hdf5_tests._randomise_bn(layer, rng)
 
 
 def _mlp():
