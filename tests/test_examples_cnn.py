@@ -16,12 +16,13 @@ def _load_example():
 
 def test_cnn_example_runs_bp_fa_bll_and_reports_a_table(tmp_path, capsys):
     out = tmp_path / "cnn.json"
-    res = _load_example().main(["--synthetic", "--epochs", "1", "--limit-train", "256", "--limit-test", "128",
-                                "--channels", "4,8,8", "--batch-size", "64", "--quiet", "--out", str(out)])
+    res = _load_example().main(["--synthetic", "--epochs", "3", "--limit-train", "1024", "--limit-test", "256",
+                                "--channels", "4,8,8", "--batch-size", "32", "--quiet", "--out", str(out)])
     printed = capsys.readouterr().out
     assert set(res["results"]) == {"bp", "fa", "bll"}
     for name, r in res["results"].items():
-        assert len(r["test_acc"]) == 1 and 0.0 <= r["test_acc"][0] <= 1.0
+        # 10 bar orientations: chance is 0.10; each method learns (bp 0.69, fa 0.51, bll 0.55 here)
+        assert len(r["test_acc"]) == 3 and r["test_acc"][-1] > 0.3, (name, r["test_acc"])
         assert f"| {name} |" in res["table"] and f"| {name} |" in printed
-    assert res["data"] == "synthetic" and res["n_train"] == 256 and res["n_test"] == 128
+    assert res["data"] == "synthetic" and res["n_train"] == 1024 and res["n_test"] == 256
     assert json.loads(out.read_text())["results"].keys() == res["results"].keys()
