@@ -23,34 +23,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
 
 from bll_ref import checkpoint, data, models  # noqa: E402
-from bll_ref.methods.backprop import Backprop  # noqa: E402
-from bll_ref.methods.bll import BLL  # noqa: E402
-from bll_ref.methods.common import fit, write_json_atomic  # noqa: E402
-from bll_ref.methods.feedback_alignment import FeedbackAlignment  # noqa: E402
+from bll_ref.fileio import write_json_atomic  # noqa: E402
+from bll_ref.methods import fit, make  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")
 
 
 # name -> (activation, constructor(blocks, x_sample, seed), description)
+# name -> (activation, method, options for bll_ref.methods.make, description)
 RUNS = {
-    "bp": ("leaky_relu", lambda b, x, s: Backprop(b), "BP"),
-    "bp_sigmoid": ("sigmoid", lambda b, x, s: Backprop(b), "BP (sigmoid)"),
-    "fa": ("leaky_relu", lambda b, x, s: FeedbackAlignment(b, rng=s), "FA"),
-    "fa_sigmoid": ("sigmoid", lambda b, x, s: FeedbackAlignment(b, rng=s), "FA (sigmoid)"),
-    "bll_default": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, rng=s),
+    "bp": ("leaky_relu", "bp", {}, "BP"),
+    "bp_sigmoid": ("sigmoid", "bp", {}, "BP (sigmoid)"),
+    "fa": ("leaky_relu", "fa", {}, "FA"),
+    "fa_sigmoid": ("sigmoid", "fa", {}, "FA (sigmoid)"),
+    "bll_default": ("leaky_relu", "bll", {},
                     "BLL default: Gaussian on LN(a) + closed-form feedback + head, annealed tau=2"),
-    "bll_head_only": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, variational="none", rng=s),
-                      "BLL predictive head only (ablation)"),
-    "bll_gauss_ln_const": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, anneal=False, rng=s),
-                           "BLL Gaussian on LN(a) + head, constant weight"),
-    "bll_eq8_literal_sigmoid": ("sigmoid", lambda b, x, s: BLL(b, sample_input=x, variational="eq8",
-                                                               feedback="trained", tau=0.5, head=False, rng=s),
+    "bll_head_only": ("leaky_relu", "bll", {"variational": "none"}, "BLL predictive head only (ablation)"),
+    "bll_gauss_ln_const": ("leaky_relu", "bll", {"anneal": False}, "BLL Gaussian on LN(a) + head, constant weight"),
+    "bll_eq8_literal_sigmoid": ("sigmoid", "bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5,
+                                                   "head": False},
                                 "BLL paper-literal Eq. 8, trained linear feedback, m=1/(1+0.5 epoch), sigmoid"),
-    "bll_eq8_head": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, variational="eq8", feedback="trained",
-                                                       tau=0.5, rng=s),
+    "bll_eq8_head": ("leaky_relu", "bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5},
                      "BLL Eq. 8 + head, trained feedback"),
-    "bll_span2": ("leaky_relu", lambda b, x, s: BLL(b, sample_input=x, span=2, rng=s), "BLL(2) default recipe"),
+    "bll_span2": ("leaky_relu", "bll", {"span": 2}, "BLL(2) default recipe"),
 }
 
 
@@ -78,9 +74,10 @@ def main():
                 if prev.get("epochs_run") == args.epochs and prev.get("n_train") == len(d["x_train"]):
                     print(f"{name} seed {seed}: done already ({100 * prev['test_acc'][-1]:.2f}%)")
                     continue
-            act, ctor, desc = RUNS[name]
+            act, kind, opts, desc = RUNS[name]
             print(f"=== {name} seed {seed}: {desc}")
-            method = ctor(models.mlp(SIZES, activation_name=act, rng=seed), d["x_train"][:8], seed)
+            method = make(kind, models.mlp(SIZES, activation_name=act, rng=seed), sample_input=d["x_train"][:8],
+                          rng=seed, **opts)
             t = time.perf_counter()
             hist = fit(method, d, epochs=args.epochs, batch_size=128, rng=seed)
             hist.update(name=name, seed=seed, description=desc, seconds=time.perf_counter() - t,
@@ -89,7 +86,7 @@ def main():
             checkpoint.save(os.path.join(CKPT_DIR, f"{name}-seed{seed}.npz"), method.model,
                             {"method": name, "model": "mlp", "data": "fashion-mnist", "activation": act,
                              "test_acc": hist["test_acc"]},
-                            method.aux_state() if hasattr(method, "aux_state") else None)
+                            method.aux_state())
             write_json_atomic(path, hist)
     # table over everything stored for these runs
     rows, payload = [], {"machine": machine(), "runs": {}}
@@ -103,9 +100,9 @@ def main():
                 per_epoch.append(" ".join(f"{100 * a:.1f}" for a in h["test_acc"]))
         if not accs:
             continue
-        payload["runs"][name] = {"final": accs, "per_epoch": per_epoch, "description": RUNS[name][2]}
+        payload["runs"][name] = {"final": accs, "per_epoch": per_epoch, "description": RUNS[name][3]}
         spread = f" ± {np.std(accs):.2f}" if len(accs) > 1 else ""
-        rows.append(f"| {name} | {RUNS[name][2]} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+        rows.append(f"| {name} | {RUNS[name][3]} | {' / '.join(f'{a:.2f}' for a in accs)} | "
                     f"{np.mean(accs):.2f}{spread} | {per_epoch[0]} |")
     table = ("| run | what | final test acc % (per seed) | mean | per-epoch (first seed) |\n|---|---|---|---|---|\n"
              + "\n".join(rows))

@@ -23,9 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gemm_gflops, interleaved, machine, write  # noqa: E402
 
 from bll_ref import models  # noqa: E402
-from bll_ref.methods.backprop import Backprop  # noqa: E402
-from bll_ref.methods.bll import BLL  # noqa: E402
-from bll_ref.methods.feedback_alignment import FeedbackAlignment  # noqa: E402
+from bll_ref.methods import make  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 N = 128
@@ -66,14 +64,10 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, SIZES[0])).astype(np.float32)
     y = rng.integers(0, 10, N)
-    methods = {
-        "bp": Backprop(models.mlp(SIZES, rng=0)),
-        "fa": FeedbackAlignment(models.mlp(SIZES, rng=0)),
-        "bll_default": BLL(models.mlp(SIZES, rng=0), sample_input=x),
-        "bll_head_only": BLL(models.mlp(SIZES, rng=0), variational="none", sample_input=x),
-        "bll_eq8_trained": BLL(models.mlp(SIZES, rng=0), variational="eq8", feedback="trained", tau=0.5,
-                               head=False, sample_input=x),
-    }
+    variants = {"bp": ("bp", {}), "fa": ("fa", {}), "bll_default": ("bll", {}),
+                "bll_head_only": ("bll", {"variational": "none"}),
+                "bll_eq8_trained": ("bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5, "head": False})}
+    methods = {k: make(kind, models.mlp(SIZES, rng=0), sample_input=x, **opts) for k, (kind, opts) in variants.items()}
     fns = {k: (lambda m=m: m.train_step(x, y)) for k, m in methods.items()}
     # the closed-form feedback solves of one BLL step (3 hidden blocks, 128 x 1024 each)
     from bll_ref.data import one_hot

@@ -70,17 +70,11 @@ import time
 import numpy as np
 
 from bll_ref import data, models
-from bll_ref.methods.backprop import Backprop
-from bll_ref.methods.bll import BLL
-from bll_ref.methods.common import fit, write_json_atomic
-from bll_ref.methods.feedback_alignment import FeedbackAlignment
+from bll_ref.fileio import write_json_atomic
+from bll_ref.methods import fit, make
 
 PAPER = {"bp": 92.7, "fa": 87.9, "bll": 91.2}  # 001 Table 1, Fashion-MNIST, ResNet-18
-METHODS = {
-    "bp": lambda blocks, x, seed: Backprop(blocks),
-    "fa": lambda blocks, x, seed: FeedbackAlignment(blocks, rng=seed),
-    "bll": lambda blocks, x, seed: BLL(blocks, sample_input=x, rng=seed),
-}
+METHODS = ("bp", "fa", "bll")  # built by bll_ref.methods.make with their defaults
 QUICK = {"limit_train": 10_000, "limit_test": 2_000, "epochs": 3}
 FULL = {"limit_train": None, "limit_test": None, "epochs": 8}
 
@@ -139,7 +133,7 @@ def main(argv=None) -> dict:
     results = {}
     for name in names:
         blocks = models.cnn(channels=channels, rng=args.seed)  # same initial weights for every method
-        method = METHODS[name](blocks, d["x_train"][:8], args.seed)
+        method = make(name, blocks, sample_input=d["x_train"][:8], rng=args.seed)
         print(f"=== {name}")
         t0 = time.perf_counter()
         hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=args.seed, log=progress)
