@@ -272,9 +272,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"bll-ref {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (WorkerError, FloatingPointError) as e:
+    except (WorkerError, FloatingPointError) as e:  # a dead worker, a diverging run: exit 2, one line
         print(f"bll-ref {args.command}: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":
