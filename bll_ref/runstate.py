@@ -20,17 +20,19 @@ import os
 
 import numpy as np
 
-from .fileio import atomic_path, write_json_atomic
+from .fileio import atomic_open, write_json_atomic
 
 FORMAT, VERSION = "bll_ref-runstate", 1
 TRAINER = "trainer.json"
 
 
-def _parts(method) -> dict:
-    """name -> state dict: one part per learner for BLL, one for other methods."""
-    if hasattr(method, "learners"):
-        return {f"learner{l.k}": l.state_dict() for l in method.learners}
-    return {"method": method.state_dict()}
+def _part_names(method) -> list[str]:
+    """One part per learner for BLL, one for other methods."""
+    return [f"learner{l.k}" for l in method.learners] if hasattr(method, "learners") else ["method"]
+
+
+def _part_state(method, name) -> dict:
+    return method.state_dict() if name == "method" else method.learners[int(name[len("learner"):])].state_dict()
 
 
 def _load_part(method, name, state):
@@ -40,17 +42,14 @@ def _load_part(method, name, state):
         method.learners[int(name[len("learner"):])].load_state_dict(state)
 
 
-def save(state_dir, method, epoch, rng_state, history, options=None, parts=None):
-    """Write the state after ``epoch`` completed epochs (``parts`` defaults to all of ``method``)."""
+def save(state_dir, method, epoch, rng_state, history, options=None):
+    """Write the state of ``method`` after ``epoch`` completed epochs."""
     os.makedirs(state_dir, exist_ok=True)
-    parts = _parts(method) if parts is None else parts
     files = {}
-    for name, state in parts.items():
-        fname = f"{name}-epoch{epoch}.npz"
-        with atomic_path(os.path.join(state_dir, fname)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **state)
-        files[name] = fname
+    for name in _part_names(method):
+        files[name] = f"{name}-epoch{epoch}.npz"
+        with atomic_open(os.path.join(state_dir, files[name]), "wb") as f:
+            np.savez(f, **_part_state(method, name))
     write_json_atomic(os.path.join(state_dir, TRAINER), {
         "format": FORMAT, "version": VERSION, "epoch": int(epoch), "method": method.name,
         "rng": rng_state, "history": history, "options": options or {}, "files": files})
@@ -86,7 +85,7 @@ def load(state_dir, method) -> dict:
     t = read_trainer(state_dir)
     if t["method"] != method.name:
         raise ValueError(f"{state_dir}: state of a {t['method']!r} run, cannot resume it as {method.name!r}")
-    want = set(_parts(method))
+    want = set(_part_names(method))
     if set(t["files"]) != want:
         raise ValueError(f"{state_dir}: state holds {sorted(t['files'])}, this model needs {sorted(want)}")
     for name, fname in t["files"].items():

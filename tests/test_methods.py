@@ -313,3 +313,16 @@ def test_default_recipe_block_gradient_equals_finite_differences():
 
     for k, p in blk.params.items():
         assert rel_error(analytic[k], numeric_gradient(loss, p)) < 1e-6, k
+
+
+def test_bll_state_round_trip_and_foreign_entries_refused():
+    d = _task(n=64)
+    a = BLL(_mlp(seed=1), n_classes=4, sample_input=d["x_train"][:4])
+    fit(a, d, epochs=1, batch_size=32, rng=0, log=None)
+    b = BLL(_mlp(seed=2), n_classes=4, sample_input=d["x_train"][:4], rng=9)
+    b.load_state_dict(a.state_dict())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    for bad in ({**sa, "learner9/epoch": np.int64(0)}, {**sa, "head0/W": np.zeros(1)}):
+        with pytest.raises(ValueError, match="learner"):
+            b.load_state_dict(bad)

@@ -35,7 +35,8 @@ from ..layers import AvgPool2d, Dense, Flatten, LayerNorm, Sequential
 from ..layers.base import as_rng
 from ..optim import make_optimizer
 from .common import Method
-from .learner import HiddenLearner, LocalRule, OutputLearner, between_class_fraction, forward_block
+from .learner import (HiddenLearner, LocalRule, OutputLearner, between_class_fraction, forward_block,
+                      pack_states, unpack_states)
 
 __all__ = ["BLL", "VARIATIONAL", "FEEDBACK", "between_class_fraction"]
 
@@ -252,14 +253,13 @@ class BLL(Method):
 
     def state_dict(self) -> dict:
         """Every learner's state (block, head, feedback, optimisers, statistics), keyed learner<k>/."""
-        return {f"learner{l.k}/{n}": v for l in self.learners for n, v in l.state_dict().items()}
+        return pack_states(self.learners)
 
     def load_state_dict(self, state):
-        for l in self.learners:
-            p = f"learner{l.k}/"
-            l.load_state_dict({n[len(p):]: v for n, v in state.items() if n.startswith(p)})
-        unknown = [n for n in state if not n.startswith("learner") or
-                   int(n[len("learner"):n.index("/")]) >= len(self.learners)]
+        parts = unpack_states(state)
+        unknown = sorted(set(parts) - {l.k for l in self.learners})
         if unknown:
-            raise ValueError(f"BLL state has entries for no learner: {unknown[:4]}")
+            raise ValueError(f"BLL state has entries for learners {unknown[:4]}, the model has {len(self.learners)}")
+        for l in self.learners:
+            l.load_state_dict(parts.get(l.k, {}))
         self.epoch = self.learners[0].epoch

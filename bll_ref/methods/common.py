@@ -137,5 +137,4 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
             write_json_atomic(history_path, history)
         if state_dir:
             runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options)
-    schedule.close()
     return history

@@ -90,6 +90,23 @@ def between_class_fraction(h, y, n_classes) -> float:
     return float(between / len(h) / total)
 
 
+def pack_states(learners) -> dict:
+    """The states of ``learners`` as one flat dict keyed ``learner<k>/<name>``."""
+    return {f"learner{l.k}/{n}": v for l in learners for n, v in l.state_dict().items()}
+
+
+def unpack_states(state) -> dict:
+    """Inverse of ``pack_states``: {k: that learner's state}; ValueError for a key of no learner."""
+    out = {}
+    for key, v in state.items():
+        head, _, name = key.partition("/")
+        k = head[len("learner"):]
+        if not (head.startswith("learner") and k.isdigit() and name):
+            raise ValueError(f"state entry {key!r} belongs to no learner (expected learner<k>/<name>)")
+        out.setdefault(int(k), {})[name] = v
+    return out
+
+
 def _prefixed(prefix, d):
     return {f"{prefix}/{k}": v for k, v in d.items()}
 

@@ -57,9 +57,6 @@ class SequentialSchedule:
     def gather(self, method):
         pass
 
-    def close(self):
-        pass
-
 
 def check_pipelinable(method):
     """ValueError unless ``method`` is a BLL whose learners can run in a pipeline exactly."""

@@ -19,6 +19,7 @@ import traceback
 
 import numpy as np
 
+from ..methods.learner import pack_states, unpack_states
 from . import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 
@@ -139,14 +140,11 @@ class MPIPipeline:
     def gather(self, method):
         """Every rank's learner states to rank 0, which loads them into its copy of the model."""
         if not self.is_root:
-            send_arrays(self.comm, {f"learner{l.k}/{n}": v for l in self.mine
-                                    for n, v in l.state_dict().items()}, dest=0)
+            send_arrays(self.comm, pack_states(self.mine), dest=0)
             return
         for r in range(1, self.workers):
-            state = recv_arrays(self.comm, source=r)
-            for k in self.groups[r]:
-                p = f"learner{k}/"
-                method.learners[k].load_state_dict({n[len(p):]: v for n, v in state.items() if n.startswith(p)})
+            for k, state in unpack_states(recv_arrays(self.comm, source=r)).items():
+                method.learners[k].load_state_dict(state)
 
     def abort(self, error):
         """Print one line naming this worker and end the whole job (no rank is left waiting)."""
@@ -155,6 +153,3 @@ class MPIPipeline:
         if os.environ.get("BLL_REF_TRACEBACK"):
             traceback.print_exception(error)
         self.comm.Abort(1)
-
-    def close(self):
-        pass

@@ -112,6 +112,3 @@ class ThreadPipeline:
 
     def gather(self, method):
         pass  # threads share the learners
-
-    def close(self):
-        pass
