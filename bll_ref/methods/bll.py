@@ -192,12 +192,6 @@ class BLL(Method):
         self.learners.append(OutputLearner(len(self.blocks) - 1, self.blocks[-1], opts[-1], self.rule))
         self.on_epoch_start(0)
 
-    @property
-    def pipeline_exact(self) -> bool:
-        """True when every learner needs only its input and the labels (span 1, label-only
-        feedback): then a pipeline of learners makes the same updates as the sequential loop."""
-        return self.span == 1 and self.twin is None
-
     def mixing(self):
         """m for this epoch (constant ``m``, else m = 1 / (1 + tau epoch))."""
         return self.rule.mixing(self.epoch)

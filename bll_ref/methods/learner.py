@@ -162,9 +162,6 @@ class _Learner:
             raise ValueError(f"learner {self.k} state does not match: missing {missing[:4]}, unexpected {extra[:4]}")
         self._load_state(state)
 
-    @property
-    def n_params(self) -> int:
-        return int(sum(p.size for p in self.block.params.values()))
 
 
 class HiddenLearner(_Learner):
@@ -319,12 +316,6 @@ class HiddenLearner(_Learner):
             if hasattr(self.feedback, "opt"):
                 self.feedback.opt.load_state_dict(_sub(state, "feedback_opt"))
 
-    @property
-    def n_params(self) -> int:
-        n = super().n_params
-        if self.head is not None:
-            n += sum(p.size for p in self.head.params.values())
-        return int(n)
 
 
 class OutputLearner(_Learner):

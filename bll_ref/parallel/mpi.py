@@ -95,9 +95,8 @@ class MPIPipeline:
         self.in_shape = shapes[self.groups[self.rank][0]]
         self.dtype = h.dtype
 
-    def label(self, rank=None) -> str:
-        r = self.rank if rank is None else rank
-        return f"rank {r} ({blocks_label(self.groups[r])})"
+    def label(self) -> str:
+        return f"rank {self.rank} ({blocks_label(self.groups[self.rank])})"
 
     def run_epoch(self, method, batches, on_step):
         with blas_threads(self.blas):
