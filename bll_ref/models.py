@@ -14,7 +14,7 @@ from .layers import (AvgPool2d, BatchNorm, Conv2d, Dense, Embedding, Flatten, La
                      Sigmoid, Tanh)
 from .layers.base import as_rng
 
-__all__ = ["mlp", "cnn", "resnet", "transformer", "activation", "build", "MODELS"]
+__all__ = ["mlp", "cnn", "resnet", "resnet18", "transformer", "activation", "build", "MODELS"]
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
@@ -92,6 +92,49 @@ def resnet(*, in_channels=1, image_size=28, widths=(16, 32, 64), blocks_per_stag
     return blocks
 
 
+def resnet18(*, width=16, in_channels=1, image_size=28, n_classes=10, rng=0, dtype=np.float32):
+    """ResNet-18 (He et al. 2016) adapted to small images, split into the 4 BLL blocks of paper 001.
+
+    Layout: stem conv3x3(stride 1, no max-pool: 28x28 inputs, as CIFAR ResNets) + BN + ReLU, then
+    4 stages of 2 basic blocks (conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU after the sum) with
+    ``width * (1, 2, 4, 8)`` channels, stride 2 at the start of stages 2-4 (28 -> 28, 14, 7, 4),
+    1x1 projection shortcuts where the shape changes, global average pool and a linear classifier.
+    ``width=64`` is ResNet-18's own (64, 128, 256, 512); the default 16 fits 2 CPU cores.
+
+    BLL blocks (paper 001, Sec. 4.1: "splits were introduced after residual layers ... group sizes
+    (4,5,4,5) for ResNet-18"): one block per stage, i.e. two basic blocks per BLL block; the stem
+    belongs to block 1 and the classifier to block 4. Counted in weight layers (the 18 of the name:
+    stem conv, 16 convs of the basic blocks, classifier; projections not counted) that is (5,4,4,5).
+    The paper's printed (4,5,4,5) has the same total and the same 2nd/3rd split (after layers 9 and
+    13 = after stages 2 and 3), but a split after layer 4 would cut the second basic block in half,
+    against "after residual layers"; its ResNet-50 groups (12,13,12,13) show the same one-layer
+    shift against 4 bottlenecks per block (13,12,12,13). We split at the residual boundaries.
+
+    Each hidden block ends with the ReLU after its last residual sum, so a_k (the natural
+    parameters BLL's variational term sees) is that sum.
+    """
+    if int(width) < 1:
+        raise ValueError(f"resnet18 width must be a positive number of channels, got {width}")
+    if image_size < 8:
+        raise ValueError(f"resnet18 needs images of at least 8x8 (3 stride-2 stages), got {image_size}")
+    rng = as_rng(rng)
+    width = int(width)
+    blocks, c, s = [], width, image_size
+    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers = []
+        if i == 0:
+            layers += [Conv2d(in_channels, width, 3, padding=1, bias=False, rng=rng, dtype=dtype),
+                       BatchNorm(width, dtype=dtype), ReLU()]
+        for j in range(2):
+            stride = 2 if (i > 0 and j == 0) else 1
+            layers += [_basic_block(c, w, stride, rng, dtype), ReLU()]
+            c, s = w, (s + 1) // 2 if stride == 2 else s
+        if i == 3:
+            layers += [AvgPool2d(s), Flatten(), Dense(c, n_classes, rng=rng, dtype=dtype)]
+        blocks.append(Sequential(*layers))
+    return blocks
+
+
 def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, causal=False, rng=0,
                 dtype=np.float32):
     """Sequence model of ``n_blocks`` BLL blocks, each: Residual(LN -> SelfAttention) ->
@@ -113,7 +156,7 @@ def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, caus
     return blocks
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "transformer": transformer}
+MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "resnet18": resnet18, "transformer": transformer}
 
 
 def build(name, **kw):

@@ -35,6 +35,17 @@ def evaluate(model, x, y, batch_size=1000) -> float:
     return accuracy(predict(model, x, batch_size), y)
 
 
+def topk_accuracy(logits, y, k) -> float:
+    """Fraction of positions whose label is among the k largest logits (paper 001 Table 1's
+    "top-3": the correct class among the 3 highest output activations). Ties at the k-th value
+    count against the label only when k other classes beat it strictly."""
+    logits = np.asarray(logits)
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"top-k needs 1 <= k <= {logits.shape[-1]} classes, got k={k}")
+    true = np.take_along_axis(logits, np.asarray(y)[..., None], axis=-1)
+    return float(np.mean((logits > true).sum(axis=-1) < k))
+
+
 class Method:
     """Base of Backprop, FeedbackAlignment and BLL: ``train_step`` on one batch, hooks per epoch."""
 
@@ -69,12 +80,18 @@ class Method:
 
 
 def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=None,
-        eval_batch=1000, diag_samples=2000, schedule=None, state_dir=None, resume=False, options=None):
+        eval_batch=1000, diag_samples=2000, schedule=None, state_dir=None, resume=False, options=None,
+        train_eval=5000):
     """Train ``method`` on ``data`` (dict x_train, y_train, x_test, y_test) for ``epochs``.
 
     Prints a progress line ~10 times per epoch (epoch, step, loss, samples/s) and the test
     accuracy after every epoch. Returns the history dict (also written to ``history_path``
     atomically after every epoch, so an interrupted run keeps what it finished).
+
+    Per epoch the history records test top-1 (``test_acc``) and top-3 (``test_top3``) accuracy
+    and ``train_acc``: top-1 in eval mode on a fixed subset, the first ``train_eval`` training
+    examples (``train_eval_samples``; 0 skips it: None), evaluated after the epoch's updates, not the
+    running accuracy of the training batches (paper 001 Table 1 reports test-1, test-3, train-1).
 
     schedule : a ``bll_ref.parallel`` schedule (default: the sequential loop); only its root
         process evaluates, logs epoch results and writes files.
@@ -122,10 +139,17 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         schedule.gather(method)
         if not schedule.is_root:
             continue
-        acc = evaluate(method.model, data["x_test"], data["y_test"], eval_batch)
+        logits = predict(method.model, data["x_test"], eval_batch)
+        acc = accuracy(logits, data["y_test"])
+        top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
+        n_te = min(int(train_eval), len(x))
+        train_acc = evaluate(method.model, x[:n_te], y[:n_te], eval_batch) if n_te > 0 else None
         diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
         history["epochs"].append(epoch + 1)
         history["test_acc"].append(acc)
+        for key, v in (("test_top3", top3), ("train_acc", train_acc)):
+            history.setdefault(key, []).append(v)  # setdefault: a resumed run of an older version
+        history["train_eval_samples"] = n_te
         history["train_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(seconds)
         history["samples_per_s"].append(len(x) / seconds)
