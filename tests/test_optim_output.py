@@ -5,7 +5,7 @@ import pytest
 from bll_ref.gradcheck import numeric_gradient, rel_error
 from bll_ref.layers import Dense, Sequential
 from bll_ref.losses.output import mse, softmax_cross_entropy
-from bll_ref.optim import SGD, Adam, adam_update_reference, make_optimizer
+from bll_ref.optim import SGD, Adam, adam_update_reference, make_optimizer, sgd_update_reference
 
 
 def _model(dtype=np.float64, seed=0):
@@ -31,6 +31,58 @@ def test_fused_adam_equals_numpy_reference(dtype):
     tol = 1e-12 if dtype == np.float64 else 1e-6
     for k in a.params:
         np.testing.assert_allclose(a.params[k], b.params[k], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.0, 1e-2), (0.9, 0.0), (0.9, 1e-2)])
+def test_fused_sgd_equals_numpy_reference(dtype, momentum, weight_decay):
+    a, b = _model(dtype), _model(dtype)
+    oa = SGD(a, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    ob = SGD(b, lr=0.05, momentum=momentum, weight_decay=weight_decay, fused=False)
+    for step in range(5):
+        _fill_grads(a, step)
+        _fill_grads(b, step)
+        oa.step()
+        ob.step()
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    for k in a.params:
+        assert a.params[k].dtype == dtype
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=tol, atol=tol)
+        np.testing.assert_allclose(oa.velocity[k], ob.velocity[k], rtol=tol, atol=tol)
+
+
+def test_fused_kernels_keep_float32_and_propagate_non_finite():
+    # fastmath must not drop NaN/inf: a diverging run has to stay visibly non-finite
+    for opt in (Adam, lambda m: SGD(m, lr=0.1, momentum=0.9)):
+        m = _model(np.float32)
+        o = opt(m)
+        _fill_grads(m, 0)
+        m.grads["0.W"][0, 0] = np.inf
+        m.grads["0.W"][1, 1] = np.nan
+        o.step()
+        W = m.params["0.W"]
+        assert W.dtype == np.float32
+        assert not np.isfinite(W[0, 0]) and np.isnan(W[1, 1])
+        assert np.isfinite(W[2:]).all()
+
+
+def test_adam_reference_and_kernel_agree_on_large_float32_arrays():
+    # the vectorised loop has a scalar remainder: sizes not a multiple of the SIMD width
+    from bll_ref.optim import _adam_kernel
+    import math
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 1000, 4099):
+        p, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+        v = np.abs(rng.standard_normal(n)).astype(np.float32)
+        ref = [a.copy() for a in (p, g, m, v)]
+        t, lr, b1, b2, eps, wd = 3, 1e-3, 0.9, 0.999, 1e-8, 1e-4
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        f = np.float32
+        _adam_kernel(p, g, m, v, f(lr / c1), f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 / math.sqrt(c2)), f(eps), f(wd))
+        adam_update_reference(ref[0], ref[1], ref[2], ref[3], lr, b1, b2, eps, wd, t)
+        np.testing.assert_allclose(m, ref[2], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(v, ref[3], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(p, ref[0], rtol=1e-6, atol=1e-6)
 
 
 def test_adam_first_step_moves_each_weight_by_lr():
