@@ -85,7 +85,7 @@ def cmd_export(args):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
     e = hdf5.export(model, out, x, width=args.width, rounding=args.rounding, overflow=args.overflow,
                     percentile=args.percentile, n_traces=args.traces, aux=aux,
-                    meta={**meta, "checkpoint": os.path.abspath(args.checkpoint)}, labels=y)
+                    meta=hdf5.portable_meta(meta, args.checkpoint), labels=y)   # no local paths
     im = e.integer_model()
     agree = float(np.mean(np.argmax(im.infer(x), 1) == np.argmax(model.forward(x, train=False), 1)))
     print(f"{len(e.records)} integer records (width {args.width}, {args.rounding}, {args.overflow}) "

@@ -31,7 +31,10 @@ from .hdf5_layout import (FORMAT, FORMAT_VERSION, ExportedModel, ExportFormatErr
 from .hdf5_read import _decode, read_checked
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ExportFormatError", "ExportedModel", "export", "write",
-           "read", "validate", "verify"]
+           "read", "validate", "verify", "portable_meta"]
+
+# training options that hold paths of the machine that trained (bll-ref train --out / --resume)
+_PATH_OPTIONS = ("out", "resume")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,6 +83,19 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
                  "percentile": float(percentile), "n_calibration": int(x.shape[0])})
     write(e, path)
     return e
+
+
+def portable_meta(meta, checkpoint) -> dict:
+    """A checkpoint's meta with no local paths: ``checkpoint`` = the checkpoint's file name and the
+    path-valued training options (``out``, ``resume``) reduced to their last component, so the same
+    checkpoint exported from different directories gives byte-identical files."""
+    meta = dict(meta or {})
+    opts = meta.get("options")
+    if isinstance(opts, dict):
+        meta["options"] = {k: (os.path.basename(os.path.normpath(v)) if k in _PATH_OPTIONS and isinstance(v, str)
+                               else v) for k, v in opts.items()}
+    meta["checkpoint"] = os.path.basename(os.fspath(checkpoint))
+    return meta
 
 
 def write(exported: ExportedModel, path) -> str:

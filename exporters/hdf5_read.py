@@ -6,13 +6,15 @@ before writing) and returns the data with its :class:`~bll_ref.fixedpoint.Intege
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
 import h5py
 import numpy as np
 
-from bll_ref.fixedpoint import IntegerModel
+from bll_ref.fixedpoint import IntegerModel, quantize
+from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.records import record_from_plain
 from bll_ref.layers import layer_from_config, state_dict
 
@@ -49,6 +51,11 @@ def _decode(tree, source, known=None):
     xc = t.dataset("/calibration/x_codes", shape=traces[0].shape)
     if not np.array_equal(xc, traces[0]):
         t.fail(f"dataset /calibration/x_codes differs from {_node_path(0, records[0])}/data (the input trace)")
+    if not np.all(np.isfinite(x)):
+        t.fail("dataset /calibration/x holds NaN or inf")
+    if not np.array_equal(quantize(x, records[0].out_fmt), xc):
+        t.fail("dataset /calibration/x_codes differs from the quantised /calibration/x "
+               f"(section 8: x_codes = overflow(R(x * 2^F)) in {records[0].out_fmt.hls_type})")
     labels = None
     if "/calibration/labels" in tree:
         labels = t.dataset("/calibration/labels", shape=(n,))
@@ -139,9 +146,13 @@ def _decode_records(t, known=None) -> IntegerModel:
         if t.attr(g, "kind", str) != attrs["kind"] or t.attr(g, "name", str) != attrs.get("name"):
             t.fail(f"group {g} attributes 'kind' / 'name' disagree with its 'record' attribute")
         arrays = {}
+        allowed = _record_datasets(attrs["kind"])
         for p in t.children(g):
             if t.kind(p) != "dataset":
                 t.fail(f"unexpected group {p} inside a record")
+            if allowed is not None and p.rsplit("/", 1)[1] not in allowed:
+                t.fail(f"dataset {p} is not a dataset of a {attrs['kind']!r} record (allowed: "
+                       f"{', '.join(sorted(allowed)) or 'none'})")
             arrays[p.rsplit("/", 1)[1]] = t.dataset(p)
         try:
             rec = known[i] if known is not None else record_from_plain(i, {"attrs": attrs, "arrays": arrays})
@@ -156,11 +167,53 @@ def _decode_records(t, known=None) -> IntegerModel:
     if extra:
         t.fail(f"/integer/records holds groups beyond n_records = {n}: {extra[:5]}")
     try:
-        return IntegerModel(records)
+        im = IntegerModel(records)
     except ValueError as err:
         m = re.match(r"record (\d+)", str(err))
         where = f"group /integer/records/{_rec_name(int(m.group(1)), records[int(m.group(1))])}" if m else "/integer/records"
         t.fail(f"{where}: {err}")
+    for i, rec in enumerate(records):
+        bound = _int64_bound(rec, [im.formats[j] for j in rec.inputs])
+        if bound >= _INT64_LIMIT:
+            t.fail(f"group /integer/records/{_rec_name(i, rec)}: intermediate values of record {i} could reach "
+                   f"{bound} >= 2^62 (section 10: files stay within int64)", hint="export with a smaller width")
+    return im
+
+
+# Informational datasets a record group may hold besides its kind's integer arrays (section 6).
+_INFO_DATASETS = {"dense": ("W_float", "c_float"), "conv2d": ("W_float", "c_float"), "scale": ("W_float", "c_float")}
+_INT64_LIMIT = 1 << 62
+
+
+def _record_datasets(kind):
+    """Names of the datasets a record group of ``kind`` may hold, or None for an unknown kind
+    (record_from_plain names the unknown kind)."""
+    cls = R.RECORD_TYPES.get(kind)
+    if cls is None:
+        return None
+    return {f.name for f in dataclasses.fields(cls) if "array" in f.metadata} | set(_INFO_DATASETS.get(kind, ()))
+
+
+def _amax(fmt):
+    return max(-fmt.min_code, fmt.max_code)
+
+
+def _int64_bound(rec, in_fmts):
+    """Largest |value| any intermediate of ``rec`` can take for inputs in ``in_fmts`` (section 10):
+    the accumulator of dense / conv2d / scale, the products of leaky_relu and avgpool2d, the aligned
+    sum of add.  Requantize's left shifts are computed exactly without leaving int64."""
+    if isinstance(rec, R.Affine):
+        k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
+        w = int(np.abs(rec.W.astype(np.int64)).max(initial=0))
+        return k * _amax(in_fmts[0]) * w + int(np.abs(rec.c).max(initial=0))
+    if isinstance(rec, R.LeakyReLU):
+        return _amax(in_fmts[0]) * abs(rec.slope_code)
+    if isinstance(rec, R.AvgPool2d):
+        return rec.kernel_size[0] * rec.kernel_size[1] * _amax(in_fmts[0]) * abs(rec.recip)
+    if isinstance(rec, R.Add):
+        f = max(fm.frac for fm in in_fmts)
+        return sum(_amax(fm) << (f - fm.frac) for fm in in_fmts)
+    return 0
 
 
 def _decode_traces(t, records):

@@ -463,3 +463,79 @@ def test_cli_train_export_verify(tmp_path, capsys):
         fh.truncate(os.path.getsize(out) // 2)
     assert main(["verify", out]) == 2
     assert "cannot be opened as HDF5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 12: the spec is the whole truth
+# ------------------------------------------------------------------------------------------------
+def _put(path, name, data):
+    """Replace (or add) dataset ``name`` with ``data``, fixing its checksum and the manifest, as a
+    careful tamperer would: only the consistency checks can catch it."""
+    with h5py.File(path, "r+") as f:
+        attrs = dict(f[name].attrs) if name in f else {}
+        if name in f:
+            del f[name]
+        d = f.create_dataset(name, data=data)
+        for k, v in attrs.items():
+            d.attrs[k] = v
+        d.attrs["sha256"] = hdf5._sha256(np.asarray(data))
+        manifest = json.loads(f.attrs["datasets"])
+        manifest["/" + name.lstrip("/")] = [np.asarray(data).dtype.name, list(np.shape(data))]
+        f.attrs["datasets"] = json.dumps(manifest, sort_keys=True)
+
+
+def test_verify_checks_x_codes_against_the_quantised_x(tmp_path):
+    path, e, _, _ = _export(tmp_path, "mlp")
+    x = e.calibration_x.copy()
+    x[0, 0] += 0.75                               # another input, its checksum and manifest fixed
+    _put(path, "calibration/x", x)
+    with pytest.raises(ExportFormatError, match=r"/calibration/x_codes differs from the quantised /calibration/x"):
+        hdf5.verify(path)
+    assert main(["verify", str(path), "--no-accuracy"]) == 2
+
+
+def test_extra_dataset_in_a_record_group_is_refused_like_an_extra_node(tmp_path):
+    path, _, _, _ = _export(tmp_path, "mlp")
+    _put(path, "integer/records/001_dense/notes", np.zeros(3))
+    with pytest.raises(ExportFormatError, match=r"dataset /integer/records/001_dense/notes is not a dataset of a 'dense'"):
+        hdf5.read(path)
+    path, _, _, _ = _export(tmp_path, "mlp", name="n.h5")
+    with h5py.File(path, "r+") as f:
+        f.create_group("nodes/stray")
+    with pytest.raises(ExportFormatError, match=r"/nodes holds groups that match no record: \['stray'\]"):
+        hdf5.read(path)
+
+
+@pytest.mark.parametrize("field,value", [("c", (1 << 62) - 100), ("slope_code", 1 << 56)])
+def test_intermediates_that_could_leave_int64_are_refused(tmp_path, field, value):
+    model = L.Sequential(L.Sequential(L.Dense(20, 16, rng=0), L.LeakyReLU(0.1)), L.Sequential(L.Dense(16, 4, rng=1)))
+    x = np.random.default_rng(1).normal(size=(8, 20)).astype(np.float32)
+    e = hdf5.export(model, tmp_path / "m.h5", x)
+    rec = e.records[1] if field == "c" else e.records[2]
+    if field == "c":
+        rec.c = rec.c.copy()
+        rec.c[0] = value
+    else:
+        rec.slope_code = value
+    with pytest.raises(ExportFormatError, match=r"could reach \d+ >= 2\^62"):
+        hdf5.write(e, tmp_path / "bad.h5")
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_export_from_other_directories_is_byte_identical_and_leaks_no_path(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--sizes", "784,16,10", "--epochs", "1", "--limit-train", "200",
+                 "--limit-test", "50", "--out", str(run)]) == 0
+    outs = []
+    for d in ("a/deep/dir", "b"):
+        where = tmp_path / d
+        where.mkdir(parents=True)
+        (where / "checkpoint.npz").write_bytes((run / "checkpoint.npz").read_bytes())
+        outs.append(where / "model.h5")
+        assert main(["export", str(where / "checkpoint.npz"), "--out", str(outs[-1]), "--calibration", "32",
+                     "--traces", "4"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    with h5py.File(outs[0], "r") as f:
+        meta = f.attrs["meta"]
+    assert str(tmp_path) not in meta and json.loads(meta)["checkpoint"] == "checkpoint.npz"
+    assert json.loads(meta)["options"]["out"] == "run"
