@@ -28,7 +28,13 @@ def _build_model(args):
         except ValueError:
             raise ValueError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
         return models.mlp(sizes, activation_name=args.activation, rng=args.seed, dtype=dtype), False
-    return models.build(args.model, rng=args.seed, dtype=dtype), True
+    width = getattr(args, "width", None)  # runs saved before --width existed resume without it
+    if width is not None and args.model != "resnet18":
+        raise ValueError(f"--width applies to --model resnet18 only, not {args.model!r}; leave it out")
+    if width is not None and width < 1:
+        raise ValueError(f"--width must be >= 1 (base channels), got {width}")
+    kw = {"width": width} if width is not None else {}
+    return models.build(args.model, rng=args.seed, dtype=dtype, **kw), True
 
 
 # BLL options of `train` -> BLL keywords; None (not given) leaves the library default.
@@ -57,7 +63,8 @@ def method_options(args) -> dict:
 
 def _add_train_options(p):
     p.add_argument("--method", choices=("bp", "fa", "bll"), default="bll")
-    p.add_argument("--model", choices=("mlp", "cnn", "resnet"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet", "resnet18"), default="mlp")
+    p.add_argument("--width", type=int, default=None, help="resnet18: base channels (default 16; 64 = ResNet-18)")
     p.add_argument("--sizes", default="784,1024,1024,1024,10", help="MLP layer sizes")
     p.add_argument("--activation", default="leaky_relu", choices=("relu", "leaky_relu", "sigmoid", "tanh"))
     p.add_argument("--epochs", type=int, default=None, help="epochs in all (default 10; with --resume: "
@@ -84,10 +91,10 @@ def _add_train_options(p):
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR from its last complete epoch with its own options")
     g = p.add_argument_group("BLL options (an option that does not apply to the chosen variant is an error)")
-    g.add_argument("--variational", default=None, choices=("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none"),
-                   help="default gauss_ln")
+    g.add_argument("--variational", default=None, choices=("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim"),
+                   help="default gauss_ln; sim: Pred-Sim (Nokland & Eidnes 2019) similarity loss")
     g.add_argument("--feedback", default=None, choices=("closed", "trained", "twin"), help="default closed")
-    g.add_argument("--var-weight", type=float, default=None, help="default 1")
+    g.add_argument("--var-weight", type=float, default=None, help="default 1 (sim: 99)")
     g.add_argument("--tau", type=float, default=None, help="mixing m = 1/(1 + tau epoch), default 2")
     g.add_argument("--m", type=float, default=None, help="constant mixing m (instead of --tau)")
     g.add_argument("--no-anneal", action="store_true", help="Gaussian terms: do not weight by m")
@@ -206,7 +213,7 @@ def _mpi_rank():
 
 def cmd_eval(args):
     model, meta, _ = checkpoint.load(args.checkpoint)
-    images = meta.get("model") in ("cnn", "resnet")
+    images = meta.get("model") in ("cnn", "resnet", "resnet18")
     args.limit_train, args.limit_test = 1, args.limit_test
     d, _ = load_data(args, images)
     acc = evaluate(model, d["x_test"], d["y_test"])

@@ -17,6 +17,10 @@ Variational terms (``variational=``):
   g_a = -(rho - alpha) + rho(1 - rho) b, g_b = rho(1 - rho) b  (``eq8_terms`` selects terms).
 * ``"bernoulli_kl"``: the exact gradient of KL(rho || alpha) (Eq. 7 chain rule).
 * ``"none"``: predictive head only (the ablation).
+* ``"sim"``: Pred-Sim (Nøkland & Eidnes 2019, the baseline of paper 003): no feedback network;
+  the similarity-matching loss mean((S(pool(h_k)) - S(Y))^2) (``losses/predsim.py``) weighted by
+  ``var_weight`` (default 99 = beta / (1 - beta) for N&E's beta = 0.99, so with the head at weight
+  1 the block gradient is N&E's (1 - beta) pred + beta sim up to a factor Adam ignores).
 
 The predictive head (paper 003 / Nøkland & Eidnes) estimates the -log p(y | z_k) term of the
 supplement's bound (Eq. S4) that Eq. 8 drops; see DESIGN.md for why it is in the default recipe.
@@ -40,7 +44,7 @@ from .learner import (HiddenLearner, LocalRule, OutputLearner, between_class_fra
 
 __all__ = ["BLL", "VARIATIONAL", "FEEDBACK", "between_class_fraction"]
 
-VARIATIONAL = ("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none")
+VARIATIONAL = ("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim")
 FEEDBACK = ("closed", "trained", "twin")
 
 
@@ -86,10 +90,10 @@ class BLL(Method):
     ----------
     model : list of Sequential blocks (or a Sequential of them)
     n_classes : int
-    variational : one of VARIATIONAL
+    variational : one of VARIATIONAL ("sim": Pred-Sim, see the module docstring)
     feedback : "closed" (ridge LS per batch, default), "trained" (linear, gradient-trained by g_b)
         or "twin" (the paper's deep backward network); not with variational="none"
-    var_weight : weight of the variational term (default 1)
+    var_weight : weight of the variational term (default 1; 99 for "sim")
     tau : mixing schedule m(epoch) = 1 / (1 + tau epoch) (default 2; supplement: tau = 0.5)
     m : constant mixing instead of the schedule — e.g. 0.01 for the transformer of Sec. 4.2
     anneal : Gaussian terms only: multiply var_weight by m(epoch) (default True)
@@ -128,6 +132,12 @@ class BLL(Method):
             _refuse(dict(feedback=feedback, var_weight=var_weight, tau=tau, m=m, anneal=anneal, l2=l2,
                          feedback_decay=feedback_decay, feedback_lr=feedback_lr),
                     "with variational='none' (no variational term, no feedback network)")
+        if variational == "sim":
+            _refuse(dict(feedback=feedback, tau=tau, m=m, anneal=anneal, l2=l2, feedback_decay=feedback_decay,
+                         feedback_lr=feedback_lr),
+                    "with variational='sim' (Pred-Sim: no feedback network, no mixing)")
+            if var_weight is None:
+                var_weight = 99.0  # N&E: beta = 0.99 on sim, 0.01 on pred
         feedback = feedback or "closed"
         if variational != "eq8":
             _refuse(dict(eq8_terms=eq8_terms), f"to variational={variational!r} (only to 'eq8')")
@@ -175,7 +185,9 @@ class BLL(Method):
         head_opts = [make_optimizer(optimizer, h, lr, **opt_kw) if h is not None else None for h in heads]
         fb_lr = 1e-3 if feedback_lr is None else feedback_lr
         fbs, self.twin = [None] * len(units), None
-        if feedback == "closed":
+        if variational == "sim":
+            pass  # the similarity loss needs no feedback network
+        elif feedback == "closed":
             fbs = [LinearFeedback(self.n_classes, u, l2=1.0 if l2 is None else l2, decay=feedback_decay,
                                   dtype=self.dtype) for u in units]
         elif feedback == "trained":

@@ -21,7 +21,7 @@ from ..layers import LeakyReLU, ReLU, Sigmoid, Tanh
 from ..layers.base import load_state_dict as load_layer_state
 from ..layers.base import state_dict as layer_state
 from ..layers.container import backward_through
-from ..losses import kernels, local
+from ..losses import kernels, local, predsim
 from ..losses.output import softmax_cross_entropy
 from .common import accuracy
 
@@ -206,6 +206,8 @@ class HiddenLearner(_Learner):
             dh = self.head.backward(dlog * self.dtype.type(rule.head_weight))
             self.head_opt.step()
             st["head_loss"] += hl
+        if rule.variational == "sim":
+            dh = self._similarity(h, Y, dh)
         vl, g_a, g_b, abs_b = self.variational(a, Y, b_fb)
         if g_b is not None and rule.feedback == "trained":
             self.feedback.update(g_b)
@@ -221,11 +223,21 @@ class HiddenLearner(_Learner):
         self.opt.step()
         return dx if self.pass_down else None
 
+    def _similarity(self, h, Y, dh):
+        """Pred-Sim's similarity-matching term (Nøkland & Eidnes 2019, ``losses/predsim.py``) on
+        the block output h, weighted by var_weight; adds its gradient to dh (the head's, or None)."""
+        feats = h.reshape(-1, h.shape[-1]) if self.tokenwise else h
+        loss, g = predsim.sim_loss(feats, Y)
+        g = g.reshape(h.shape) * self.dtype.type(self.rule.var_weight)
+        self.stats["var_loss"] += self.rule.var_weight * loss
+        return g if dh is None else dh + g
+
     def variational(self, a, Y, b_fb):
         """Local variational term -> (loss, g_a, g_b, mean |b|); (0, None, None, 0) without one.
-        g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback is solved."""
+        g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback is solved.
+        ("sim" is no variational term: its similarity loss acts on h, in ``_similarity``.)"""
         rule = self.rule
-        if rule.variational == "none":
+        if rule.variational in ("none", "sim"):
             return 0.0, None, None, 0.0
         A = a.reshape(-1, a.shape[-1]) if self.tokenwise else a.reshape(len(a), -1)
         w = rule.var_weight
