@@ -5,7 +5,9 @@
 * ``curves.png``        test accuracy (%) and training loss per epoch, one colour per run;
 * ``blocks-<run>.png``  for every BLL run, the per-block diagnostics over epochs (var_loss,
                         head_loss, mean |a|, mean |b|, between-class fraction, head accuracy);
-* ``report.md``         one row per run: final and best test accuracy, epochs, wall time, samples/s.
+* ``report.md``         one row per run: final and best test accuracy, final test top-3 and train
+                        top-1 accuracy (paper 001 Table 1's test-3 / train-1; n/a for histories
+                        that lack them), epochs, wall time, samples/s.
 
 A run directory needs ``history.json`` (written by ``bll_ref.methods.common.fit``); the JSON header
 of ``checkpoint.npz``, when present, adds the options used for the legend. matplotlib is optional
@@ -159,7 +161,7 @@ def _label(run):
             parts.append("no-head")
     model = run["meta"].get("model") or o.get("model")
     if model not in (None, "mlp"):
-        parts.append(str(model))
+        parts.append(str(model) + (f" w{o['width']}" if _is_number(o.get("width")) else ""))
     return " ".join(parts)
 
 
@@ -193,6 +195,15 @@ def _samples_per_s(run, wall):
     return n * len(h["epochs"]) / wall
 
 
+def _final_optional(h, key):
+    """Last value of an optional per-epoch list (test_top3, train_acc), None when not recorded
+    for every epoch (older histories, a resumed older run) or not a number."""
+    v = h.get(key)
+    if not isinstance(v, list) or len(v) != len(h["epochs"]) or not _is_number(v[-1]):
+        return None
+    return float(v[-1])
+
+
 def _summary(run, name):
     h = run["history"]
     acc = h["test_acc"]
@@ -201,6 +212,7 @@ def _summary(run, name):
     return {"run": name, "dir": run["dir"], "method": h["method"], "label": _label(run),
             "final_test_acc": float(acc[-1]), "best_test_acc": float(acc[best]),
             "best_epoch": h["epochs"][best], "epochs": len(h["epochs"]),
+            "final_test_top3": _final_optional(h, "test_top3"), "final_train_acc": _final_optional(h, "train_acc"),
             "wall_seconds": wall, "samples_per_s": _samples_per_s(run, wall)}
 
 
@@ -227,18 +239,23 @@ def _md_cell(s):
 
 def _markdown(rows, curves, blocks, figures_note):
     lines = ["# Run report", "",
-             "| run | method | final test acc % | best test acc % | best epoch | epochs | wall time s | samples/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| run | method | final test acc % | best test acc % | final test top-3 % | final train acc % "
+             "| best epoch | epochs | wall time s | samples/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sps = "n/a" if r["samples_per_s"] is None else f"{r['samples_per_s']:,.0f}"
+        top3, tr = (("n/a" if v is None else f"{100 * v:.2f}") for v in (r["final_test_top3"], r["final_train_acc"]))
         lines.append(f"| {_md_cell(r['run'])} | {_md_cell(r['label'])} | {100 * r['final_test_acc']:.2f} | "
-                     f"{100 * r['best_test_acc']:.2f} | {r['best_epoch']} | {r['epochs']} | "
+                     f"{100 * r['best_test_acc']:.2f} | {top3} | {tr} | {r['best_epoch']} | {r['epochs']} | "
                      f"{r['wall_seconds']:.2f} | {sps} |")
     lines += ["",
               "Wall time: sum of the per-epoch training time (`epoch_seconds` in history.json; "
               "evaluation not included; the first epoch may include one-time Numba compilation). "
               "samples/s: the history's `samples_per_s`, or training samples x epochs / wall time when "
-              "the run records its number of training samples (`--limit-train`); otherwise n/a.",
+              "the run records its number of training samples (`--limit-train`); otherwise n/a. "
+              "Top-3: the label among the 3 largest outputs on the test set; train acc: top-1 in eval "
+              "mode on a fixed subset of the training set (`train_eval_samples` in history.json), "
+              "after the epoch's updates.",
               "", "Runs:", ""]
     lines += [f"- {_md_cell(r['run'])}: `{r['dir']}`" for r in rows]
     lines.append("")
@@ -342,7 +359,8 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
     Returns
     -------
     dict with "rows" (list, one dict per run: run, dir, method, label, final_test_acc,
-    best_test_acc (fractions), best_epoch, epochs, wall_seconds, samples_per_s (None if unknown))
+    best_test_acc, final_test_top3, final_train_acc (fractions; the last two None when not
+    recorded), best_epoch, epochs, wall_seconds, samples_per_s (None if unknown))
     and "paths" ({"markdown": path, "curves": path or None, "blocks": {run name: path}}).
 
     Raises ReportError (a ValueError) with one line naming the path when a run is unusable.
