@@ -38,7 +38,7 @@ import numpy as np
 from bll_ref.fileio import atomic_open, write_json_atomic
 from bll_ref.fixedpoint import records as R
 
-__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "build", "run_qemu",
+__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "compile_and_link", "build", "run_qemu",
            "parse_output", "run_firmware", "main", "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS"]
 
 FIRMWARE_DIR = pathlib.Path(__file__).resolve().parent.parent / "firmware"
@@ -173,6 +173,27 @@ def _stack_bound(su_path):
     return total, static
 
 
+def compile_and_link(sources, elf, *, tools=None) -> list:
+    """Cross-compile ``sources`` (list of (path, extra gcc flags)) and firmware/startup.c for the
+    Cortex-M4 and link them with firmware/mps2_an386.ld and newlib's semihosting stdio into
+    ``elf``.  Objects, ``build.log`` and the link map go next to ``elf``; returns the object paths
+    (startup.o last).  FirmwareError naming the failing step and the log."""
+    tools = tools or find_toolchain()
+    out = pathlib.Path(elf).parent
+    log = out / "build.log"
+    log.write_text("")
+    gcc, objs = tools["arm-none-eabi-gcc"], []
+    for src, extra in [*sources, (FIRMWARE_DIR / "startup.c", [])]:
+        obj = out / (pathlib.Path(src).stem + ".o")
+        _tool([gcc, *ARM_CFLAGS, *extra, "-c", str(src), "-o", str(obj)], log, f"arm-none-eabi-gcc {src}")
+        objs.append(obj)
+    # -nostartfiles: startup.c is the start-up code (no crt0); rdimon.specs links newlib + librdimon
+    _tool([gcc, "-mcpu=cortex-m4", "-mthumb", "--specs=rdimon.specs", "-nostartfiles",
+           "-T", str(FIRMWARE_DIR / "mps2_an386.ld"), "-Wl,--gc-sections", f"-Wl,-Map={out / 'fw.map'}",
+           *map(str, objs), "-o", str(elf)], log, f"linking {elf}")
+    return objs
+
+
 def build(e, workdir, *, name="bll_model", samples=None, tools=None) -> dict:
     """Write the model and the inputs into ``workdir`` and cross-compile ``fw.elf``.
 
@@ -192,22 +213,13 @@ def build(e, workdir, *, name="bll_model", samples=None, tools=None) -> dict:
     write_c(e.records, out, name=name, test_inputs=x[:1], traces=[t[:1] for t in e.traces])
     with atomic_open(out / "fw_inputs.h", "w") as f:
         f.write(_inputs_header(name, x))
-    log = out / "build.log"
-    log.write_text("")
-    gcc, objs = tools["arm-none-eabi-gcc"], []
-    for src, extra in ((out / f"{name}.c", ["-fstack-usage"]), (FIRMWARE_DIR / "harness.c", [f"-I{out}"]),
-                       (FIRMWARE_DIR / "startup.c", [])):
-        obj = out / (src.stem + ".o")
-        _tool([gcc, *ARM_CFLAGS, *extra, "-c", str(src), "-o", str(obj)], log, f"arm-none-eabi-gcc {src.name}")
-        objs.append(obj)
     elf = out / "fw.elf"
-    _tool([gcc, "-mcpu=cortex-m4", "-mthumb", "--specs=rdimon.specs", "-nostartfiles",
-           "-T", str(FIRMWARE_DIR / "mps2_an386.ld"), "-Wl,--gc-sections", f"-Wl,-Map={out / 'fw.map'}",
-           *map(str, objs), "-o", str(elf)], log, "linking fw.elf")
+    objs = compile_and_link([(out / f"{name}.c", ["-fstack-usage"]), (FIRMWARE_DIR / "harness.c", [f"-I{out}"])],
+                            elf, tools=tools)
     size = tools["arm-none-eabi-size"]
     sec = _size_sections(size, objs[0])
     stack, static = _stack_bound(out / f"{name}.su")
-    return {"elf": elf, "inputs": x, "gcc": _first_line([gcc, "--version"]),
+    return {"elf": elf, "inputs": x, "gcc": _first_line([tools["arm-none-eabi-gcc"], "--version"]),
             "model_object": {**_size_berkeley(size, objs[0]),
                              "code": sum(v for k, v in sec.items() if k.startswith(".text")),
                              "const": sum(v for k, v in sec.items() if k.startswith(".rodata")),
@@ -253,12 +265,16 @@ def parse_output(text, n_samples, sizes):
         if f[0] == "DONE" and len(f) == 2 and f[1] == str(n_samples):
             done = True
             continue
-        if f[0] != "T" or len(f) < 3:
-            raise ValueError(f"unexpected firmware output: {ln[:120]!r}")
-        s, r = int(f[1]), int(f[2])
-        if not (0 <= s < n_samples and 0 <= r < len(sizes)) or len(f) - 3 != sizes[r] or seen[s, r]:
-            raise ValueError(f"unexpected firmware output line for sample {s} record {r}: {len(f) - 3} codes")
-        codes[r][s] = np.array(f[3:], np.int64)
+        try:
+            if f[0] != "T" or len(f) < 3:
+                raise ValueError
+            s, r = int(f[1]), int(f[2])
+            row = np.array([int(v) for v in f[3:]], np.int64)
+        except ValueError:
+            raise ValueError(f"unexpected firmware output: {ln[:120]!r}") from None
+        if not (0 <= s < n_samples and 0 <= r < len(sizes)) or len(row) != sizes[r] or seen[s, r]:
+            raise ValueError(f"unexpected firmware output line for sample {s} record {r} ({len(row)} codes)")
+        codes[r][s] = row
         seen[s, r] = True
     if not done or not seen.all():
         missing = np.argwhere(~seen)
