@@ -3,7 +3,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .base import Layer, check_array, register
+
+
+def _leaky_forward(x, slope):
+    """(y, mask) of y = x if x > 0 else slope * x, one Numba pass (``kernels``); any float dtype."""
+    x = np.ascontiguousarray(x)
+    y, mask = np.empty_like(x), np.empty(x.shape, np.bool_)
+    kernels.leaky_relu_forward_kernel(x.reshape(-1), x.dtype.type(slope), y.reshape(-1), mask.reshape(-1))
+    return y, mask
+
+
+def _leaky_backward(dy, mask, slope):
+    dy = np.ascontiguousarray(dy)
+    dx = np.empty_like(dy)
+    kernels.leaky_relu_backward_kernel(dy.reshape(-1), mask.reshape(-1), dy.dtype.type(slope), dx.reshape(-1))
+    return dx
 
 
 @register
@@ -12,14 +28,14 @@ class ReLU(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "ReLU")
-        mask = x > 0
+        y, mask = _leaky_forward(x, 0.0)  # NumPy twin: mask = x > 0; y = x * mask
         if train:
             self._cache = mask
-        return x * mask
+        return y
 
     def backward(self, dy):
         mask = self._cached()
-        return self._check_dy(dy, mask.shape) * mask
+        return _leaky_backward(self._check_dy(dy, mask.shape), mask, 0.0)  # twin: dy * mask
 
 
 @register
@@ -32,15 +48,16 @@ class LeakyReLU(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "LeakyReLU")
-        mask = x > 0
+        # NumPy twin: mask = x > 0; y = np.where(mask, x, x * slope)
+        y, mask = _leaky_forward(x, self.slope)
         if train:
             self._cache = mask
-        return np.where(mask, x, x * x.dtype.type(self.slope))
+        return y
 
     def backward(self, dy):
         mask = self._cached()
         self._check_dy(dy, mask.shape)
-        return np.where(mask, dy, dy * dy.dtype.type(self.slope))
+        return _leaky_backward(dy, mask, self.slope)  # twin: np.where(mask, dy, dy * slope)
 
     def hyperparameters(self):
         return {"slope": self.slope}

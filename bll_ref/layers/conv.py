@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import kernels
 from .base import Layer, as_float_dtype, as_rng, check_array, register
 
 
@@ -43,7 +44,16 @@ def im2col(x, kernel_size, stride, padding, who="im2col"):
     """(N, C, H, W) -> cols (C*kh*kw, N*H_out*W_out), (H_out, W_out): one row per weight (the
     order of ``W.reshape(out, -1)``), one column per output pixel; zero padding on both sides.
     Also the integer convolution of ``bll_ref.fixedpoint``; ValueError (naming ``who``) when the
-    window does not fit the padded input."""
+    window does not fit the padded input. One Numba pass (``kernels.im2col_kernel``);
+    :func:`im2col_reference` is its NumPy twin."""
+    out = _out_size(who, x.shape, kernel_size, stride, padding)
+    cols = np.empty((x.shape[1] * kernel_size[0] * kernel_size[1], x.shape[0] * out[0] * out[1]), x.dtype)
+    kernels.im2col_kernel(np.ascontiguousarray(x), *kernel_size, *stride, *padding, *out, cols)
+    return cols, out
+
+
+def im2col_reference(x, kernel_size, stride, padding, who="im2col"):
+    """NumPy twin of :func:`im2col` (the specification)."""
     out = _out_size(who, x.shape, kernel_size, stride, padding)
     (ph, pw), (kh, kw) = padding, kernel_size
     if ph or pw:
@@ -55,6 +65,27 @@ def im2col(x, kernel_size, stride, padding, who="im2col"):
     win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
     # (N, C, Ho, Wo, kh, kw) -> (C, kh, kw, N, Ho, Wo): rows match W.reshape(out, -1)
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(-1, x.shape[0] * out[0] * out[1]), out
+
+
+def col2im(dcols, shape, kernel_size, stride, padding):
+    """Adjoint of :func:`im2col`: dcols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W) of ``shape``."""
+    out = _out_size("col2im", shape, kernel_size, stride, padding)
+    dx = np.empty(shape, dcols.dtype)
+    kernels.col2im_kernel(np.ascontiguousarray(dcols), *kernel_size, *stride, *padding, *out, dx)
+    return dx
+
+
+def col2im_reference(dcols, shape, kernel_size, stride, padding):
+    """NumPy twin of :func:`col2im`: one strided slice add per kernel offset into a padded buffer."""
+    out = _out_size("col2im", shape, kernel_size, stride, padding)
+    n, c, h, w = shape
+    (ph, pw), (kh, kw) = padding, kernel_size
+    d = dcols.reshape(c, kh, kw, n, *out)
+    dxp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dcols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            _window(dxp, i, j, out, stride)[...] += d[:, i, j]
+    return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3))
 
 
 @register
@@ -94,26 +125,15 @@ class Conv2d(Layer):
         if self.bias:
             self.params["c"] = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype)
 
-    def _col2im(self, dcols, shape, out):
-        """Adjoint of im2col: dcols (C, kh, kw, N, Ho, Wo) -> dx (N, C, H, W), one slice add per offset."""
-        n, c, h, w = shape
-        (ph, pw), (kh, kw) = self.padding, self.kernel_size
-        dxp = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dcols.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                _window(dxp, i, j, out, self.stride)[...] += dcols[:, i, j]
-        return np.ascontiguousarray(dxp[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3))
-
     def forward(self, x, train=True):
         check_array(x, "Conv2d", ndim=4, tail=(self.in_channels, None, None), dtype=self.dtype)
         cols, out = im2col(x, self.kernel_size, self.stride, self.padding, "Conv2d")
-        y = self.params["W"].reshape(self.out_channels, -1) @ cols  # (out, N*Ho*Wo)
-        if self.bias:
-            y += self.params["c"][:, None]
+        y2 = self.params["W"].reshape(self.out_channels, -1) @ cols  # (out, N*Ho*Wo): one GEMM
+        y = np.empty((x.shape[0], self.out_channels, out[0] * out[1]), self.dtype)
+        kernels.conv_out_kernel(y2, self.params["c"] if self.bias else self._no_bias, y)  # NCHW + bias, one pass
         if train:
             self._cache = (cols, x.shape, out)
-        y = y.reshape(self.out_channels, x.shape[0], *out).transpose(1, 0, 2, 3)
-        return np.ascontiguousarray(y)
+        return y.reshape(x.shape[0], self.out_channels, *out)
 
     takes_need_dx = True
 
@@ -124,17 +144,22 @@ class Conv2d(Layer):
         self._check_dy(dy, (shape[0], self.out_channels, *out))
         dy = dy.astype(self.dtype, copy=False)  # grads keep the parameters' dtype
         W = self.params["W"]
-        dy2 = dy.transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (out, N*Ho*Wo)
+        dy2 = np.empty((self.out_channels, dy.shape[0] * out[0] * out[1]), self.dtype)  # (out, N*Ho*Wo)
+        dc = np.empty(self.out_channels if self.bias else 0, self.dtype)
+        kernels.conv_dy_kernel(dy.reshape(dy.shape[0], self.out_channels, -1), dy2, dc)  # layout + bias sum, one pass
         self.grads = {"W": (dy2 @ cols.T).reshape(W.shape)}
         if self.bias:
-            self.grads["c"] = dy.sum(axis=(0, 2, 3))
+            self.grads["c"] = dc
         if not need_dx:
             return None
         if dx_weight is not None:
             W = dx_weight
         dcols = W.reshape(self.out_channels, -1).T @ dy2  # (C*kh*kw, N*Ho*Wo)
-        kh, kw = self.kernel_size
-        return self._col2im(dcols.reshape(shape[1], kh, kw, shape[0], *out), shape, out)
+        return col2im(dcols, shape, self.kernel_size, self.stride, self.padding)
+
+    @property
+    def _no_bias(self):
+        return np.zeros(0, self.dtype)
 
     def hyperparameters(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

@@ -1,0 +1,139 @@
+"""Numba kernels of the layers' memory-bound passes: im2col / col2im, the Conv2d output and
+input-gradient layouts (with the bias fused in), and the ReLU / LeakyReLU passes.
+
+Each kernel has a NumPy twin that is the specification (the plain array code in ``conv.py`` and
+``activation.py``, reached with ``use_kernels=False`` or ``reference_*`` below); tests assert that
+they agree exactly (these kernels only copy, add or compare, except the bias sums, which
+agree to float rounding). Pure functions: arrays in, preallocated ``out``, no globals, so
+``NUMBA_DISABLE_JIT=1`` runs the same source.
+
+Why: NumPy's im2col through ``sliding_window_view`` + transpose + reshape gathers with 6-d
+strides, col2im adds kh*kw strided slices into a padded buffer and transposes it back, and the
+output layout change plus the bias add are two more passes. At batch 128, 32 -> 64 channels,
+14x14, these passes cost about as much as the three GEMMs' non-GEMM budget (issue 10).
+Serial like the other kernels: pipeline worker threads and BLAS share the cores.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# error_model="numpy": no ZeroDivisionError branches (there is no division), so loops vectorise.
+_jit = dict(cache=True, nogil=True, error_model="numpy")
+
+
+@njit(**_jit)
+def _valid_range(k_off, pad, stride, n_out, n_in):
+    """[lo, hi) of output positions o with 0 <= o*stride + k_off - pad < n_in."""
+    lo = 0
+    while lo < n_out and lo * stride + k_off - pad < 0:
+        lo += 1
+    hi = n_out
+    while hi > lo and (hi - 1) * stride + k_off - pad >= n_in:
+        hi -= 1
+    return lo, hi
+
+
+@njit(**_jit)
+def im2col_kernel(x, kh, kw, sh, sw, ph, pw, Ho, Wo, cols):
+    """x (N, C, H, W) C-contiguous -> cols (C*kh*kw, N*Ho*Wo): row (c, i, j), column (n, ho, wo),
+    zero padding. Works on flat views with unsigned offsets: Numba then emits no negative-index
+    wrap-around branch, and the copy loop over wo vectorises (a gather when sw > 1)."""
+    N, C, H, W = x.shape
+    P, NP = Ho * Wo, N * Ho * Wo
+    xf, cf = x.reshape(-1), cols.reshape(-1)
+    zero = cols.dtype.type(0)
+    for c in range(C):
+        for i in range(kh):
+            ho_lo, ho_hi = _valid_range(i, ph, sh, Ho, H)
+            for j in range(kw):
+                wo_lo, wo_hi = _valid_range(j, pw, sw, Wo, W)
+                dst_r = np.uint64(((c * kh + i) * kw + j) * NP)
+                for n in range(N):
+                    for ho in range(Ho):
+                        dst = dst_r + np.uint64(n * P + ho * Wo)
+                        if ho < ho_lo or ho >= ho_hi or wo_lo >= wo_hi:
+                            for wo in range(Wo):
+                                cf[dst + np.uint64(wo)] = zero
+                            continue
+                        for wo in range(wo_lo):
+                            cf[dst + np.uint64(wo)] = zero
+                        src = np.uint64(((n * C + c) * H + ho * sh + i - ph) * W + wo_lo * sw + j - pw)
+                        d0 = dst + np.uint64(wo_lo)
+                        for t in range(wo_hi - wo_lo):
+                            cf[d0 + np.uint64(t)] = xf[src + np.uint64(t * sw)]
+                        for wo in range(wo_hi, Wo):
+                            cf[dst + np.uint64(wo)] = zero
+
+
+@njit(**_jit)
+def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, Ho, Wo, dx):
+    """Adjoint of im2col: dx (N, C, H, W) C-contiguous = 0, then
+    dx[n, c, ho*sh+i-ph, wo*sw+j-pw] += dcols[(c,i,j), (n,ho,wo)]; flat views, unsigned offsets."""
+    N, C, H, W = dx.shape
+    P, NP = Ho * Wo, N * Ho * Wo
+    df, gf = dcols.reshape(-1), dx.reshape(-1)
+    gf[:] = 0
+    for n in range(N):
+        for c in range(C):
+            for i in range(kh):
+                ho_lo, ho_hi = _valid_range(i, ph, sh, Ho, H)
+                for j in range(kw):
+                    wo_lo, wo_hi = _valid_range(j, pw, sw, Wo, W)
+                    src_r = np.uint64(((c * kh + i) * kw + j) * NP + n * P)
+                    for ho in range(ho_lo, ho_hi):
+                        src = src_r + np.uint64(ho * Wo + wo_lo)
+                        dst = np.uint64(((n * C + c) * H + ho * sh + i - ph) * W + wo_lo * sw + j - pw)
+                        for t in range(wo_hi - wo_lo):
+                            gf[dst + np.uint64(t * sw)] += df[src + np.uint64(t)]
+
+
+@njit(**_jit)
+def conv_out_kernel(y2, bias, out):
+    """y2 (O, N*P) -> out (N, O, P) = y2[o, n*P + p] + bias[o]  (bias of length O, or length 0)."""
+    N, O, P = out.shape
+    has_bias = bias.size > 0
+    for n in range(N):
+        for o in range(O):
+            b = bias[o] if has_bias else out.dtype.type(0)
+            for p in range(P):
+                out[n, o, p] = y2[o, n * P + p] + b
+
+
+@njit(**_jit)
+def conv_dy_kernel(dy, dy2, dbias):
+    """dy (N, O, P) -> dy2 (O, N*P) (the GEMM layout) and dbias[o] = sum over n, p (length O or 0).
+
+    The bias sum accumulates each (n, o) row in the array's dtype and the rows in float64."""
+    N, O, P = dy.shape
+    want_bias = dbias.size > 0
+    acc = np.zeros(O if want_bias else 0, np.float64)
+    for n in range(N):
+        for o in range(O):
+            s = dy.dtype.type(0)
+            for p in range(P):
+                v = dy[n, o, p]
+                dy2[o, n * P + p] = v
+                s += v
+            if want_bias:
+                acc[o] += s
+    for o in range(acc.size):
+        dbias[o] = acc[o]
+
+
+@njit(**_jit)
+def leaky_relu_forward_kernel(x, slope, y, mask):
+    """y = x if x > 0 else slope * x; mask = x > 0 (flat arrays; slope = 0 is ReLU)."""
+    for i in range(x.size):
+        v = x[i]
+        pos = v > 0
+        mask[i] = pos
+        y[i] = v if pos else v * slope
+
+
+@njit(**_jit)
+def leaky_relu_backward_kernel(dy, mask, slope, dx):
+    """dx = dy where mask else slope * dy (flat arrays)."""
+    for i in range(dy.size):
+        v = dy[i]
+        dx[i] = v if mask[i] else v * slope

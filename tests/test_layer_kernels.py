@@ -1,0 +1,78 @@
+"""The layers' Numba kernels (bll_ref/layers/kernels.py) against their NumPy twins."""
+import numpy as np
+import pytest
+
+from bll_ref.layers import LeakyReLU, ReLU, kernels
+from bll_ref.layers.conv import col2im, col2im_reference, im2col, im2col_reference
+
+GEOMETRIES = [  # (N, C, H, W), kernel, stride, padding
+    ((2, 3, 7, 6), (3, 3), (1, 1), (1, 1)),
+    ((3, 2, 8, 9), (3, 2), (2, 1), (0, 2)),
+    ((1, 4, 5, 5), (5, 5), (1, 1), (2, 2)),
+    ((2, 1, 9, 7), (2, 3), (3, 2), (1, 0)),
+    ((2, 2, 4, 4), (1, 1), (1, 1), (0, 0)),
+    ((1, 2, 3, 3), (3, 3), (2, 2), (3, 3)),  # padding wider than the image
+]
+
+
+@pytest.mark.parametrize("shape,k,s,p", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_im2col_kernel_equals_numpy_twin(shape, k, s, p, dtype):
+    x = (np.random.default_rng(0).standard_normal(shape) * 100).astype(dtype)
+    cols, out = im2col(x, k, s, p)
+    ref, out_ref = im2col_reference(x, k, s, p)
+    assert out == out_ref and cols.dtype == dtype
+    np.testing.assert_array_equal(cols, ref)
+    # a strided (non-contiguous) input gives the same columns
+    xs = np.repeat(x, 2, axis=3)[..., ::2]
+    np.testing.assert_array_equal(im2col(xs, k, s, p)[0], ref)
+
+
+@pytest.mark.parametrize("shape,k,s,p", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_kernel_equals_numpy_twin_and_is_the_adjoint(shape, k, s, p, dtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(dtype)
+    cols, _ = im2col(x, k, s, p)
+    d = rng.standard_normal(cols.shape).astype(dtype)
+    dx = col2im(d, shape, k, s, p)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dx, col2im_reference(d, shape, k, s, p), rtol=tol, atol=tol)
+    # adjoint identity <im2col(x), d> = <x, col2im(d)>
+    assert np.isclose(np.vdot(cols.astype(np.float64), d), np.vdot(x.astype(np.float64), dx), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_layout_kernels_equal_numpy(dtype):
+    rng = np.random.default_rng(2)
+    n, o, p = 3, 5, 7
+    y2 = rng.standard_normal((o, n * p)).astype(dtype)
+    bias = rng.standard_normal(o).astype(dtype)
+    out = np.empty((n, o, p), dtype)
+    kernels.conv_out_kernel(y2, bias, out)
+    np.testing.assert_array_equal(out, y2.reshape(o, n, p).transpose(1, 0, 2) + bias[:, None])
+    kernels.conv_out_kernel(y2, np.zeros(0, dtype), out)
+    np.testing.assert_array_equal(out, y2.reshape(o, n, p).transpose(1, 0, 2))
+    dy = rng.standard_normal((n, o, p)).astype(dtype)
+    dy2, db = np.empty((o, n * p), dtype), np.empty(o, dtype)
+    kernels.conv_dy_kernel(dy, dy2, db)
+    np.testing.assert_array_equal(dy2, dy.transpose(1, 0, 2).reshape(o, -1))
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2)), rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("layer,slope", [(ReLU(), 0.0), (LeakyReLU(0.1), 0.1), (LeakyReLU(-0.5), -0.5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activation_kernels_equal_numpy_twins_bit_for_bit(layer, slope, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5)).astype(dtype)
+    x[0, 0, :3] = [0.0, -0.0, np.nan]
+    x = x.transpose(0, 2, 1)  # non-contiguous input
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y, dx = layer.forward(x), layer.backward(dy)
+    mask = x > 0
+    y_ref = x * mask if slope == 0 else np.where(mask, x, x * dtype(slope))
+    dx_ref = dy * mask if slope == 0 else np.where(mask, dy, dy * dtype(slope))
+    assert y.dtype == dtype and dx.dtype == dtype
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    assert np.signbit(y).tolist() == np.signbit(y_ref).tolist()
