@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data bench clean firmware firmware-toolchain
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,34 @@ test: install data
 
 bench: install data
 	$(BIN)/python benchmarks/step_time.py
+
+# The C golden model on an emulated Cortex-M4 (docs/firmware.md).  firmware-toolchain installs the
+# ARM cross compiler, newlib and QEMU (Debian packages; as root with apt-get) unless present;
+# firmware trains a small MLP and CNN briefly, exports them at 8 bits and runs each export's C
+# golden model on QEMU's mps2-an386, checking every code against the HDF5 traces (exit 1 if not).
+FW := out/firmware
+FW_PKGS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+FW_HAVE := command -v arm-none-eabi-gcc >/dev/null && command -v arm-none-eabi-size >/dev/null \
+	&& command -v qemu-system-arm >/dev/null \
+	&& arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -print-file-name=librdimon.a | grep -q /
+
+firmware-toolchain:
+	@if $(FW_HAVE); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(FW_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(FW_PKGS) >/dev/null \
+	  && { $(FW_HAVE) || { echo "make firmware-toolchain: installed $(FW_PKGS) but the tools are still missing" >&2; exit 1; }; }; \
+	else echo "make firmware: needs $(FW_PKGS); run it as root with apt-get, or install them yourself" >&2; exit 2; fi
+
+firmware: install data firmware-toolchain
+	$(BIN)/bll-ref train --method bll --sizes 784,128,128,10 --activation relu --epochs 1 \
+	  --limit-train 5000 --limit-test 1000 --out $(FW)/mlp
+	$(BIN)/bll-ref export $(FW)/mlp/checkpoint.npz --out $(FW)/mlp-w8.h5 --width 8
+	$(BIN)/python -m exporters.firmware $(FW)/mlp-w8.h5 --workdir $(FW)/mlp-fw
+	$(BIN)/bll-ref train --method bll --model cnn --epochs 1 --limit-train 512 --limit-test 256 --out $(FW)/cnn
+	$(BIN)/bll-ref export $(FW)/cnn/checkpoint.npz --out $(FW)/cnn-w8.h5 --width 8
+	$(BIN)/python -m exporters.firmware $(FW)/cnn-w8.h5 --workdir $(FW)/cnn-fw
 
 clean:
 	rm -rf $(VENV) .pytest_cache
