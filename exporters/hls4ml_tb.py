@@ -1,0 +1,161 @@
+"""hls4ml test vectors: the traced samples of an export as the two text files the testbench that
+hls4ml generates reads, plus a per-layer precision table in hls4ml's vocabulary (docs/hls4ml-testbench.md).
+
+    write_tb("model.h5", "tb_data")      # or an ExportedModel from exporters.hdf5.export / read
+    -> tb_data/tb_input_features.dat     one sample per line, space-separated input values
+       tb_data/tb_output_predictions.dat one sample per line, the integer model's output values
+       tb_data/hls4ml_precision.json     ap_fixed<W,I,Q,O> of weight / bias / result / accum per layer
+
+hls4ml's ``myproject_test.cpp`` reads each line with ``strtok(line, " ")`` and ``atof`` into a
+``std::vector<float>`` and copies it into the input array (``nnet::copy_data``).  Every value
+written here is a fixed-point value ``code * 2^-frac`` with at most 16 significant bits, printed as
+the shortest decimal that reads back to the same double, so ``atof`` and the cast to float give
+exactly that value: the input needs no further rounding, and the predictions are the integer
+model's output codes scaled exactly (bit-exact expectations, not float predictions).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from bll_ref.fileio import atomic_open, write_json_atomic
+from bll_ref.fixedpoint import QFormat
+from bll_ref.fixedpoint import records as R
+
+__all__ = ["write_tb", "precision_table", "fixed_values", "LAYOUTS", "INPUT_FILE", "OUTPUT_FILE", "PRECISION_FILE"]
+
+INPUT_FILE, OUTPUT_FILE, PRECISION_FILE = "tb_input_features.dat", "tb_output_predictions.dat", "hls4ml_precision.json"
+LAYOUTS = ("channels_first", "channels_last")
+_HLS_Q = {"floor": "AP_TRN", "nearest": "AP_RND", "nearest_even": "AP_RND_CONV"}
+_HLS_O = {"saturate": "AP_SAT", "wrap": "AP_WRAP"}
+
+
+def fixed_values(codes, fmt) -> np.ndarray:
+    """Codes -> their exact float64 values code * 2^-frac."""
+    return np.ldexp(np.asarray(codes, dtype=np.int64).astype(np.float64), -QFormat.from_dict(fmt).frac)
+
+
+def _per_sample(a, layout):
+    """(N, *shape) -> (N, prod(shape)) in C order; channels_last moves C of (N, C, H, W) last."""
+    if layout == "channels_last" and a.ndim == 4:
+        a = a.transpose(0, 2, 3, 1)
+    return a.reshape(a.shape[0], -1)
+
+
+def _write_dat(path, values):
+    """One sample per line, values separated (and ended) by one space, as hls4ml's own writer does."""
+    with atomic_open(path, "w") as fh:
+        for row in values:
+            fh.write("".join(repr(float(v)) + " " for v in row) + "\n")
+
+
+def _signed_bits(lo, hi):
+    """Bits of the smallest two's complement integer type holding every integer in [lo, hi]."""
+    return max(int(lo).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
+
+
+def _ap(width, frac, rounding, overflow, signed=True):
+    base = "ap_fixed" if signed else "ap_ufixed"
+    return f"{base}<{width},{width - frac},{_HLS_Q[rounding]},{_HLS_O[overflow]}>"
+
+
+def _amax(fmt):
+    return max(-fmt.min_code, fmt.max_code)
+
+
+def _layer(rec, in_fmts):
+    """The hls4ml precision entries of one record, and a note on how hls4ml's layer compares."""
+    f = rec.out_fmt
+    p = {"result": f.hls_type}
+    note = None
+    if isinstance(rec, R.Affine):
+        w = np.abs(rec.W.astype(np.int64))
+        k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
+        c_lo, c_hi = int(rec.c.min(initial=0)), int(rec.c.max(initial=0))
+        bound = k * _amax(in_fmts[0]) * int(w.max(initial=0)) + max(-c_lo, c_hi)
+        acc_bits = _signed_bits(-bound, bound)
+        p[("scale" if isinstance(rec, R.Scale) else "weight")] = rec.w_fmt.hls_type
+        p["bias"] = _ap(_signed_bits(c_lo, c_hi), rec.acc_frac, f.rounding, f.overflow)
+        p["accum"] = _ap(acc_bits, rec.acc_frac, f.rounding, f.overflow)
+        note = ("bias codes and every partial sum are exact in these types; result = the accumulator "
+                "converted with the result type's rounding and overflow")
+    elif isinstance(rec, R.LeakyReLU):
+        p["param"] = _ap(16, rec.slope_frac, f.rounding, "saturate")
+        note = (f"slope {rec.slope} as the 16-bit code {rec.slope_code} at {rec.slope_frac} fractional bits; "
+                "y = x * slope rounded to the result type for x <= 0")
+    elif isinstance(rec, R.AvgPool2d):
+        k = rec.kernel_size[0] * rec.kernel_size[1]
+        p["accum"] = _ap(_signed_bits(-k * _amax(in_fmts[0]), k * _amax(in_fmts[0])), in_fmts[0].frac,
+                         f.rounding, f.overflow)
+        note = ("window sum exact in accum; bit-exact with hls4ml when kh*kw is a power of two (else bll_ref "
+                f"multiplies by recip = {rec.recip} / 2^{rec.recip_shift})")
+    elif isinstance(rec, R.Lut):
+        t = QFormat(f.width, f.frac, f.signed, f.rounding, "saturate")
+        p["table"] = t.hls_type
+        note = (f"{rec.function} table of 2^{in_fmts[0].width} entries indexed by every input code; hls4ml's "
+                "own tables sample another grid, so copy this table (HDF5 dataset 'table') to be bit-exact")
+    elif isinstance(rec, R.Add):
+        note = "operands aligned exactly, added, converted once to the result type (hls4ml Merge 'add')"
+    return p, note
+
+
+def precision_table(exported) -> dict:
+    """The per-layer precision table (JSON-able) of an export, in hls4ml's configuration vocabulary.
+
+    ``HLSConfig`` has hls4ml's shape (``Model`` / ``LayerName`` / ``<name>`` / ``Precision`` with
+    ``weight``, ``bias``, ``result``, ``accum`` and, where hls4ml names them so, ``scale``, ``param``,
+    ``table``); layer names are bll_ref's record names (layer paths), to be mapped onto the names
+    hls4ml gives the converted model.  ``layers`` lists every record with its kind, inputs,
+    per-sample output shape, fracs and a note on bit-exactness.
+    """
+    records = exported.records
+    fmts = [r.out_fmt for r in records]
+    names, layers = {}, []
+    for i, rec in enumerate(records):
+        p, note = ({"result": rec.out_fmt.hls_type}, "the input codes") if i == 0 else \
+            _layer(rec, [fmts[j] for j in rec.inputs])
+        names[rec.name] = {"Precision": p}
+        layers.append({"index": i, "kind": rec.kind, "name": rec.name, "inputs": list(rec.inputs),
+                       "shape": list(exported.traces[i].shape[1:]), "result_frac": rec.out_fmt.frac,
+                       "Precision": p, **({"acc_frac": rec.acc_frac} if isinstance(rec, R.Affine) else {}),
+                       **({"note": note} if note else {})})
+    return {"format": "bll_ref-hls4ml-precision", "version": 1,
+            "HLSConfig": {"Model": {"Precision": records[0].out_fmt.hls_type}, "LayerName": names},
+            "input": {"name": records[0].name, "precision": records[0].out_fmt.hls_type},
+            "output": {"name": records[-1].name, "precision": records[-1].out_fmt.hls_type},
+            "layers": layers}
+
+
+def write_tb(exported, out_dir, *, layout="channels_first") -> dict:
+    """Write the hls4ml test vectors of an export (its traced samples) and its precision table.
+
+    Parameters
+    ----------
+    exported : ExportedModel (``exporters.hdf5.export`` / ``read``) or the path of an export file
+    out_dir : directory to write into (created; hls4ml expects the files in ``<project>/tb_data``)
+    layout : "channels_first" writes image inputs / outputs in the model's (C, H, W) order;
+        "channels_last" in (H, W, C) order, as hls4ml's channels-last models (Keras, and PyTorch
+        with ``channels_last_conversion='full'``) take them.  Vectors are the same either way.
+
+    Returns
+    -------
+    dict input / output / precision -> path written
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"write_tb: layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(exported, (str, os.PathLike)):
+        from .hdf5 import read
+        exported = read(exported)
+    os.makedirs(out_dir, exist_ok=True)
+    recs, traces = exported.records, exported.traces
+    paths = {"input": os.path.join(out_dir, INPUT_FILE), "output": os.path.join(out_dir, OUTPUT_FILE),
+             "precision": os.path.join(out_dir, PRECISION_FILE)}
+    _write_dat(paths["input"], _per_sample(fixed_values(traces[0], recs[0].out_fmt), layout))
+    _write_dat(paths["output"], _per_sample(fixed_values(traces[-1], recs[-1].out_fmt), layout))
+    table = precision_table(exported)
+    table["layout"] = layout
+    table["n_samples"] = int(traces[0].shape[0])
+    write_json_atomic(paths["precision"], table)
+    return paths
