@@ -149,8 +149,12 @@ class _Gen:
     def wname(self, i, key):
         return f"{self.p}_r{i}_{key}"
 
-    def req(self, i):
-        return f"{self.m(i, 'ACC_FRAC')} - {self.m(i, 'FRAC')}, {self.fmt_args(i)}"
+    def req(self, i, ch="o"):
+        """bll_requantize's arguments after acc for record i; per-channel weight formats add
+        channel ``ch``'s frac offset to the accumulator's fractional bits."""
+        rec = self.im.records[i]
+        extra = f" + {self.wname(i, 'wfrac')}[{ch}]" if getattr(rec, "w_frac", None) is not None else ""
+        return f"{self.m(i, 'ACC_FRAC')}{extra} - {self.m(i, 'FRAC')}, {self.fmt_args(i)}"
 
     def function(self, i):
         rec = self.im.records[i]
@@ -217,7 +221,7 @@ def _scale(rec, g, i, ins, out):
             f"        for (k = 0; k < {inner}; ++k) {{\n"
             f"            int64_t acc = (int64_t)x[c * {inner} + k] * {g.wname(i, 'W')}[c]\n"
             f"                          + {g.wname(i, 'c')}[c];\n"
-            f"            y[c * {inner} + k] = bll_requantize(acc, {g.req(i)});\n"
+            f"            y[c * {inner} + k] = bll_requantize(acc, {g.req(i, 'c')});\n"
             f"        }}\n")
 
 

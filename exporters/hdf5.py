@@ -27,7 +27,7 @@ from bll_ref.fixedpoint import compile_integer
 from bll_ref.layers import Layer, Sequential, state_dict
 
 from .hdf5_layout import (FORMAT, FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs, _json, _model_path,
-                          _node_path, _q_attrs, _rec_name, _sha256, _Tree)
+                          _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
 from .hdf5_read import _decode, read_checked
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ExportFormatError", "ExportedModel", "export", "write",
@@ -41,7 +41,8 @@ _PATH_OPTIONS = ("out", "resume")
 # public API
 # ------------------------------------------------------------------------------------------------
 def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow="saturate",
-           percentile=100.0, n_traces=None, aux=None, meta=None, labels=None) -> ExportedModel:
+           percentile=100.0, n_traces=None, aux=None, meta=None, labels=None, calibration="percentile",
+           per_channel=False) -> ExportedModel:
     """Compile ``model`` to integer inference and write one HDF5 file (atomically).
 
     Parameters
@@ -49,7 +50,8 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
     model : Sequential of blocks, or a list of blocks (eval-mode BN statistics are used)
     path : str or PathLike, the file to write (replaced atomically; no half file on failure)
     calibration_x : (N, *input_shape) float array; all N samples calibrate the activation formats
-    width, rounding, overflow, percentile : see :func:`bll_ref.fixedpoint.compile_integer`
+    width, rounding, overflow, percentile, calibration, per_channel : see
+        :func:`bll_ref.fixedpoint.compile_integer` (per_channel files are format version 2)
     n_traces : int or None, store inputs and traces of the first ``n_traces`` samples (None: all N)
     aux : dict name -> array or None (feedback weights, heads; from ``checkpoint.load``)
     meta : JSON-able dict or None (e.g. the checkpoint's meta)
@@ -73,14 +75,17 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
             raise ValueError(f"export: labels must be ({x.shape[0]},) integers like calibration_x, "
                              f"got {labels.shape} {labels.dtype}")
         labels = labels[:n].astype(np.int64)
-    im = compile_integer(model, x, width=width, rounding=rounding, overflow=overflow, percentile=percentile)
+    im = compile_integer(model, x, width=width, rounding=rounding, overflow=overflow, percentile=percentile,
+                         calibration=calibration, per_channel=per_channel)
     traces = im.run(im.quantize_input(x[:n]))
     e = ExportedModel(
         records=im.records, traces=traces, calibration_x=x[:n].copy(), model_config=model.config(),
         float_state=state_dict(model), aux={k: np.asarray(v) for k, v in (aux or {}).items()},
-        labels=labels, meta=dict(meta or {}),
+        labels=labels, meta=dict(meta or {}), format_version=needed_version(im.records),
         options={"width": int(width), "rounding": rounding, "overflow": overflow,
-                 "percentile": float(percentile), "n_calibration": int(x.shape[0])})
+                 "percentile": float(percentile), "n_calibration": int(x.shape[0]),
+                 **({"calibration": calibration} if calibration != "percentile" else {}),
+                 **({"per_channel": True} if per_channel else {})})
     write(e, path)
     return e
 

@@ -17,10 +17,12 @@ from bll_ref.fixedpoint import IntegerModel, QFormat
 from bll_ref.fixedpoint import records as R
 from bll_ref.layers import Sequential, layer_from_config, load_state_dict
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ExportFormatError", "ExportedModel"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FORMAT_VERSION", "ExportFormatError", "ExportedModel",
+           "needed_version"]
 
 FORMAT = "bll_ref-fixedpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # the version written for files that version 1 describes
+MAX_FORMAT_VERSION = 2        # the highest version read; 2 adds per-channel weight formats
 _Q_KEYS = ("width", "frac", "signed", "rounding", "overflow")
 _ACC_WIDTH = 64               # bias codes ``c`` live in the int64 accumulator, never overflowed
 _REC_NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)$")
@@ -80,6 +82,12 @@ class ExportedModel:
         return model
 
 
+def needed_version(records) -> int:
+    """The lowest format version that describes ``records``: 2 when a record has per-channel
+    weight formats (array ``w_frac``, which a version-1 reader would ignore and misread), else 1."""
+    return 2 if any(getattr(r, "w_frac", None) is not None for r in records) else FORMAT_VERSION
+
+
 def _rec_name(i, rec):
     return f"{i:03d}_{rec.kind}"
 
@@ -101,8 +109,10 @@ def _code_attrs(rec, name):
     if isinstance(rec, R.Affine) and name == "W":
         return _q_attrs(rec.w_fmt)
     if isinstance(rec, R.Affine) and name == "c":
+        where = (f"int64 at {rec.acc_frac} fractional bits" if rec.w_frac is None else
+                 f"int64 at {rec.acc_frac} + w_frac[o] - {rec.w_fmt.frac} fractional bits (per channel o)")
         return {"width": _ACC_WIDTH, "frac": rec.acc_frac, "signed": 1, "rounding": rec.w_fmt.rounding,
-                "overflow": "none", "hls_type": f"int64 at {rec.acc_frac} fractional bits"}
+                "overflow": "none", "hls_type": where}
     if isinstance(rec, R.Lut) and name == "table":
         return _q_attrs(dataclasses.replace(rec.out_fmt, overflow="saturate"))
     return None

@@ -18,8 +18,8 @@ from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.records import record_from_plain
 from bll_ref.layers import layer_from_config, state_dict
 
-from .hdf5_layout import (_REC_NAME, FORMAT, FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs,
-                          _model_path, _node_path, _q_attrs, _rec_name, _sha256, _Tree)
+from .hdf5_layout import (_REC_NAME, FORMAT, MAX_FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs,
+                          _model_path, _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
 
 
 def _decode(tree, source, known=None):
@@ -35,6 +35,9 @@ def _decode(tree, source, known=None):
     float_state = _decode_model(t, model_config)
     im = _decode_records(t, known)
     records = im.records
+    if t.attr(root, "format_version", int) < needed_version(records):
+        t.fail(f"records with per-channel weight formats (array w_frac) need format_version "
+               f"{needed_version(records)}, the file says {t.attr(root, 'format_version', int)}")
     t.group("/aux")
     aux = {p[len("/aux/"):]: t.dataset(p) for p in t.datasets_below("/aux")}
     traces = _decode_traces(t, records)
@@ -75,8 +78,8 @@ def _check_header(t):
         t.fail(f"root attribute 'format' is {fmt!r}, expected {FORMAT!r}: this is not a "
                "bll_ref fixed-point export", hint="export one with bll-ref export CHECKPOINT")
     v = t.attr("/", "format_version", int)
-    if v > FORMAT_VERSION:
-        t.fail(f"format version {v} is newer than supported {FORMAT_VERSION}",
+    if v > MAX_FORMAT_VERSION:
+        t.fail(f"format version {v} is newer than supported {MAX_FORMAT_VERSION}",
                hint="upgrade bll_ref to read this file")
     if v < 1:
         t.fail(f"root attribute 'format_version' is {v}; versions start at 1")

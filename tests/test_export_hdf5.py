@@ -392,9 +392,9 @@ def test_tampered_q_format_attribute_is_named(tmp_path):
 def test_newer_format_version_asks_for_an_upgrade(tmp_path):
     path, _, _, _ = _export(tmp_path, "mlp")
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 3
         del f["integer"]                         # a newer layout: must be refused before parsing it
-    with pytest.raises(ExportFormatError, match=r"format version 2 is newer than supported 1; upgrade bll_ref"):
+    with pytest.raises(ExportFormatError, match=r"format version 3 is newer than supported 2; upgrade bll_ref"):
         hdf5.read(path)
 
 

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["QFormat", "quantize", "dequantize", "round_shift", "overflow", "requantize",
-           "calibrate_weight", "calibrate_activation", "ROUNDING_MODES", "OVERFLOW_MODES"]
+           "calibrate_weight", "calibrate_weight_per_channel", "calibrate_activation", "calibrate_activation_mse",
+           "ROUNDING_MODES", "OVERFLOW_MODES", "CALIBRATIONS"]
 
 ROUNDING_MODES = ("floor", "nearest", "nearest_even")
 OVERFLOW_MODES = ("saturate", "wrap")
+CALIBRATIONS = ("percentile", "mse")    # activation calibration methods (compile_integer)
 _FRAC_MIN, _FRAC_MAX = -64, 64          # keeps 2**frac and 2**-frac exact float64 numbers
 _HLS_Q = {"floor": "AP_TRN", "nearest": "AP_RND", "nearest_even": "AP_RND_CONV"}
 _HLS_O = {"saturate": "AP_SAT", "wrap": "AP_WRAP"}
@@ -350,3 +352,44 @@ def calibrate_activation(x, width: int, percentile: float = 100.0, *, signed=Tru
     lo, hi = max(float(x.min()), -m), min(float(x.max()), m)
     return QFormat(width, _fit_frac(lo, hi, int(width), signed), signed, rounding, overflow)
 
+
+
+def calibrate_weight_per_channel(w, width: int, axis: int, *, signed=True, rounding="nearest",
+                                 overflow="saturate"):
+    """One power-of-two format per output channel (TFLite / CMSIS-NN use per-channel scales; here
+    the scales are powers of two): ``fracs[o]`` is :func:`calibrate_weight`'s frac of the slice
+    ``w`` at index o along ``axis``.
+
+    Returns
+    -------
+    fmt : QFormat with frac = min(fracs) (the coarsest channel; width, signedness and modes of all)
+    fracs : (w.shape[axis],) int64
+    """
+    w = _finite_array(w, "calibrate_weight_per_channel")
+    w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    fracs = np.array([_fit_frac(row.min(initial=0.0), row.max(initial=0.0), int(width), signed) for row in w],
+                     dtype=np.int64)
+    return QFormat(width, int(fracs.min()), signed, rounding, overflow), fracs
+
+
+def calibrate_activation_mse(x, width: int, *, signed=True, rounding="nearest", overflow="saturate",
+                             max_samples=1 << 18) -> QFormat:
+    """Per-tensor format that minimises the quantisation error: among the fracs from the one that
+    fits every value (:func:`calibrate_weight`'s) up to ``width`` more (finer steps, more clipping),
+    the one with the smallest mean squared error ``mean((dequantize(quantize(x)) - x)**2)`` on the
+    calibration values (ties: the smaller frac).  For an unsigned format, negative values count
+    as the 0 they become (the format follows a ReLU).  Large inputs are subsampled evenly to
+    ``max_samples`` values."""
+    x = _finite_array(x, "calibrate_activation_mse").ravel()
+    if x.size > max_samples:
+        x = x[np.linspace(0, x.size - 1, max_samples).astype(np.int64)]
+    if not signed:
+        x = np.maximum(x, 0.0)
+    f0 = _fit_frac(x.min(), x.max(), int(width), signed)
+    best, best_err = None, math.inf
+    for f in range(f0, min(f0 + int(width), _FRAC_MAX) + 1):
+        fmt = QFormat(width, f, signed, rounding, overflow)
+        err = float(np.mean((dequantize(quantize(x, fmt), fmt) - x) ** 2))
+        if err < best_err:
+            best, best_err = fmt, err
+    return best

@@ -101,8 +101,10 @@ def _attr(kind):
     return field(default=None, metadata={"attr": kind}) if kind.endswith("?") else field(metadata={"attr": kind})
 
 
-def _array(ndim):
-    """A required integer array of ``ndim`` dimensions."""
+def _array(ndim, optional=False):
+    """An integer array of ``ndim`` dimensions, required unless ``optional`` (None = absent)."""
+    if optional:
+        return field(default=None, metadata={"array": ndim, "optional": True})
     return field(metadata={"array": ndim})
 
 
@@ -148,6 +150,8 @@ class Record:
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"attribute {f.name!r}: {err}") from None
             elif "array" in f.metadata:
+                if f.metadata.get("optional") and getattr(self, f.name) is None:
+                    continue
                 a = np.array(getattr(self, f.name))    # copy: never alias a caller's / file's buffer
                 if a.ndim != f.metadata["array"] or not np.issubdtype(a.dtype, np.integer):
                     raise ValueError(f"array {f.name!r} must be a {f.metadata['array']}-d integer array, "
@@ -180,7 +184,8 @@ class Record:
     @property
     def arrays(self) -> dict:
         """The record's arrays: its integer arrays, then the informational ones."""
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "array" in f.metadata},
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if "array" in f.metadata and getattr(self, f.name) is not None},
                 **self.info}
 
     def __getitem__(self, key):
@@ -201,12 +206,18 @@ class Input(Record):
 @dataclass(eq=False, kw_only=True)
 class Affine(Record):
     """acc = x W + c in int64 with ``c`` at acc_frac = in_frac + w_frac fractional bits, then
-    y = requantize(acc, acc_frac, out_fmt).  Dense, Conv2d and Scale differ in how x meets W."""
+    y = requantize(acc, acc_frac, out_fmt).  Dense, Conv2d and Scale differ in how x meets W.
+
+    Per-channel weight formats (optional array ``w_frac``, one per output channel): the weight
+    codes of channel o have ``w_frac[o]`` fractional bits, ``w_fmt.frac == min(w_frac)``, and
+    channel o's bias ``c[o]`` and accumulator have ``acc_frac + w_frac[o] - w_fmt.frac`` =
+    in_frac + w_frac[o] fractional bits; y[o] = requantize(acc[o], in_frac + w_frac[o], out_fmt)."""
     _out_axis: ClassVar[int] = 0
     w_fmt: QFormat = _attr("fmt")
     acc_frac: int = _attr("int")
     W: np.ndarray = _array(2)
     c: np.ndarray = _array(1)
+    w_frac: np.ndarray | None = _array(1, optional=True)
 
     def _check(self):
         n_out = self.W.shape[self._out_axis]
@@ -215,10 +226,37 @@ class Affine(Record):
         if self.W.size and (self.W.min() < self.w_fmt.min_code or self.W.max() > self.w_fmt.max_code):
             raise ValueError(f"weight codes outside {self.w_fmt.hls_type}")
         self.W, self.c = self.W.astype(self.w_fmt.code_dtype), self.c.astype(np.int64)
+        if self.w_frac is not None:
+            wf = self.w_frac
+            if wf.shape != (n_out,) or wf.min() < -64 or wf.max() > 64:
+                raise ValueError(f"per-channel w_frac must be ({n_out},) integers in -64..64, got {wf.shape} "
+                                 f"in {wf.min()}..{wf.max()}")
+            if int(wf.min()) != self.w_fmt.frac:
+                raise ValueError(f"w_fmt.frac {self.w_fmt.frac} must equal min(w_frac) = {int(wf.min())}")
+            self.w_frac = wf.astype(np.int64)
 
     def link(self, in_fmts):
         if self.acc_frac != in_fmts[0].frac + self.w_fmt.frac:
             raise ValueError(f"acc_frac {self.acc_frac} != input frac {in_fmts[0].frac} + weight frac {self.w_fmt.frac}")
+
+    def channel_acc_fracs(self) -> np.ndarray:
+        """(n_out,) fractional bits of each output channel's accumulator and bias."""
+        n_out = self.W.shape[self._out_axis]
+        if self.w_frac is None:
+            return np.full(n_out, self.acc_frac, dtype=np.int64)
+        return self.acc_frac + self.w_frac - self.w_fmt.frac
+
+    def requantize_channels(self, acc, axis):
+        """requantize ``acc`` (int64, channels along ``axis``) with each channel's acc frac."""
+        if self.w_frac is None:
+            return requantize(acc, self.acc_frac, self.out_fmt)
+        fr = self.channel_acc_fracs()
+        y = np.empty(acc.shape, dtype=self.out_fmt.code_dtype)
+        for f in np.unique(fr):                  # one requantize per distinct shift
+            sel = [slice(None)] * acc.ndim
+            sel[axis] = np.flatnonzero(fr == f)
+            y[tuple(sel)] = requantize(acc[tuple(sel)], int(f), self.out_fmt)
+        return y
 
 
 @dataclass(eq=False, kw_only=True)
@@ -231,7 +269,7 @@ class Dense(Affine):
         x = xs[0]
         if x.ndim != 2 or x.shape[1] != self.W.shape[0]:
             raise ValueError(f"dense {self.name!r} expects (N, {self.W.shape[0]}) codes, got {x.shape}")
-        return requantize(matmul_int(x, self.W.astype(np.int64)) + self.c, self.acc_frac, self.out_fmt)
+        return self.requantize_channels(matmul_int(x, self.W.astype(np.int64)) + self.c, 1)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -247,7 +285,7 @@ class Conv2d(Affine):
         if x.ndim != 4 or x.shape[1] != W.shape[1]:
             raise ValueError(f"conv2d {self.name!r} expects (N, {W.shape[1]}, H, W) codes, got {x.shape}")
         acc = conv2d(x, W, self.stride, self.padding, matmul_int)
-        return requantize(acc + self.c.reshape(1, -1, 1, 1), self.acc_frac, self.out_fmt)
+        return self.requantize_channels(acc + self.c.reshape(1, -1, 1, 1), 1)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -259,7 +297,7 @@ class Scale(Affine):
     def run(self, xs, in_fmts):
         x, shp = xs[0], channel_shape(xs[0].ndim)
         acc = x * self.W.astype(np.int64).reshape(shp) + self.c.reshape(shp)
-        return requantize(acc, self.acc_frac, self.out_fmt)
+        return self.requantize_channels(acc, 1)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -400,7 +438,7 @@ def record_from_plain(i, rec) -> Record:
         elif k != "kind":
             kw["extra"][k] = v
     for k in array_names:
-        if k not in arrays:
+        if k not in arrays and not meta[k].get("optional"):
             raise ValueError(f"{where}: missing array {k!r}")
     for k, v in arrays.items():
         (kw if k in array_names else kw["info"])[k] = v
