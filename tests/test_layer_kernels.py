@@ -76,3 +76,20 @@ def test_activation_kernels_equal_numpy_twins_bit_for_bit(layer, slope, dtype):
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)
     assert np.signbit(y).tolist() == np.signbit(y_ref).tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 9), (2, 1024)])
+def test_layer_norm_kernels_equal_numpy_twins(dtype, shape):
+    from bll_ref.layers import LayerNorm
+    from bll_ref.layers.norm import layer_norm_backward_reference, layer_norm_reference
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ln = LayerNorm(shape[-1], affine=False, dtype=dtype)
+    y, dx = ln.forward(x), ln.backward(dy)
+    y_ref, inv_std = layer_norm_reference(x, ln.eps)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    assert y.dtype == dtype and dx.dtype == dtype
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, layer_norm_backward_reference(dy, y_ref, inv_std), rtol=tol, atol=tol)

@@ -137,3 +137,43 @@ def leaky_relu_backward_kernel(dy, mask, slope, dx):
     for i in range(dy.size):
         v = dy[i]
         dx[i] = v if mask[i] else v * slope
+
+
+@njit(**_jit)
+def layer_norm_forward_kernel(x, eps, xhat, inv_std):
+    """Rows of x (M, D): xhat = (x - mean) / sqrt(var + eps), inv_std (M,) = 1 / sqrt(var + eps).
+
+    Two passes over each row (mean, then centred second moment, as ``np.var``), sums in float64."""
+    M, D = x.shape
+    for r in range(M):
+        s = 0.0
+        for d in range(D):
+            s += x[r, d]
+        mean = s / D
+        q = 0.0
+        for d in range(D):
+            c = x[r, d] - mean
+            q += c * c
+        inv = 1.0 / np.sqrt(q / D + eps)
+        inv_std[r] = inv
+        mu, iv = x.dtype.type(mean), x.dtype.type(inv)
+        for d in range(D):
+            xhat[r, d] = (x[r, d] - mu) * iv
+
+
+@njit(**_jit)
+def layer_norm_backward_kernel(dxhat, xhat, inv_std, dx):
+    """dx = inv_std / D * (D dxhat - sum(dxhat) - xhat * sum(dxhat * xhat)) per row (M, D)."""
+    M, D = dxhat.shape
+    for r in range(M):
+        s1 = 0.0
+        s2 = 0.0
+        for d in range(D):
+            g = dxhat[r, d]
+            s1 += g
+            s2 += g * xhat[r, d]
+        k = dxhat.dtype.type(inv_std[r] / D)
+        a, b = dxhat.dtype.type(s1), dxhat.dtype.type(s2)
+        n = dxhat.dtype.type(D)
+        for d in range(D):
+            dx[r, d] = k * (n * dxhat[r, d] - a - xhat[r, d] * b)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .base import Layer, as_float_dtype, check_array, register
 
 
@@ -137,10 +138,12 @@ class LayerNorm(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "LayerNorm", ndim=(2, 3), tail=(self.num_features,), dtype=self.dtype)
-        mean = x.mean(axis=-1, keepdims=True)
-        var = x.var(axis=-1, keepdims=True)
-        inv_std = 1 / np.sqrt(var + x.dtype.type(self.eps))
-        xhat = (x - mean) * inv_std
+        x2 = np.ascontiguousarray(x).reshape(-1, self.num_features)
+        xhat = np.empty_like(x2)
+        inv_std = np.empty((x2.shape[0], 1), self.dtype)
+        # one Numba pass per row (kernels.layer_norm_forward_kernel); NumPy twin: layer_norm_reference
+        kernels.layer_norm_forward_kernel(x2, self.eps, xhat, inv_std.reshape(-1))
+        xhat = xhat.reshape(x.shape)
         y = xhat * self.params["gamma"] + self.params["beta"] if self.affine else xhat
         if train:
             self._cache = (xhat, inv_std)
@@ -157,10 +160,27 @@ class LayerNorm(Layer):
             self.grads = {}
             dxhat = dy
         D = self.num_features
-        s1 = dxhat.sum(axis=-1, keepdims=True)
-        s2 = (dxhat * xhat).sum(axis=-1, keepdims=True)
-        return (inv_std / D) * (D * dxhat - s1 - xhat * s2)
+        dxhat2 = np.ascontiguousarray(dxhat, dtype=self.dtype).reshape(-1, D)
+        dx = np.empty_like(dxhat2)
+        kernels.layer_norm_backward_kernel(dxhat2, xhat.reshape(-1, D), inv_std.reshape(-1), dx)
+        return dx.reshape(xhat.shape)
 
     def hyperparameters(self):
         return {"num_features": self.num_features, "eps": self.eps, "affine": self.affine,
                 "dtype": self.dtype.name}
+
+
+def layer_norm_reference(x, eps):
+    """NumPy twin of LayerNorm's kernels: (xhat, inv_std) over the last axis."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    inv_std = 1 / np.sqrt(var + x.dtype.type(eps))
+    return (x - mean) * inv_std, inv_std
+
+
+def layer_norm_backward_reference(dxhat, xhat, inv_std):
+    """NumPy twin of the LayerNorm input gradient given dL/dxhat."""
+    D = xhat.shape[-1]
+    s1 = dxhat.sum(axis=-1, keepdims=True)
+    s2 = (dxhat * xhat).sum(axis=-1, keepdims=True)
+    return (inv_std / D) * (D * dxhat - s1 - xhat * s2)
