@@ -39,10 +39,17 @@ from bll_ref.fileio import atomic_open, write_json_atomic
 from bll_ref.fixedpoint import records as R
 
 __all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "compile_and_link", "build", "run_qemu",
-           "parse_output", "run_firmware", "main", "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS"]
+           "parse_output", "run_firmware", "main", "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT",
+           "INSNS_PER_TICK"]
 
 FIRMWARE_DIR = pathlib.Path(__file__).resolve().parent.parent / "firmware"
 MACHINE = "mps2-an386"          # QEMU's ARM MPS2 board with the AN386 image: a Cortex-M4
+# -icount shift=0: the virtual clock advances exactly 1 ns per guest instruction (deterministic,
+# independent of the host's load); SysTick runs on the board's 25 MHz system clock (QEMU
+# hw/arm/mps2.c SYSCLK_FRQ), so one tick = 40 instructions.  tests/test_firmware.py checks the
+# ratio with a loop of known length.
+ICOUNT = ("-icount", "shift=0,align=off,sleep=off")
+INSNS_PER_TICK = 40
 ARM_CFLAGS = ("-mcpu=cortex-m4", "-mthumb", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror",
               "-ffunction-sections", "-fdata-sections")
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
@@ -194,12 +201,13 @@ def compile_and_link(sources, elf, *, tools=None) -> list:
     return objs
 
 
-def build(e, workdir, *, name="bll_model", samples=None, tools=None) -> dict:
+def build(e, workdir, *, name="bll_model", samples=None, tools=None, harness_cflags=()) -> dict:
     """Write the model and the inputs into ``workdir`` and cross-compile ``fw.elf``.
 
     e : ExportedModel (``exporters.hdf5.read``); samples : how many stored samples to embed
-    (None: all).  Returns a dict: elf path, the samples' input codes, sizes of the model object
-    and of the image, stack bound.  FirmwareError if a step fails (its log is ``build.log``).
+    (None: all); harness_cflags : extra flags for harness.c (e.g. ``-DSYST_PERIOD=4096``).
+    Returns a dict: elf path, the samples' input codes, sizes of the model object and of the
+    image, stack bound.  FirmwareError if a step fails (its log is ``build.log``).
     """
     from .c_header import write_c
     tools = tools or find_toolchain()
@@ -214,8 +222,8 @@ def build(e, workdir, *, name="bll_model", samples=None, tools=None) -> dict:
     with atomic_open(out / "fw_inputs.h", "w") as f:
         f.write(_inputs_header(name, x))
     elf = out / "fw.elf"
-    objs = compile_and_link([(out / f"{name}.c", ["-fstack-usage"]), (FIRMWARE_DIR / "harness.c", [f"-I{out}"])],
-                            elf, tools=tools)
+    objs = compile_and_link([(out / f"{name}.c", ["-fstack-usage"]),
+                             (FIRMWARE_DIR / "harness.c", [f"-I{out}", *harness_cflags])], elf, tools=tools)
     size = tools["arm-none-eabi-size"]
     sec = _size_sections(size, objs[0])
     stack, static = _stack_bound(out / f"{name}.su")
@@ -238,10 +246,10 @@ def _first_line(cmd):
 # run and check
 # ------------------------------------------------------------------------------------------------
 def run_qemu(elf, *, timeout=120.0, qemu="qemu-system-arm"):
-    """Run ``elf`` on QEMU's mps2-an386 with semihosting; returns (stdout, exit status or None on
-    timeout, wall seconds).  The board's UART and QEMU's monitor are switched off, so stdout is
-    exactly what the firmware printed through semihosting."""
-    cmd = [qemu, "-M", MACHINE, "-nographic", "-monitor", "none", "-serial", "null",
+    """Run ``elf`` on QEMU's mps2-an386 with semihosting and instruction counting (ICOUNT);
+    returns (stdout, exit status or None on timeout, wall seconds).  The board's UART and QEMU's
+    monitor are switched off, so stdout is exactly what the firmware printed via semihosting."""
+    cmd = [qemu, "-M", MACHINE, "-nographic", "-monitor", "none", "-serial", "null", *ICOUNT,
            "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)]
     t = time.perf_counter()
     try:
@@ -253,10 +261,12 @@ def run_qemu(elf, *, timeout=120.0, qemu="qemu-system-arm"):
 
 
 def parse_output(text, n_samples, sizes):
-    """The codes the firmware printed: list (one per record) of (n_samples, size) int64 arrays.
-    ValueError naming the first line that does not fit the protocol of harness.c."""
+    """What the firmware printed (the protocol of firmware/harness.c): ``(codes, ticks)``, codes a
+    list (one per record) of (n_samples, size) int64 arrays, ticks the (n_samples,) SysTick ticks
+    of each inference.  ValueError naming the first line that does not fit."""
     codes = [np.zeros((n_samples, s), np.int64) for s in sizes]
     seen = np.zeros((n_samples, len(sizes)), bool)
+    ticks = np.full(n_samples, -1, np.int64)
     done = False
     for ln in text.splitlines():
         if not ln.strip():
@@ -264,6 +274,9 @@ def parse_output(text, n_samples, sizes):
         f = ln.split()
         if f[0] == "DONE" and len(f) == 2 and f[1] == str(n_samples):
             done = True
+            continue
+        if f[0] == "C" and len(f) == 3 and f[1].isdigit() and f[2].isdigit() and int(f[1]) < n_samples:
+            ticks[int(f[1])] = int(f[2])
             continue
         try:
             if f[0] != "T" or len(f) < 3:
@@ -276,14 +289,16 @@ def parse_output(text, n_samples, sizes):
             raise ValueError(f"unexpected firmware output line for sample {s} record {r} ({len(row)} codes)")
         codes[r][s] = row
         seen[s, r] = True
-    if not done or not seen.all():
+    if not done or not seen.all() or (ticks < 0).any():
         missing = np.argwhere(~seen)
-        where = f"sample {missing[0][0]} record {missing[0][1]}" if len(missing) else "the DONE line"
+        where = (f"sample {missing[0][0]} record {missing[0][1]}" if len(missing) else
+                 f"tick count of sample {np.argmax(ticks < 0)}" if (ticks < 0).any() else "DONE line")
         raise ValueError(f"firmware output ends early: no {where}")
-    return codes
+    return codes, ticks
 
 
-def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0, log=print) -> dict:
+def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0, log=print,
+                 harness_cflags=()) -> dict:
     """Build the firmware of the export at ``path`` in ``workdir``, run it under QEMU and compare
     every printed code with the file's traces.  Returns the report (also written to
     ``workdir/firmware_report.json``); ``report["ok"]`` is True iff every code matches.
@@ -291,7 +306,7 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
     from . import hdf5
     tools = find_toolchain()
     e = hdf5.read(path)
-    b = build(e, workdir, name=name, samples=samples, tools=tools)
+    b = build(e, workdir, name=name, samples=samples, tools=tools, harness_cflags=harness_cflags)
     n = len(b["inputs"])
     shapes = [tuple(t.shape[1:]) for t in e.traces]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -315,7 +330,10 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
         problem = f"QEMU exited with status {rc}; its output is in {workdir}/qemu.out"
     else:
         try:
-            got = parse_output(text, n, sizes)
+            got, ticks = parse_output(text, n, sizes)
+            insns = ticks * INSNS_PER_TICK
+            rep["instructions_per_inference"] = {"min": int(insns.min()), "max": int(insns.max()),
+                                                 "mean": round(float(insns.mean()))}
         except ValueError as err:
             problem = f"{err} (in {workdir}/qemu.out)"
     if problem is None:
@@ -342,7 +360,12 @@ def _print_report(rep, e, shapes, log):
         f"{rep['n_samples']} input samples)")
     log(f"RAM:   model {rep['ram_trace_buffer'] + mo['data'] + mo['bss']:,} B (int32 trace buffer of every "
         f"record) + stack <= {mo['stack_bound']} B; whole image .data+.bss {im['data'] + im['bss']:,} B")
-    log(f"QEMU:  {rep['n_samples']} inferences in {rep['qemu_wall_s']:.2f} s wall (with QEMU start-up)")
+    ins = rep.get("instructions_per_inference")
+    if ins:
+        log(f"time:  {ins['mean']:,} Cortex-M4 instructions per inference (QEMU -icount, +-{INSNS_PER_TICK}; "
+            f"{ins['mean'] / max(1, rep['macs_per_inference']):.1f} per MAC; range {ins['min']:,}..{ins['max']:,})")
+    log(f"QEMU:  {rep['n_samples']} inferences in {rep['qemu_wall_s']:.2f} s wall (with QEMU start-up "
+        f"and the printing of every code)")
     if rep["ok"]:
         log(f"OK: the Cortex-M4 reproduces all {rep['n_samples'] * rep['trace_size']:,} codes "
             f"({rep['n_records']} records x {rep['n_samples']} samples) of the HDF5 traces bit for bit")

@@ -4,7 +4,8 @@
  * (ARMv7-M ARM, B1.5.3).  Reset_Handler sets up C's memory (.data from flash, .bss zeroed; the
  * symbols come from mps2_an386.ld), opens newlib's semihosting stdio (librdimon), calls main and
  * ends the emulation with semihosting SYS_EXIT, so QEMU itself exits: status 0 when main returned
- * 0, 1 otherwise.  A fault prints its name and ends the run the same way instead of hanging.
+ * 0, 1 otherwise.  A fault or an unexpected exception prints its name and ends the run the same
+ * way instead of hanging.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -59,6 +60,8 @@ static void MemManage_Handler(void) { fault("MemManage"); }
 static void BusFault_Handler(void) { fault("BusFault"); }
 static void UsageFault_Handler(void) { fault("UsageFault"); }
 static void Other_Handler(void) { fault("unexpected exception"); }
+/* A program may count SysTick wraps (harness.c does) by defining SysTick_Handler itself. */
+void SysTick_Handler(void) __attribute__((weak, alias("Other_Handler")));
 
 /* The 16 system entries of the ARMv7-M vector table (no external interrupts are enabled). */
 __attribute__((section(".isr_vector"), used))
@@ -75,5 +78,5 @@ void (*const vector_table[16])(void) = {
     Other_Handler,                         /* 12: DebugMonitor */
     0,                                     /* 13: reserved */
     Other_Handler,                         /* 14: PendSV */
-    Other_Handler,                         /* 15: SysTick */
+    SysTick_Handler,                       /* 15: SysTick */
 };

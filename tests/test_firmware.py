@@ -76,10 +76,11 @@ def test_mac_count_counts_in_bounds_taps_dense_and_scale(tmp_path):
 
 
 def test_parse_output_reads_codes_and_refuses_short_or_garbled_output():
-    text = "T 0 0 1 -2\nT 0 1 3\nT 1 0 4 5\nT 1 1 -6\nDONE 2\n"
-    got = firmware.parse_output(text, 2, [2, 1])
-    assert [g.tolist() for g in got] == [[[1, -2], [4, 5]], [[3], [-6]]]
+    text = "C 0 17\nT 0 0 1 -2\nT 0 1 3\nC 1 18\nT 1 0 4 5\nT 1 1 -6\nDONE 2\n"
+    got, ticks = firmware.parse_output(text, 2, [2, 1])
+    assert [g.tolist() for g in got] == [[[1, -2], [4, 5]], [[3], [-6]]] and ticks.tolist() == [17, 18]
     for bad, msg in [(text.replace("DONE 2\n", ""), "ends early"),
+                     (text.replace("C 1 18\n", ""), "tick count of sample 1"),
                      (text.replace("T 1 1 -6\n", ""), "sample 1 record 1"),
                      (text.replace("T 0 1 3", "T 0 1 3 4"), "2 codes"),
                      (text.replace("-6", "x6"), "unexpected firmware output"),
@@ -118,8 +119,8 @@ def test_cortex_m4_reproduces_every_code_of_the_hdf5_traces(tmp_path, toolchain,
     # our own comparison of what the board printed with what the file holds, code by code
     e = hdf5.read(path)
     n = len(e.traces[0])
-    got = firmware.parse_output((tmp_path / "fw" / "qemu.out").read_text(), n,
-                                [int(np.prod(t.shape[1:])) for t in e.traces])
+    got, ticks = firmware.parse_output((tmp_path / "fw" / "qemu.out").read_text(), n,
+                                       [int(np.prod(t.shape[1:])) for t in e.traces])
     for i, (g, t) in enumerate(zip(got, e.traces)):
         assert np.array_equal(g, t.reshape(n, -1).astype(np.int64)), f"record {i} {e.records[i].kind}"
     assert rep["ok"] and rep["problem"] is None and rep["qemu_exit"] == 0 and rep["n_samples"] == n == 6
@@ -129,6 +130,9 @@ def test_cortex_m4_reproduces_every_code_of_the_hdf5_traces(tmp_path, toolchain,
     # the weights are const (flash); the golden model keeps no state of its own in RAM
     assert mo["const"] > 0 and mo["code"] > 0 and mo["data"] == 0 and mo["bss"] == 0
     assert rep["image"]["text"] > mo["text"] and rep["image"]["bss"] >= rep["ram_trace_buffer"]
+    ins = rep["instructions_per_inference"]
+    assert ins["min"] == ticks.min() * firmware.INSNS_PER_TICK and ins["max"] >= ins["mean"] >= ins["min"]
+    assert ins["min"] > rep["macs_per_inference"]       # at least one instruction per MAC
     assert rep["macs_per_inference"] == sum(firmware.mac_count(e.records, [t.shape[1:] for t in e.traces]).values())
     assert "OK: the Cortex-M4 reproduces all" in capsys.readouterr().out
     assert (tmp_path / "fw" / "firmware_report.json").exists()
@@ -169,6 +173,49 @@ def test_startup_exit_status_and_fault_handler(tmp_path, toolchain):
         assert out.startswith("hello 42\n"), name
         assert rc == (0 if name == "ok" else 1), name
         assert ("FAULT HardFault" in out) == (name == "fault")
+
+
+def test_systick_ticks_are_40_instructions_under_icount(tmp_path, toolchain):
+    """The conversion INSNS_PER_TICK, checked with a loop of known length: 2 * 10**6 Thumb
+    instructions (subs + bne) must take 50,000 ticks (+ a few for the reads around it)."""
+    (tmp_path / "main.c").write_text(r'''
+#include <stdint.h>
+#include <stdio.h>
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
+int main(void)
+{
+    uint32_t t0, t1, n = 1000000u;
+    SYST_RVR = 0xFFFFFFu;
+    SYST_CVR = 0;
+    SYST_CSR = 5u;
+    t0 = SYST_CVR;
+    __asm__ volatile("1: subs %0, %0, #1\n bne 1b" : "+r"(n) : : "cc");
+    t1 = SYST_CVR;
+    printf("ticks %lu\n", (unsigned long)((t0 - t1) & 0xFFFFFFu));
+    return 0;
+}
+''')
+    firmware.compile_and_link([(tmp_path / "main.c", [])], tmp_path / "fw.elf", tools=toolchain)
+    out, rc, _ = firmware.run_qemu(tmp_path / "fw.elf", timeout=QEMU_TIMEOUT, qemu=toolchain["qemu-system-arm"])
+    assert rc == 0, out
+    ticks = int(out.split()[1])
+    assert 2_000_000 // firmware.INSNS_PER_TICK <= ticks <= 2_000_000 // firmware.INSNS_PER_TICK + 2, out
+
+
+def test_instruction_count_survives_systick_wraps(tmp_path, toolchain):
+    """harness.c counts SysTick wraps: with a period of 16 ticks (several wraps per inference) the
+    instruction count equals the one without wraps, up to the handler's own instructions."""
+    path = _export(tmp_path, "cnn")
+    counts = []
+    for d, flags in (("long", ()), ("short", ("-DSYST_PERIOD=16",))):
+        rep = firmware.run_firmware(path, tmp_path / d, timeout=QEMU_TIMEOUT, log=lambda s: None,
+                                    harness_cflags=flags)
+        assert rep["ok"], rep["problem"]
+        counts.append(rep["instructions_per_inference"]["mean"])
+    assert counts[1] / 16 / firmware.INSNS_PER_TICK > 10                    # it did wrap, many times
+    assert abs(counts[1] - counts[0]) <= 0.03 * counts[0], counts
 
 
 def test_dense_only_model_without_bias_runs(tmp_path, toolchain):
