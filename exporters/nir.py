@@ -10,6 +10,10 @@ here with h5py directly (one write path, no runtime dependency on the ``nir`` pa
         metadata/...         generator, format version, how ReLU is mapped
     root attributes          bll_ref_format = "nir", bll_ref_format_version = 1
 
+With ``quant=`` (an HDF5 export of the same model), every node also carries
+``metadata["quant"]``: its integer weight / bias codes in the node's own weight layout, its output
+Q format and what its integer version computes (docs/nir-quant.md, a proposal for NIR).
+
 Shapes are per sample (NIR types exclude the batch axis).  Layer -> node mapping:
 
 =========================  =======================================================================
@@ -55,15 +59,17 @@ import numpy as np
 
 from bll_ref import layers as L
 from bll_ref.fileio import atomic_path
+from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, walk
 
-__all__ = ["write_nir", "to_nir_dict", "NIR_VERSION", "FORMAT_VERSION"]
+__all__ = ["write_nir", "to_nir_dict", "quant_metadata", "NIR_VERSION", "FORMAT_VERSION", "QUANT_VERSION"]
 
 NIR_VERSION = "1.0.8"          # the nir layout this writer follows (checked by tests with nir.read)
 FORMAT_VERSION = 1             # bll_ref's version of this export (root attribute)
 RELU_MAPPING = ("ReLU -> IF(r=1, v_threshold=1, v_reset=0): rate-coded ANN-to-SNN conversion, "
                 "firing rate ~ max(I, 0) / v_threshold")
 _NO_PRIMITIVE = (L.MaxPool2d, L.LeakyReLU, L.Sigmoid, L.Tanh)
+QUANT_VERSION = 1              # version of the per-node metadata["quant"] proposal (docs/nir-quant.md)
 
 
 class _GraphBuilder:
@@ -190,6 +196,64 @@ def _as_model(model):
     return model
 
 
+def _q(fmt, codes=None) -> dict:
+    """A Q format as plain metadata (signed as 0/1: HDF5 has no bool), optionally with its codes."""
+    d = {"width": np.int64(fmt.width), "frac": np.int64(fmt.frac), "signed": np.int64(int(fmt.signed)),
+         "rounding": fmt.rounding, "overflow": fmt.overflow}
+    return d if codes is None else {"codes": np.ascontiguousarray(codes), **d}
+
+
+def _node_layout(rec, W, node):
+    """A record's weight array ``W`` (codes, or the float twin) in the layout of the NIR node's
+    ``weight`` (Affine: (out, in); Conv2d: (o, i, kh, kw); a lone BatchNorm: the diagonal matrix /
+    1x1 kernel), so the integer node is the float node's own operation applied to codes."""
+    W = np.asarray(W)
+    if isinstance(rec, R.Dense):
+        codes = W.T
+    elif isinstance(rec, R.Conv2d):
+        codes = W
+    else:                                        # scale: a diagonal Affine or 1x1 Conv2d node
+        codes = np.diag(W) if node["type"] == "Affine" else np.diag(W)[:, :, None, None]
+    codes = np.ascontiguousarray(codes)
+    if codes.shape != np.shape(node["weight"]):
+        raise ValueError(f"record {rec.name!r}: weight codes {codes.shape} do not fit the NIR node's weight "
+                         f"{np.shape(node['weight'])}")
+    return codes
+
+
+def quant_metadata(graph, records) -> dict:
+    """Attach ``metadata["quant"]`` (docs/nir-quant.md) to every node of ``graph`` (a
+    :func:`to_nir_dict` result, changed in place) from the integer records of the same model
+    (``exporters.hdf5.export(...).records`` or ``IntegerModel.records``): the record of each node
+    has the node's name (layer path; ``input``), the Output node gets the last record's format.
+    ValueError when the records are not those of the graph's model."""
+    by_name = {r.name: r for r in records}
+    steps = [n for n in graph["nodes"] if n != "output"]
+    if set(steps) != set(by_name):
+        raise ValueError(f"the integer records do not belong to this model: NIR nodes without a record "
+                         f"{sorted(set(steps) - set(by_name))[:5]}, records without a node "
+                         f"{sorted(set(by_name) - set(steps))[:5]}")
+    for name, node in graph["nodes"].items():
+        rec = by_name[name] if name != "output" else records[-1]
+        q = {"version": np.int64(QUANT_VERSION), "kind": "output" if name == "output" else rec.kind,
+             "output": _q(rec.out_fmt)}
+        if isinstance(rec, R.Affine) and name != "output":
+            wf = rec.info.get("W_float")
+            if wf is not None and not np.allclose(_node_layout(rec, wf, node), node["weight"], rtol=1e-5, atol=1e-6):
+                raise ValueError(f"the integer record {name!r} was made from other weights than the model's "
+                                 "(export and NIR of different checkpoints?)")
+            q["weight"] = _q(rec.w_fmt, _node_layout(rec, rec.W, node))
+            q["bias"] = {"codes": np.asarray(rec.c, np.int64), "width": np.int64(64), "frac": np.int64(rec.acc_frac),
+                         "signed": np.int64(1), "rounding": rec.w_fmt.rounding, "overflow": "none"}
+            q["acc_frac"] = np.int64(rec.acc_frac)
+        elif isinstance(rec, R.AvgPool2d):
+            q["recip"], q["recip_shift"] = np.int64(rec.recip), np.int64(rec.recip_shift)
+        node.setdefault("metadata", {})["quant"] = q
+    graph["metadata"]["quant"] = {"format": "bll_ref-nir-quant", "version": np.int64(QUANT_VERSION),
+                                  "spec": "docs/nir-quant.md: integer codes and Q formats per node"}
+    return graph
+
+
 def to_nir_dict(model, *, input_shape, dtype=np.float32) -> dict:
     """The NIR graph of ``model`` as the nested dict ``NIRGraph.to_dict()`` would give.
 
@@ -247,7 +311,7 @@ def _write_group(group, d):
             group.create_dataset(k, data=np.asarray(v))
 
 
-def write_nir(model, path, *, input_shape, dtype=np.float32) -> pathlib.Path:
+def write_nir(model, path, *, input_shape, dtype=np.float32, quant=None) -> pathlib.Path:
     """Write ``model`` as a NIR graph file (HDF5), atomically (temp file + ``os.replace``).
 
     See the module docstring for the layer mapping; unsupported layers (MaxPool2d, LeakyReLU,
@@ -259,12 +323,20 @@ def write_nir(model, path, *, input_shape, dtype=np.float32) -> pathlib.Path:
     path : str or Path, e.g. ``"model.nir"``
     input_shape : tuple of int, per-sample input shape
     dtype : float32 | float64
+    quant : None, or the integer version of the same model: an export (``ExportedModel`` or the path
+        of an HDF5 export file), an ``IntegerModel`` or its list of records; every node then
+        carries ``metadata["quant"]`` with its integer codes and Q formats (docs/nir-quant.md)
 
     Returns
     -------
     pathlib.Path of the written file
     """
     graph = to_nir_dict(model, input_shape=input_shape, dtype=dtype)
+    if quant is not None:
+        if isinstance(quant, (str, pathlib.Path)):
+            from .hdf5 import read
+            quant = read(quant)
+        quant_metadata(graph, quant if isinstance(quant, (list, tuple)) else quant.records)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
