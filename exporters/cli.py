@@ -42,6 +42,13 @@ def add_commands(subparsers):
                    help="calibration examples whose per-layer output codes are stored (default 16)")
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
                    help="calibration data; auto: what the checkpoint was trained on")
+    p.add_argument("--tb-dir", default=None, metavar="DIR",
+                   help="also write hls4ml test vectors of the traced examples (tb_input_features.dat, "
+                   "tb_output_predictions.dat) and a per-layer ap_fixed precision table to DIR "
+                   "(docs/hls4ml-testbench.md)")
+    p.add_argument("--tb-layout", choices=("channels_first", "channels_last"), default="channels_first",
+                   help="order of image values in the test vectors (channels_last for hls4ml's "
+                   "channels-last models)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("verify", help="rerun integer inference from an exported HDF5 file and "
@@ -57,6 +64,9 @@ def add_commands(subparsers):
     p = subparsers.add_parser("nir", help="write a checkpoint's network as a NIR graph file (.nir)")
     p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train")
     p.add_argument("--out", required=True, help="NIR file to write, e.g. model.nir")
+    p.add_argument("--quant", default=None, metavar="EXPORT.h5",
+                   help="an HDF5 export of the same checkpoint: every node then carries its integer codes "
+                   "and Q formats in metadata['quant'] (docs/nir-quant.md)")
     p.set_defaults(func=cmd_nir)
 
     p = subparsers.add_parser("c-header", help="write the C header + C99 golden model of an exported "
@@ -92,6 +102,10 @@ def cmd_export(args):
           f"calibrated on {len(x)} examples; float/fixed argmax agreement on them {100 * agree:.1f}%")
     print(f"wrote {out} ({_size(os.path.getsize(out))}; traces of {args.traces} examples); "
           f"check it with: bll-ref verify {out}")
+    if args.tb_dir:
+        from .hls4ml_tb import write_tb
+        paths = write_tb(e, args.tb_dir, layout=args.tb_layout)
+        print("wrote hls4ml test vectors " + ", ".join(paths.values()))
     return 0
 
 
@@ -188,8 +202,10 @@ def cmd_nir(args):
     from .nir import write_nir
     model, meta, _ = checkpoint.load(args.checkpoint)
     shape = (1, 28, 28) if _is_image_model(meta, model.config()) else (model[0][0].in_features,)
-    write_nir(model, args.out, input_shape=shape)
-    print(f"wrote {args.out} ({_size(os.path.getsize(args.out))}); read it with nir.read('{args.out}')")
+    write_nir(model, args.out, input_shape=shape, quant=getattr(args, "quant", None))
+    print(f"wrote {args.out} ({_size(os.path.getsize(args.out))}"
+          f"{', with integer codes from ' + args.quant if getattr(args, 'quant', None) else ''}); "
+          f"read it with nir.read('{args.out}')")
     return 0
 
 
