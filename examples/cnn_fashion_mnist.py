@@ -17,6 +17,10 @@ block (576 -> 10), 29k parameters. Conv layers are im2col NumPy, so the width is
 cores: ~0.1 s per batch of 128 for each method, 0.8-1.2 min per Fashion-MNIST epoch. (Widths
 (32, 64, 128) cost 2.5x as much per step and do not fit three methods x 8 epochs into 45 min.)
 
+For the five-method table over several seeds (BP, FA, BLL, head-only, Pred-Sim; test top-1/top-3,
+train top-1, mean +- std, one JSON per run, resumable, ``--val`` for tuning), run
+``examples/resnet_fashion_mnist.py --model cnn`` (same model, same defaults).
+
 Paper reference points (ResNet-18, GPU, 001 Table 1): BP 92.7, FA 87.9, BLL 91.2 % test accuracy.
 This small CNN trains for a few epochs only, so expect a few points less for every method.
 
