@@ -38,7 +38,7 @@ import numpy as np
 from bll_ref.fileio import atomic_open, write_json_atomic
 from bll_ref.fixedpoint import records as R
 
-__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "compile_and_link", "build", "run_qemu",
+__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "planned_activation_bytes", "compile_and_link", "build", "run_qemu",
            "parse_output", "run_firmware", "main", "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT",
            "INSNS_PER_TICK"]
 
@@ -114,6 +114,22 @@ def mac_count(records, shapes) -> dict:
         elif isinstance(rec, R.Scale):
             macs[i] = int(np.prod(shapes[i]))
     return macs
+
+
+def planned_activation_bytes(records, shapes) -> int:
+    """Peak activation memory of a deployment that frees each record's codes after their last use
+    and packs a code in 1, 2 or 4 bytes (width <= 8, <= 16, else): the largest, over records i, of
+    the bytes of record i plus those of every earlier record still needed by i or a later record.
+    An estimate (no in-place ReLU / Flatten, no buffer reuse within a layer); the golden model
+    itself keeps every record, as int32, in one trace buffer."""
+    last = list(range(len(records)))
+    last[-1] = len(records)                        # the output outlives the run
+    for i, rec in enumerate(records):
+        for j in rec.inputs:
+            last[j] = max(last[j], i)
+    nbytes = [int(np.prod(s)) * (1 if r.out_fmt.width <= 8 else 2 if r.out_fmt.width <= 16 else 4)
+              for r, s in zip(records, shapes)]
+    return max(sum(nbytes[j] for j in range(i) if last[j] >= i) + nbytes[i] for i in range(len(records)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +336,8 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
            "macs_per_inference": sum(macs.values()),
            "macs_by_record": {f"{i} {e.records[i].kind} {e.records[i].name}": m for i, m in macs.items()},
            "model_object": b["model_object"], "image": b["image"],
-           "ram_trace_buffer": 4 * sum(sizes), "qemu_wall_s": round(wall, 3), "qemu_exit": rc}
+           "ram_trace_buffer": 4 * sum(sizes),
+           "ram_planned_activations": planned_activation_bytes(e.records, shapes), "qemu_wall_s": round(wall, 3), "qemu_exit": rc}
     problem = None
     if rc is None:
         problem = f"QEMU did not finish within {timeout:g} s (--timeout); its output is in {workdir}/qemu.out"
@@ -359,7 +376,8 @@ def _print_report(rep, e, shapes, log):
         f"{mo['const']:,} B); whole image {im['text'] + im['data']:,} B (with startup, newlib printf, "
         f"{rep['n_samples']} input samples)")
     log(f"RAM:   model {rep['ram_trace_buffer'] + mo['data'] + mo['bss']:,} B (int32 trace buffer of every "
-        f"record) + stack <= {mo['stack_bound']} B; whole image .data+.bss {im['data'] + im['bss']:,} B")
+        f"record) + stack <= {mo['stack_bound']} B; whole image .data+.bss {im['data'] + im['bss']:,} B; "
+        f"a deployment freeing codes after their last use: ~{rep['ram_planned_activations']:,} B")
     ins = rep.get("instructions_per_inference")
     if ins:
         log(f"time:  {ins['mean']:,} Cortex-M4 instructions per inference (QEMU -icount, +-{INSNS_PER_TICK}; "

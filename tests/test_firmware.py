@@ -75,6 +75,23 @@ def test_mac_count_counts_in_bounds_taps_dense_and_scale(tmp_path):
     assert any(isinstance(r, R.Scale) for r in e.records)
 
 
+@pytest.mark.parametrize("which,width", [("mlp", 8), ("cnn_avg", 16), ("resnet", 8)])
+def test_planned_activation_bytes_equals_an_allocate_and_free_simulation(tmp_path, which, width):
+    e = hdf5.read(_export(tmp_path, which, width))
+    shapes = [t.shape[1:] for t in e.traces]
+    consumers = {j: [i for i, r in enumerate(e.records) if j in r.inputs] for j in range(len(e.records))}
+    live, peak = {}, 0
+    for i, rec in enumerate(e.records):     # allocate record i, then free what nobody needs any more
+        live[i] = int(np.prod(shapes[i])) * (1 if width <= 8 else 2)
+        peak = max(peak, sum(live.values()))
+        for j in list(live):
+            if j != len(e.records) - 1 and all(c <= i for c in consumers[j]):
+                del live[j]
+    assert firmware.planned_activation_bytes(e.records, shapes) == peak
+    if which == "resnet":
+        assert any(len(r.inputs) == 2 for r in e.records)     # a residual keeps its input alive
+
+
 def test_parse_output_reads_codes_and_refuses_short_or_garbled_output():
     text = "C 0 17\nT 0 0 1 -2\nT 0 1 3\nC 1 18\nT 1 0 4 5\nT 1 1 -6\nDONE 2\n"
     got, ticks = firmware.parse_output(text, 2, [2, 1])
