@@ -1,17 +1,32 @@
 """Checkpoints: one ``.npz`` (allow_pickle=False) holding the model config as JSON, every parameter
-and buffer, and optional auxiliary arrays (BLL heads, feedback weights). Written atomically."""
+and buffer, and optional auxiliary arrays (BLL heads, feedback weights). Written atomically and
+reproducibly (``fileio.write_npz``: the same model and meta give the same bytes).
+
+``load`` trusts nothing in the file: it checks that it is a zip of ``.npy`` entries, reads every
+entry's shape and dtype before reading data (absurd sizes are refused before any allocation), then
+the header (types, required keys, nesting depth, layer sizes), and finally the arrays (exactly the
+float dtype the header records, finite values). Every refusal is a ``ValueError`` naming the file
+and the problem.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 
 import numpy as np
 
-from .fileio import atomic_open
+from .fileio import write_npz
 from .layers import Sequential, layer_from_config, load_state_dict, state_dict
 
 FORMAT = "bll_ref-checkpoint"
 VERSION = 1
+MAX_DEPTH = 32                 # nesting of the model config (real models: <= 5)
+MAX_HEADER_CHARS = 1 << 24     # 16 MiB of JSON
+
+__all__ = ["save", "load", "FORMAT", "VERSION", "memory_limit", "check_fits", "config_elements",
+           "training_data"]
 
 
 def save(path, blocks, meta=None, aux=None):
@@ -24,30 +39,255 @@ def save(path, blocks, meta=None, aux=None):
     arrays = {f"model/{k}": v for k, v in state_dict(model).items()}
     arrays.update({f"aux/{k}": np.asarray(v) for k, v in (aux or {}).items()})
     arrays["header"] = np.array(json.dumps(header))
-    path = os.fspath(path)
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return path
+    return write_npz(path, arrays)
+
+
+# --------------------------------------------------------------------------- memory guard
+def memory_limit() -> int:
+    """Bytes of physical memory (the most any array set may take); 1 TiB when unknown."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_fits(n_bytes, what):
+    """ValueError when ``n_bytes`` exceed this machine's physical memory (refuse before allocating)."""
+    limit = memory_limit()
+    if n_bytes > limit:
+        raise ValueError(f"{what} needs {n_bytes / 2 ** 30:,.1f} GiB, more than this machine's "
+                         f"{limit / 2 ** 30:,.1f} GiB of memory")
+
+
+def _ints(v):
+    """Integer (or list of integers) hyperparameter -> list of ints; anything else -> []."""
+    items = v if isinstance(v, (list, tuple)) else [v]
+    return [int(i) for i in items if isinstance(i, int) and not isinstance(i, bool)]
+
+
+def _prod(xs):
+    return math.prod(max(0, x) for x in xs)
+
+
+# hyperparameters that size arrays: an int >= 0 (or a list of them) wherever they appear
+_SIZE_KEYS = {"in_features", "out_features", "num_features", "in_channels", "out_channels", "kernel_size",
+              "stride", "padding", "num_embeddings", "dim", "max_len", "scale_factor", "width"}
+
+
+def check_config(cfg, where="model"):
+    """ValueError naming the first layer config that is not plain, well-typed data."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str):
+        raise ValueError(f"{where}: a layer config must be an object with a string 'type', got {cfg!r:.80}")
+    for key, v in cfg.items():
+        if key in ("layers", "body", "shortcut"):
+            subs = v if key == "layers" else [v]
+            if key == "layers" and not isinstance(v, list):
+                raise ValueError(f"{where}.layers must be a list, got {type(v).__name__}")
+            for i, c in enumerate(subs):
+                if not (key == "shortcut" and c is None):
+                    check_config(c, f"{where}.{key}" + (f"[{i}]" if key == "layers" else ""))
+        elif key in _SIZE_KEYS:
+            items = v if isinstance(v, list) else [v]
+            if not items or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+                raise ValueError(f"{where} ({cfg['type']}): {key} must be an int >= 0, got {v!r:.40}")
+
+
+def config_elements(cfg) -> int:
+    """Number of parameter and buffer elements a layer config would allocate, computed without
+    building it (an upper estimate for layer types it does not know: the two largest sizes)."""
+    kind = cfg.get("type")
+    if kind == "Sequential":
+        return sum(config_elements(c) for c in cfg.get("layers", []) if isinstance(c, dict))
+    if kind == "Residual":
+        return sum(config_elements(cfg[k]) for k in ("body", "shortcut") if isinstance(cfg.get(k), dict))
+    g = {k: _ints(v) for k, v in cfg.items()}
+    one = {k: (v[0] if v else 0) for k, v in g.items()}
+    if kind == "Dense":
+        return (one.get("in_features", 0) + 1) * one.get("out_features", 0)
+    if kind == "Conv2d":
+        k = g.get("kernel_size") or [0]
+        k = k * 2 if len(k) == 1 else k
+        return (one.get("in_channels", 0) * _prod(k) + 1) * one.get("out_channels", 0)
+    if kind in ("BatchNorm", "LayerNorm"):
+        return 4 * one.get("num_features", 0)
+    if kind == "Embedding":
+        return one.get("num_embeddings", 0) * one.get("dim", 0)
+    if kind == "PositionalEncoding":
+        return one.get("max_len", 0) * one.get("dim", 0)
+    if kind == "SelfAttention":
+        return 4 * (one.get("dim", 0) + 1) * one.get("dim", 0)
+    sizes = sorted((i for v in g.values() for i in v), reverse=True)[:2]
+    return _prod(sizes) if len(sizes) == 2 else 0
+
+
+# --------------------------------------------------------------------------- load
+def _entries(path):
+    """name -> (shape, dtype) of every .npy entry, read from the entry headers only."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".npy"):
+                raise ValueError(f"{path}: entry {name!r} is not a .npy array; not a bll_ref checkpoint")
+            with zf.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+            out[name[:-4]] = (shape, dtype)
+    return out
+
+
+def _check_entries(path, entries):
+    total = 0
+    for name, (shape, dtype) in entries.items():
+        if name == "header":
+            if dtype.kind != "U" or shape != ():
+                raise ValueError(f"{path}: 'header' must be one JSON string, got {dtype} {shape}")
+            if dtype.itemsize // 4 > MAX_HEADER_CHARS:
+                raise ValueError(f"{path}: header of {dtype.itemsize // 4:,} characters is absurdly long")
+            continue
+        if not name.startswith(("model/", "aux/")):
+            raise ValueError(f"{path}: unexpected entry {name!r}; not a bll_ref checkpoint")
+        # parameters are real floats; auxiliary arrays may also be integer (counters)
+        if dtype.kind != "f" and (name.startswith("model/") or dtype.kind not in "iub"):
+            raise ValueError(f"{path}: array {name} is {dtype}; checkpoints hold real "
+                             f"{'float' if name.startswith('model/') else 'numeric'} arrays only")
+        total += math.prod(shape) * dtype.itemsize
+    if "header" not in entries:
+        raise ValueError(f"{path}: no 'header' entry; not a bll_ref checkpoint")
+    check_fits(total, f"{path}: its arrays")
+
+
+def _depth(obj, limit, level=0):
+    if level > limit:
+        raise ValueError(f"nested more than {limit} levels deep")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _depth(v, limit, level + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _depth(v, limit, level + 1)
+
+
+def _parse_header(path, text):
+    try:
+        header = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: header is nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+    try:
+        _depth(header, MAX_DEPTH + 2)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path}: header is nested more than {MAX_DEPTH} levels deep") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    for key, kind in (("format", str), ("version", int), ("model", dict), ("meta", dict)):
+        if key not in header:
+            raise ValueError(f"{path}: header lacks the key {key!r}")
+        if not isinstance(header[key], kind) or isinstance(header[key], bool):
+            raise ValueError(f"{path}: header key {key!r} must be a {kind.__name__}, got "
+                             f"{type(header[key]).__name__}")
+    if header["format"] != FORMAT:
+        raise ValueError(f"{path}: format {header['format']!r}, expected {FORMAT!r}")
+    if header["version"] > VERSION:
+        raise ValueError(f"{path}: checkpoint version {header['version']} is newer than this bll_ref "
+                         f"reads ({VERSION}); upgrade bll_ref")
+    meta = header["meta"]
+    for key in ("method", "model", "data"):
+        if key in meta and not isinstance(meta[key], str):
+            raise ValueError(f"{path}: meta {key!r} must be a string, got {type(meta[key]).__name__}")
+    if "options" in meta and not isinstance(meta["options"], dict):
+        raise ValueError(f"{path}: meta 'options' must be an object, got {type(meta['options']).__name__}")
+    for key in ("limit_train", "limit_test"):
+        v = meta.get("options", {}).get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{path}: meta option {key!r} must be an int >= 1 or null, got {v!r}")
+    return header
+
+
+def _build(path, cfg):
+    """The model of the header's config; sizes checked before anything is allocated."""
+    try:
+        check_config(cfg)
+        n = config_elements(cfg)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: the model config is malformed ({e})") from None
+    check_fits(8 * n, f"{path}: a model of {n:,} parameters")
+    try:
+        return layer_from_config(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError, MemoryError) as e:
+        raise ValueError(f"{path}: the model config is invalid ({type(e).__name__}: {e})") from None
+
+
+def _check_values(path, model, arrays):
+    """Exactly the recorded float dtype (no silent cast) and finite values."""
+    own = {f"model/{k}": v for k, v in state_dict(model).items()}
+    for name, a in arrays.items():
+        if name in own and a.dtype != own[name].dtype:
+            raise ValueError(f"{path}: array {name} is {a.dtype}, the header records {own[name].dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{path}: array {name} holds NaN or inf (the run diverged?); retrain, "
+                             "e.g. with a lower --lr")
 
 
 def load(path):
-    """Returns (model Sequential of blocks, meta dict, aux dict). Clear errors for bad files."""
+    """Returns (model Sequential of blocks, meta dict, aux dict).
+
+    Raises FileNotFoundError for a missing file and ValueError naming the problem for anything
+    else: not an npz, malformed header, absurd sizes, wrong dtypes, non-finite values.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a checkpoint file (try {path}/checkpoint.npz)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable .npz file (not a zip archive); expected a "
+                         "checkpoint written by bll-ref train")
+    try:
+        entries = _entries(path)
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    _check_entries(path, entries)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # zipfile / value errors on truncated or foreign files
+    except Exception as e:  # zipfile / value errors on truncated entries
         raise ValueError(f"{path} is not a readable bll_ref checkpoint ({type(e).__name__}: {e})") from None
-    if "header" not in arrays:
-        raise ValueError(f"{path}: no 'header' entry; not a bll_ref checkpoint")
-    header = json.loads(str(arrays.pop("header")))
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {header['version']} is newer than this bll_ref "
-                         f"reads ({VERSION}); upgrade bll_ref")
-    model = layer_from_config(header["model"])
-    load_state_dict(model, {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+    header = _parse_header(path, str(arrays.pop("header")))
+    model = _build(path, header["model"])
+    _check_values(path, model, arrays)
+    try:
+        load_state_dict(model, {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     aux = {k[len("aux/"):]: v for k, v in arrays.items() if k.startswith("aux/")}
     return model, header["meta"], aux
+
+
+# --------------------------------------------------------------------------- data of a checkpoint
+def training_data(meta, want="auto", *, images, limit_train=None, limit_test=None, log=print):
+    """The data a checkpoint's model was trained on (``meta['data']``) unless ``want`` says otherwise.
+
+    Synthetic data is regenerated with the training run's sizes, so the test split is the one the
+    run was evaluated on; an explicit ``want`` that differs from the training data is warned about.
+    Returns (data dict, source name).
+    """
+    from .data import load as load_data
+    trained = meta.get("data")
+    if want == "auto":  # Fashion-MNIST when present, else the synthetic fallback (it says so)
+        source = "synthetic" if trained == "synthetic" else "auto"
+    else:
+        source = want
+    if source == "synthetic" and trained == "synthetic":
+        opts = meta.get("options", {})
+        limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
+    d, got = load_data(source, images=images, limit_train=limit_train, limit_test=limit_test, log=log)
+    if trained and got != trained and log:
+        log(f"warning: the model was trained on {trained} data, using {got} data instead")
+    return d, got

@@ -1,15 +1,22 @@
-"""``bll-ref`` command line: train / eval / demo (and export / verify, see exporters/)."""
+"""``bll-ref`` command line: train / eval / demo / report (and export / verify / nir / c-header,
+see exporters/).
+
+Exit codes: 0 success; 1 a verified mismatch (verify, c-header --compile); 2 bad input or
+environment (one line on stderr naming the problem; never a traceback for a user mistake);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); temporary files are removed either way.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 
-from . import checkpoint, data, models
+from . import __version__, checkpoint, data, models
+from .fileio import sigterm_as_exit
 from .methods.common import evaluate
 from .parallel import SCHEDULES, SequentialSchedule, WorkerError
 
@@ -23,10 +30,7 @@ def load_data(args, image_shape, log=print):
 def _build_model(args):
     dtype = np.dtype(args.dtype)
     if args.model == "mlp":
-        try:
-            sizes = tuple(int(s) for s in args.sizes.split(","))
-        except ValueError:
-            raise ValueError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+        sizes = _mlp_sizes(args.sizes, dtype)
         return models.mlp(sizes, activation_name=args.activation, rng=args.seed, dtype=dtype), False
     width = getattr(args, "width", None)  # runs saved before --width existed resume without it
     if width is not None and args.model != "resnet18":
@@ -35,6 +39,22 @@ def _build_model(args):
         raise ValueError(f"--width must be >= 1 (base channels), got {width}")
     kw = {"width": width} if width is not None else {}
     return models.build(args.model, rng=args.seed, dtype=dtype, **kw), True
+
+
+_DATA_HELP = ("auto: Fashion-MNIST from $BLL_DATA (an error if incomplete) or /usr/share/datasets/fashion-mnist "
+              "when present, else the synthetic stand-in (said in the log); fashion-mnist: required; "
+              "synthetic: the synthetic task")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help already states the default or there is none."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in h:
+            return h
+        return super()._get_help_string(action)
 
 
 # BLL options of `train` -> BLL keywords; None (not given) leaves the library default.
@@ -62,23 +82,30 @@ def method_options(args) -> dict:
 
 
 def _add_train_options(p):
-    p.add_argument("--method", choices=("bp", "fa", "bll"), default="bll")
-    p.add_argument("--model", choices=("mlp", "cnn", "resnet", "resnet18"), default="mlp")
+    p.add_argument("--method", choices=("bp", "fa", "bll"), default="bll",
+                   help="training rule: backprop, feedback alignment or block-local learning")
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet", "resnet18"), default="mlp",
+                   help="network: mlp (layer widths from --sizes) or an image model on 1x28x28 inputs")
     p.add_argument("--width", type=int, default=None, help="resnet18: base channels (default 16; 64 = ResNet-18)")
-    p.add_argument("--sizes", default="784,1024,1024,1024,10", help="MLP layer sizes")
-    p.add_argument("--activation", default="leaky_relu", choices=("relu", "leaky_relu", "sigmoid", "tanh"))
+    p.add_argument("--sizes", default="784,1024,1024,1024,10", help="MLP layer widths in units, input first, classes last")
+    p.add_argument("--activation", default="leaky_relu", choices=("relu", "leaky_relu", "sigmoid", "tanh"),
+                   help="MLP hidden-layer activation")
     p.add_argument("--epochs", type=int, default=None, help="epochs in all (default 10; with --resume: "
                    "the resumed run's total unless given)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (every method)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto")
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--out", default=None, help="run directory (checkpoint.npz, history.json, state/)")
+    p.add_argument("--batch-size", type=int, default=128, help="examples per training step")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (step size, > 0) of every block")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="parameter update rule")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum in [0, 1) (every method; default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed (int >= 0) of the initial weights and batch order")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="float type of parameters and activations")
+    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto", help=_DATA_HELP)
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="use only the first N training examples (default: all)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="use only the first N test examples (default: all)")
+    p.add_argument("--out", default=None, help="run directory (checkpoint.npz, history.json, state/); "
+                   "default runs/METHOD-MODEL-seedSEED")
     g = p.add_argument_group("parallel training and resume (BLL, span 1, closed or trained feedback)")
     g.add_argument("--parallel", choices=SCHEDULES, default="none",
                    help="none: one loop; threads: one thread per group of blocks; mpi: one rank per group "
@@ -92,19 +119,20 @@ def _add_train_options(p):
                    help="continue RUN_DIR from its last complete epoch with its own options")
     g = p.add_argument_group("BLL options (an option that does not apply to the chosen variant is an error)")
     g.add_argument("--variational", default=None, choices=("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim"),
-                   help="default gauss_ln; sim: Pred-Sim (Nokland & Eidnes 2019) similarity loss")
-    g.add_argument("--feedback", default=None, choices=("closed", "trained", "twin"), help="default closed")
-    g.add_argument("--var-weight", type=float, default=None, help="default 1 (sim: 99)")
-    g.add_argument("--tau", type=float, default=None, help="mixing m = 1/(1 + tau epoch), default 2")
-    g.add_argument("--m", type=float, default=None, help="constant mixing m (instead of --tau)")
+                   help="local variational loss; default gauss_ln; sim: Pred-Sim (Nokland & Eidnes 2019) similarity loss")
+    g.add_argument("--feedback", default=None, choices=("closed", "trained", "twin"), help="feedback network giving each block its message b; default closed")
+    g.add_argument("--var-weight", type=float, default=None, help="weight of the variational term (factor); default 1 (sim: 99)")
+    g.add_argument("--tau", type=float, default=None, help="mixing m = 1/(1 + tau epoch) (per epoch, >= 0), default 2")
+    g.add_argument("--m", type=float, default=None, help="constant mixing m in [0, 1] (instead of --tau; default: the --tau schedule)")
     g.add_argument("--no-anneal", action="store_true", help="Gaussian terms: do not weight by m")
     g.add_argument("--no-head", action="store_true", help="disable the local predictive head")
-    g.add_argument("--head-weight", type=float, default=None, help="default 1")
+    g.add_argument("--head-weight", type=float, default=None, help="weight of the local head's loss (factor, >= 0); default 1")
     g.add_argument("--eq8-terms", default=None, help="eq8 only: forward,posterior (default both)")
-    g.add_argument("--span", type=int, choices=(1, 2), default=None, help="default 1")
-    g.add_argument("--l2", type=float, default=None, help="closed feedback: ridge strength, default 1")
-    g.add_argument("--feedback-decay", type=float, default=None, help="closed feedback: running-statistics decay")
-    g.add_argument("--feedback-lr", type=float, default=None, help="trained/twin feedback: learning rate")
+    g.add_argument("--span", type=int, choices=(1, 2), default=None,
+                   help="blocks a local gradient reaches (2: also into the block below); default 1")
+    g.add_argument("--l2", type=float, default=None, help="closed feedback: ridge strength (>= 0), default 1")
+    g.add_argument("--feedback-decay", type=float, default=None, help="closed feedback: running-statistics decay per step in [0, 1] (default: none, plain sums)")
+    g.add_argument("--feedback-lr", type=float, default=None, help="trained/twin feedback: learning rate (> 0), default 1e-3")
     g.add_argument("--no-kernels", action="store_true", help="NumPy reference losses instead of Numba")
 
 
@@ -126,6 +154,55 @@ def _resume_args(args):
     if merged["epochs"] is None:
         merged["epochs"] = stored.get("epochs")
     return argparse.Namespace(**{**vars(args), **merged})
+
+
+def _number(name, value, *, low=None, high=None, low_open=False, high_open=False, dtype=None):
+    """A finite float option within its range (and representable in the training dtype)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"--{name} must be a finite number, got {value}")
+    if dtype is not None and abs(value) > float(np.finfo(dtype).max):
+        raise ValueError(f"--{name} {value:g} does not fit in {dtype} (max {np.finfo(dtype).max:.3g})")
+    if low is not None and (value < low or low_open and value == low):
+        raise ValueError(f"--{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and (value > high or high_open and value == high):
+        raise ValueError(f"--{name} must be {'<' if high_open else '<='} {high:g}, got {value:g}")
+
+
+def _count(name, value, low=1):
+    if value is not None and value < low:
+        raise ValueError(f"--{name} must be >= {low}, got {value}")
+
+
+def _mlp_sizes(text, dtype):
+    """--sizes "784,256,10" -> (784, 256, 10), refused before allocation when they cannot fit."""
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"--sizes needs at least two widths, each >= 1, got {text!r}")
+    n = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    # parameters, gradients and two optimiser moments per weight
+    checkpoint.check_fits(4 * n * np.dtype(dtype).itemsize, f"--sizes {text} ({n:,} parameters)")
+    return sizes
+
+
+def validate_train(args):
+    """Every ``train`` option checked before anything is built, loaded or created on disk."""
+    for name in ("epochs", "batch_size", "limit_train", "limit_test", "workers", "blas_threads"):
+        _count(name.replace("_", "-"), getattr(args, name))
+    _count("seed", args.seed, 0)
+    if args.model == "mlp":
+        _mlp_sizes(args.sizes, args.dtype)
+    _number("lr", args.lr, low=0, low_open=True, dtype=args.dtype)
+    _number("momentum", args.momentum, low=0, high=1, high_open=True)
+    _number("feedback-lr", args.feedback_lr, low=0, low_open=True, dtype=args.dtype)
+    _number("m", args.m, low=0, high=1)
+    _number("feedback-decay", args.feedback_decay, low=0, high=1)
+    for name in ("var_weight", "tau", "head_weight", "l2"):
+        _number(name.replace("_", "-"), getattr(args, name), low=0, dtype=args.dtype)
 
 
 def _check_writable(out):
@@ -170,8 +247,7 @@ def cmd_train(args):
     if args.resume:
         args = _resume_args(args)
     args.epochs = 10 if args.epochs is None else args.epochs
-    if args.blas_threads < 1:
-        raise ValueError(f"--blas-threads must be >= 1, got {args.blas_threads}")
+    validate_train(args)
     rank = _mpi_rank() if args.parallel == "mpi" else 0
     log = print if rank == 0 else None
     blocks, images = _build_model(args)
@@ -180,6 +256,7 @@ def cmd_train(args):
         d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
     method = make(args.method, blocks, sample_input=d["x_train"][:8], rng=args.seed, **method_options(args))
     out = args.out or os.path.join("runs", f"{args.method}-{args.model}-seed{args.seed}")
+    created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
     schedule = _schedule(args, method, d, log)
@@ -187,15 +264,20 @@ def cmd_train(args):
         log(f"training {args.method} on {args.model} for {args.epochs} epochs "
             f"(schedule {schedule.name}, {schedule.workers} worker{'s' * (schedule.workers > 1)}) -> {out}")
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    # the run's name, not the absolute path of this machine: same run -> same checkpoint bytes
+    options.update({k: _run_name(options[k]) for k in ("out", "resume") if options.get(k)})
     try:
-        hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=args.seed,
-                   log=print if (rank == 0 or schedule.name == "mpi" and schedule.last) else None,
-                   history_path=os.path.join(out, "history.json") if rank == 0 else None,
-                   state_dir=os.path.join(out, "state"),  # every rank resumes from it; rank 0 writes
-                   resume=bool(args.resume), options=options, schedule=schedule)
-    except Exception as e:
-        if schedule.name == "mpi":
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # fit reports divergence
+            hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=args.seed,
+                       log=print if (rank == 0 or schedule.name == "mpi" and schedule.last) else None,
+                       history_path=os.path.join(out, "history.json") if rank == 0 else None,
+                       state_dir=os.path.join(out, "state"),  # every rank resumes from it; rank 0 writes
+                       resume=bool(args.resume), options=options, schedule=schedule)
+    except BaseException as e:
+        if schedule.name == "mpi" and isinstance(e, Exception):
             schedule.abort(e)
+        if rank == 0 and created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # nothing of the run was kept: leave no empty directory behind
         raise
     if not schedule.is_root:
         return 0
@@ -206,18 +288,28 @@ def cmd_train(args):
     return 0
 
 
+def _run_name(path):
+    """The run directory's own name (``runs/a`` and ``/home/x/runs/a`` both give ``a``)."""
+    return os.path.basename(os.path.normpath(os.path.abspath(path)))
+
+
 def _mpi_rank():
     from .parallel.mpi import world
     return world().Get_rank()
 
 
 def cmd_eval(args):
+    _count("limit-test", args.limit_test)
     model, meta, _ = checkpoint.load(args.checkpoint)
     images = meta.get("model") in ("cnn", "resnet", "resnet18")
-    args.limit_train, args.limit_test = 1, args.limit_test
-    d, _ = load_data(args, images)
-    acc = evaluate(model, d["x_test"], d["y_test"])
-    print(f"{args.checkpoint}: test accuracy {100 * acc:.2f}% ({len(d['x_test'])} examples)")
+    d, source = checkpoint.training_data(meta, args.data, images=images, limit_train=1, limit_test=args.limit_test)
+    x, y = d["x_test"][:args.limit_test], d["y_test"][:args.limit_test]
+    want = (1, 28, 28) if images else (model[0][0].in_features,)
+    if x.shape[1:] != want:
+        raise ValueError(f"{args.checkpoint}: the model reads inputs of shape {want}, the {source} test "
+                         f"data has {x.shape[1:]}")
+    acc = evaluate(model, x, y)
+    print(f"{args.checkpoint}: test accuracy {100 * acc:.2f}% ({len(x)} {source} test examples)")
     return 0
 
 
@@ -226,6 +318,8 @@ def cmd_demo(args):
     from .methods import make
     from .methods.common import fit
     args.data = "auto"
+    for name in ("epochs", "limit_train", "limit_test"):
+        _count(name.replace("_", "-"), getattr(args, name))
     d, source = load_data(args, False)
     rows = []
     for method_name in ("bp", "bll"):
@@ -251,37 +345,63 @@ def cmd_report(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bll-ref", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bll-ref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bll-ref {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model with BP, FA or BLL")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="test accuracy of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto")
-    p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train")
+    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
+                   help="test data; auto: the data the checkpoint was trained on (recorded in it)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="use only the first N test examples (default: all)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="short BP vs BLL comparison on the embedded default")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--limit-train", type=int, default=None)
-    p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per method")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="use only the first N training examples (default: all)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="use only the first N test examples (default: all)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("report", help="figures and a summary table of run directories")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by bll-ref train")
     p.add_argument("--out", required=True, help="directory for curves.png, blocks-<run>.png, report.md")
-    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution (dots per inch)")
     p.set_defaults(func=cmd_report)
     from exporters.cli import add_commands  # export, verify, nir, c-header
     add_commands(sub)
+    for p in sub.choices.values():
+        p.formatter_class = _Help
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+        with sigterm_as_exit():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+            return args.func(args)
+    except ValueError as e:
         print(f"bll-ref {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (WorkerError, FloatingPointError) as e:  # a dead worker, a diverging run: exit 2, one line
         print(f"bll-ref {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # file system: read-only, full, a file or directory in the way
+        print(f"bll-ref {args.command}: error: {_os_message(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"bll-ref {args.command}: error: out of memory; use a smaller model, batch or "
+              "--limit-train", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bll-ref {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _os_message(e: OSError) -> str:
+    msg = e.strerror or str(e)
+    if e.filename is not None and os.fspath(e.filename) not in msg:
+        msg = f"{os.fspath(e.filename)}: {msg}"
+    return msg
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .fileio import atomic_open, write_json_atomic
+from .fileio import write_json_atomic, write_npz
 
 FORMAT, VERSION = "bll_ref-runstate", 1
 TRAINER = "trainer.json"
@@ -48,8 +48,7 @@ def save(state_dir, method, epoch, rng_state, history, options=None):
     files = {}
     for name in _part_names(method):
         files[name] = f"{name}-epoch{epoch}.npz"
-        with atomic_open(os.path.join(state_dir, files[name]), "wb") as f:
-            np.savez(f, **_part_state(method, name))
+        write_npz(os.path.join(state_dir, files[name]), _part_state(method, name))
     write_json_atomic(os.path.join(state_dir, TRAINER), {
         "format": FORMAT, "version": VERSION, "epoch": int(epoch), "method": method.name,
         "rng": rng_state, "history": history, "options": options or {}, "files": files})

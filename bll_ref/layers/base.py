@@ -93,7 +93,10 @@ class Layer:
     def backward(self, dy):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    __call__ = forward
+    def __call__(self, x, train: bool = True):
+        """``layer(x)`` is ``layer.forward(x)`` of the subclass (a class-level alias would bind the
+        abstract method above)."""
+        return self.forward(x, train=train)
 
     def _cached(self):
         """The cache saved by the last forward(train=True); RuntimeError if there is none."""

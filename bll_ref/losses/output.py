@@ -11,8 +11,20 @@ from .local import gaussian_kl_s15  # Eq. S15: the uncertainty autoencoder's out
 __all__ = ["softmax_cross_entropy", "softmax", "mse", "gaussian_kl_s15"]
 
 
+def _check_float(x, who, name, *, min_ndim=1):
+    """A non-empty float32/float64 ndarray (no int, complex, object or bool), else ValueError."""
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        got = f"{x.shape} {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"{who} expects {name} as a float32 or float64 array, got {got}")
+    if x.ndim < min_ndim or x.size == 0:
+        raise ValueError(f"{who} expects a non-empty {name} with at least {min_ndim} dimension(s) "
+                         f"(a batch first), got shape {x.shape}")
+    return x
+
+
 def softmax(z, axis=-1):
     """Stable softmax (shift by the max; fine for logits of 1e4)."""
+    _check_float(z, "softmax", "z")
     e = np.exp(z - z.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -21,7 +33,7 @@ def _labels(y, shape, who):
     """Integer labels (N, ...) -> (flat int array); also accepts one-hot / soft targets."""
     y = np.asarray(y)
     n_classes = shape[-1]
-    if y.shape == shape and np.issubdtype(y.dtype, np.floating):
+    if y.shape == shape and y.dtype in (np.float32, np.float64):
         return None, y.reshape(-1, n_classes)
     if y.shape != shape[:-1] or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{who} expects integer labels of shape {shape[:-1]} or targets of shape "
@@ -38,9 +50,7 @@ def softmax_cross_entropy(logits, y):
     logits : (N, C) or (N, T, C) float; y : int labels (N,) / (N, T), or probabilities like logits.
     The loss is the mean over all N (x T) positions; log-sum-exp keeps logits of 1e4 finite.
     """
-    if not isinstance(logits, np.ndarray) or logits.ndim < 2 or not np.issubdtype(logits.dtype, np.floating):
-        raise ValueError(f"softmax_cross_entropy expects float logits (N, ..., C), got "
-                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    _check_float(logits, "softmax_cross_entropy", "logits (N, ..., C)", min_ndim=2)
     z = logits.reshape(-1, logits.shape[-1])
     labels, target = _labels(y, logits.shape, "softmax_cross_entropy")
     shift = z - z.max(axis=1, keepdims=True)
@@ -60,7 +70,8 @@ def softmax_cross_entropy(logits, y):
 
 def mse(pred, target):
     """Mean squared error over all elements; returns (loss, dpred)."""
-    pred, target = np.asarray(pred), np.asarray(target)
+    _check_float(pred, "mse", "pred")
+    _check_float(target, "mse", "target")
     if pred.shape != target.shape:
         raise ValueError(f"mse: prediction {pred.shape} and target {target.shape} differ")
     d = pred - target

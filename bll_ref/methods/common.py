@@ -79,6 +79,41 @@ class Method:
         return predict(self.model, x, batch_size)
 
 
+class Diverged(FloatingPointError):
+    """Training produced a non-finite loss or parameters; the message names epoch, step and block."""
+
+
+# history fields that hold wall-clock measurements: the only ones that differ between two runs with
+# the same seed, data and options (everything else in history.json is bit-identical)
+TIMING_FIELDS = ("epoch_seconds", "samples_per_s")
+
+
+def _finite_params(layers) -> bool:
+    return all(np.isfinite(v).all() for layer in layers for v in layer.params.values())
+
+
+def _bad_block(method):
+    """1-based index of the first block whose running local loss or parameters are non-finite."""
+    for k, learner in enumerate(getattr(method, "learners", ())):  # BLL: one scalar per block
+        if not np.isfinite(sum(v for v in learner.stats.values())):
+            return k + 1
+    for k, block in enumerate(method.model.layers):
+        if not _finite_params([block]):
+            return k + 1
+    return None
+
+
+def _bad_block_loss(method) -> bool:
+    return not all(np.isfinite(sum(v for v in l.stats.values())) for l in method.learners)
+
+
+def _diverged(method, epoch, step, what):
+    k = _bad_block(method)
+    where = f"epoch {epoch}, step {step}" + (f", block {k}" if k else "")
+    return Diverged(f"training diverged at {where}: {what}; lower the learning rate (--lr) "
+                    "or check the inputs")
+
+
 def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=None,
         eval_batch=1000, diag_samples=2000, schedule=None, state_dir=None, resume=False, options=None,
         train_eval=5000):
@@ -119,26 +154,38 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         history.update(schedule=schedule.name, workers=schedule.workers)
         if log and schedule.is_root:
             log(f"resuming after epoch {start} from {state_dir}")
+    history["timing_fields"] = list(TIMING_FIELDS)
     for epoch in range(start, epochs):
         method.on_epoch_start(epoch)
         t0 = time.perf_counter()
         recent = []
 
         def on_step(step, loss):
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {step}; "
-                                         "lower the learning rate or check the inputs")
+            # divergence check per step: one scalar per block (the loss; BLL: each block's running
+            # local loss sum), never a scan of the parameters
+            if not np.isfinite(loss) or (getattr(method, "learners", None) and _bad_block_loss(method)):
+                raise _diverged(method, epoch + 1, step, f"the loss became {loss}")
             recent.append(loss)
             if log and (step % every == 0 or step == steps):
                 dt = time.perf_counter() - t0
+                done = min(step * batch_size, len(x))  # the last batch may be short
                 log(f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {np.mean(recent[-every:]):.4f} "
-                    f"{step * batch_size / dt:,.0f} samples/s")
+                    f"{done / dt:,.0f} samples/s")
 
-        losses = schedule.run_epoch(method, batches(x, y, batch_size, rng=gen), on_step)
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # found by the checks
+                losses = schedule.run_epoch(method, batches(x, y, batch_size, rng=gen), on_step)
+        except (ValueError, FloatingPointError) as e:
+            if isinstance(e, Diverged) or _bad_block(method) is None:
+                raise
+            raise _diverged(method, epoch + 1, len(recent) + 1,
+                            "parameters became NaN or inf") from None
         seconds = time.perf_counter() - t0
         schedule.gather(method)
         if not schedule.is_root:
             continue
+        if not _finite_params(method.model.layers):  # once per epoch, before anything is saved
+            raise _diverged(method, epoch + 1, steps, "parameters became NaN or inf")
         logits = predict(method.model, data["x_test"], eval_batch)
         acc = accuracy(logits, data["y_test"])
         top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
