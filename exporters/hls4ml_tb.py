@@ -61,6 +61,22 @@ def _ap(width, frac, rounding, overflow, signed=True):
     return f"{base}<{width},{width - frac},{_HLS_Q[rounding]},{_HLS_O[overflow]}>"
 
 
+def common_frac_affine(rec):
+    """A dense / conv2d / scale record's weight and bias codes at one common frac, for hls4ml's
+    one type per tensor: per-channel weight formats (array ``w_frac``) are aligned to the finest
+    channel by exact left shifts.  Returns (W int64, c int64, acc_frac, d) with d = the bits added."""
+    W, c = rec.W.astype(np.int64), np.asarray(rec.c, np.int64)
+    w_frac = getattr(rec, "w_frac", None)
+    if w_frac is None:
+        return W, c, rec.acc_frac, 0
+    shift = np.asarray(w_frac, np.int64).max() - np.asarray(w_frac, np.int64)     # (out,)
+    axis = 1 if isinstance(rec, R.Dense) else 0
+    shape = [1] * W.ndim
+    shape[axis] = -1
+    d = int(shift.max())
+    return W << shift.reshape(shape), c << shift, rec.acc_frac + d, d
+
+
 def _amax(fmt):
     return max(-fmt.min_code, fmt.max_code)
 
@@ -71,16 +87,20 @@ def _layer(rec, in_fmts):
     p = {"result": f.hls_type}
     note = None
     if isinstance(rec, R.Affine):
-        w = np.abs(rec.W.astype(np.int64))
+        W, c, acc_frac, d = common_frac_affine(rec)
         k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
-        c_lo, c_hi = int(rec.c.min(initial=0)), int(rec.c.max(initial=0))
-        bound = k * _amax(in_fmts[0]) * int(w.max(initial=0)) + max(-c_lo, c_hi)
-        acc_bits = _signed_bits(-bound, bound)
-        p[("scale" if isinstance(rec, R.Scale) else "weight")] = rec.w_fmt.hls_type
-        p["bias"] = _ap(_signed_bits(c_lo, c_hi), rec.acc_frac, f.rounding, f.overflow)
-        p["accum"] = _ap(acc_bits, rec.acc_frac, f.rounding, f.overflow)
+        c_lo, c_hi = int(c.min(initial=0)), int(c.max(initial=0))
+        bound = k * _amax(in_fmts[0]) * int(np.abs(W).max(initial=0)) + max(-c_lo, c_hi)
+        wf = rec.w_fmt
+        p[("scale" if isinstance(rec, R.Scale) else "weight")] = _ap(wf.width + d, wf.frac + d, wf.rounding,
+                                                                     wf.overflow, wf.signed)
+        p["bias"] = _ap(_signed_bits(c_lo, c_hi), acc_frac, f.rounding, f.overflow)
+        p["accum"] = _ap(_signed_bits(-bound, bound), acc_frac, f.rounding, f.overflow)
         note = ("bias codes and every partial sum are exact in these types; result = the accumulator "
                 "converted with the result type's rounding and overflow")
+        if d:
+            note += (f"; per-channel weight formats (fracs {int(rec.w_frac.min())}..{int(rec.w_frac.max())}) "
+                     f"are held exactly by one weight type {d} bits wider")
     elif isinstance(rec, R.LeakyReLU):
         p["param"] = _ap(16, rec.slope_frac, f.rounding, "saturate")
         note = (f"slope {rec.slope} as the 16-bit code {rec.slope_code} at {rec.slope_frac} fractional bits; "
@@ -119,7 +139,7 @@ def precision_table(exported) -> dict:
         names[rec.name] = {"Precision": p}
         layers.append({"index": i, "kind": rec.kind, "name": rec.name, "inputs": list(rec.inputs),
                        "shape": list(exported.traces[i].shape[1:]), "result_frac": rec.out_fmt.frac,
-                       "Precision": p, **({"acc_frac": rec.acc_frac} if isinstance(rec, R.Affine) else {}),
+                       "Precision": p, **({"acc_frac": common_frac_affine(rec)[2]} if isinstance(rec, R.Affine) else {}),
                        **({"note": note} if note else {})})
     return {"format": "bll_ref-hls4ml-precision", "version": 1,
             "HLSConfig": {"Model": {"Precision": records[0].out_fmt.hls_type}, "LayerName": names},

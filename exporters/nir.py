@@ -243,9 +243,13 @@ def quant_metadata(graph, records) -> dict:
                 raise ValueError(f"the integer record {name!r} was made from other weights than the model's "
                                  "(export and NIR of different checkpoints?)")
             q["weight"] = _q(rec.w_fmt, _node_layout(rec, rec.W, node))
-            q["bias"] = {"codes": np.asarray(rec.c, np.int64), "width": np.int64(64), "frac": np.int64(rec.acc_frac),
+            acc_frac = np.int64(rec.acc_frac)
+            if getattr(rec, "w_frac", None) is not None:     # per-output-channel formats: (out,) fracs
+                q["weight"]["frac"] = np.asarray(rec.w_frac, np.int64)
+                acc_frac = np.asarray(rec.channel_acc_fracs(), np.int64)
+            q["bias"] = {"codes": np.asarray(rec.c, np.int64), "width": np.int64(64), "frac": acc_frac,
                          "signed": np.int64(1), "rounding": rec.w_fmt.rounding, "overflow": "none"}
-            q["acc_frac"] = np.int64(rec.acc_frac)
+            q["acc_frac"] = acc_frac
         elif isinstance(rec, R.AvgPool2d):
             q["recip"], q["recip_shift"] = np.int64(rec.recip), np.int64(rec.recip_shift)
         node.setdefault("metadata", {})["quant"] = q

@@ -38,11 +38,12 @@ def read_dat(path):
     return rows
 
 
-def _export(tmp_path, net, width=8, rounding="nearest", ovf="saturate"):
+def _export(tmp_path, net, width=8, rounding="nearest", ovf="saturate", per_channel=False):
     g = np.random.default_rng(width)
     model, shape = (_mlp(g), (12,)) if net == "mlp" else (_cnn(g), (2, 14, 14))
     x = g.normal(size=(20,) + shape).astype(np.float32)
-    return hdf5.export(model, tmp_path / f"{net}.h5", x, width=width, rounding=rounding, overflow=ovf, n_traces=7)
+    return hdf5.export(model, tmp_path / f"{net}.h5", x, width=width, rounding=rounding, overflow=ovf, n_traces=7,
+                       per_channel=per_channel)
 
 
 @pytest.mark.parametrize("net,width,rounding,ovf", [("mlp", 8, "nearest", "saturate"), ("mlp", 16, "floor", "wrap"),
@@ -74,13 +75,13 @@ def test_channels_last_layout_moves_channels_last(tmp_path):
         write_tb(e, tmp_path / "tb", layout="nhwc")
 
 
-@pytest.mark.parametrize("net", ["mlp", "cnn"])
-def test_precision_table_types_reproduce_the_traces(tmp_path, net):
-    e = _export(tmp_path, net, 7, "nearest_even", "wrap")
+@pytest.mark.parametrize("net,per_channel", [("mlp", False), ("cnn", False), ("mlp", True), ("cnn", True)])
+def test_precision_table_types_reproduce_the_traces(tmp_path, net, per_channel):
+    e = _export(tmp_path, net, 7, "nearest_even", "wrap", per_channel)
     table = json.load(open(write_tb(e, tmp_path / "tb")["precision"]))
     assert table["HLSConfig"]["Model"]["Precision"] == e.records[0].out_fmt.hls_type
     assert set(table["HLSConfig"]["LayerName"]) == {r.name for r in e.records}
-    layers = table["layers"]
+    layers, widened = table["layers"], 0
     for i, (rec, row) in enumerate(zip(e.records, layers)):
         p = row["Precision"]
         assert p == table["HLSConfig"]["LayerName"][rec.name]["Precision"]
@@ -91,25 +92,32 @@ def test_precision_table_types_reproduce_the_traces(tmp_path, net):
             continue
         x = e.traces[rec.inputs[0]].astype(np.int64)
         wq, bq, aq = parse_ap(p["scale" if rec.kind == "scale" else "weight"]), parse_ap(p["bias"]), parse_ap(p["accum"])
-        assert wq["frac"] == rec.w_fmt.frac and wq["width"] == rec.w_fmt.width
+        # one weight type per tensor: per-channel formats (w_frac) aligned to the finest channel
+        w_frac = rec.w_frac if rec.w_frac is not None else np.full(rec.c.shape, rec.w_fmt.frac)
+        assert per_channel == (rec.w_frac is not None)
+        shift = wq["frac"] - w_frac
+        assert shift.min() == 0 and wq["width"] == rec.w_fmt.width + shift.max()
+        widened += int(shift.max() > 0)
         # bias and accumulator types hold the codes exactly, at acc_frac = in frac + weight frac
         in_frac = e.records[rec.inputs[0]].out_fmt.frac
         assert bq["frac"] == aq["frac"] == in_frac + wq["frac"]
+        c = rec.c << shift
         lo, hi = -(1 << (bq["width"] - 1)), (1 << (bq["width"] - 1)) - 1
-        assert lo <= rec.c.min() and rec.c.max() <= hi
+        assert lo <= c.min() and c.max() <= hi
         W = rec.W.astype(np.int64)
         if rec.kind == "dense":
-            acc = x @ W + rec.c
+            acc = x @ (W << shift[None, :]) + c
         elif rec.kind == "scale":
             shp = (1, -1) + (1,) * (x.ndim - 2)
-            acc = x * W.reshape(shp) + rec.c.reshape(shp)
+            acc = x * (W << shift).reshape(shp) + c.reshape(shp)
         else:
             from bll_ref.fixedpoint.records import conv2d, matmul_int
-            acc = conv2d(x, W, rec.stride, rec.padding, matmul_int) + rec.c.reshape(1, -1, 1, 1)
+            acc = conv2d(x, W << shift[:, None, None, None], rec.stride, rec.padding, matmul_int) + c.reshape(1, -1, 1, 1)
         amax = 1 << (aq["width"] - 1)
         assert -amax <= acc.min() and acc.max() < amax
         # hls4ml: result = accum converted to the result type (its Q and O modes)
         assert np.array_equal(requantize(acc, aq["frac"], res), e.traces[i].astype(np.int64)), rec.name
+    assert (widened > 0) == per_channel          # per-channel fracs that differ are exercised
 
 
 def test_cli_export_writes_test_vectors(tmp_path, capsys):

@@ -60,8 +60,9 @@ def nir_integer_trace(path, x):
             continue
         if kind in ("dense", "conv2d", "scale"):
             W = np.asarray(q["weight"]["codes"]).astype(np.int64)
-            rec["acc_frac"] = int(q["acc_frac"])
-            assert int(q["bias"]["frac"]) == rec["acc_frac"] == in_q[0]["frac"] + int(q["weight"]["frac"])
+            acc_frac = np.asarray(q["acc_frac"]).astype(np.int64)     # an int, or (out,) per channel
+            assert np.array_equal(q["bias"]["frac"], acc_frac)
+            assert np.array_equal(acc_frac, in_q[0]["frac"] + np.asarray(q["weight"]["frac"]))
             arrays["c"] = np.asarray(q["bias"]["codes"]).astype(np.int64)
             if isinstance(node, nir.Affine):         # y = W x + b on vectors: W (out, in)
                 rec["kind"], arrays["W"] = "dense", W.T
@@ -71,6 +72,15 @@ def nir_integer_trace(path, x):
         elif kind == "avgpool2d":
             rec.update(kernel_size=[int(v) for v in node.kernel_size], stride=[int(v) for v in node.stride],
                        recip=int(q["recip"]), recip_shift=int(q["recip_shift"]))
+        if kind in ("dense", "conv2d", "scale"):     # requantize each output channel at its acc_frac
+            fr = np.broadcast_to(acc_frac, arrays["c"].shape)
+            out_codes = None
+            for f in np.unique(fr):
+                yf = run_record({**rec, "acc_frac": int(f)}, arrays, xs, in_q)
+                out_codes = yf if out_codes is None else out_codes
+                out_codes[:, fr == f] = yf[:, fr == f]
+            y[name] = out_codes
+            continue
         y[name] = run_record(rec, arrays, xs, in_q)
     return y
 
@@ -93,18 +103,23 @@ CASES = [("mlp", 8, "nearest", "saturate"), ("mlp_bn", 4, "floor", "wrap"), ("ml
          ("cnn_avg", 8, "nearest", "saturate"), ("cnn_avg", 5, "nearest_even", "wrap"), ("resnet", 12, "floor", "saturate")]
 
 
-def _both(tmp_path, net, width, rounding, ovf):
+def _both(tmp_path, net, width, rounding, ovf, per_channel=False):
     build, shape = NETS[net]
     model = build()
     x = np.random.default_rng(width).normal(size=(10,) + shape).astype(np.float32)
-    e = hdf5.export(model, tmp_path / "m.h5", x, width=width, rounding=rounding, overflow=ovf, n_traces=10)
+    e = hdf5.export(model, tmp_path / "m.h5", x, width=width, rounding=rounding, overflow=ovf, n_traces=10,
+                    per_channel=per_channel)
     path = write_nir(model, tmp_path / "m.nir", input_shape=shape, quant=tmp_path / "m.h5")
     return e, path, x
 
 
-@pytest.mark.parametrize("net,width,rounding,ovf", CASES)
-def test_integer_trace_from_the_nir_file_alone_equals_the_hdf5_traces(tmp_path, net, width, rounding, ovf):
-    e, path, x = _both(tmp_path, net, width, rounding, ovf)
+@pytest.mark.parametrize("net,width,rounding,ovf,per_channel", [c + (False,) for c in CASES] + [
+    ("mlp_bn", 8, "nearest", "saturate", True), ("cnn_avg", 6, "floor", "wrap", True)])
+def test_integer_trace_from_the_nir_file_alone_equals_the_hdf5_traces(tmp_path, net, width, rounding, ovf,
+                                                                        per_channel):
+    e, path, x = _both(tmp_path, net, width, rounding, ovf, per_channel)
+    if per_channel:                                  # channels with different fracs are exercised
+        assert any(np.ptp(r.w_frac) > 0 for r in e.records if getattr(r, "w_frac", None) is not None)
     got = nir_integer_trace(path, x)
     assert set(got) == {r.name for r in e.records} | {"output"}
     for rec, t in zip(e.records, e.traces):
