@@ -139,13 +139,15 @@ def _add_train_options(p):
 # train options a resumed run takes from its state (the rest may change: the schedule gives the
 # same updates whichever it is, and --epochs may extend the run)
 _RESUME_KEEPS_NEW = {"epochs", "parallel", "workers", "blas_threads", "resume"}
+# train options added after runs were saved without them: absent there means "not given"
+_ADDED_OPTIONS = {"width": None}
 
 
 def _resume_args(args):
     """args of the run in ``args.resume`` (its stored options), with this call's schedule/epochs."""
     from . import runstate
     t = runstate.read_trainer(os.path.join(args.resume, "state"))
-    stored = t.get("options") or {}
+    stored = {**_ADDED_OPTIONS, **(t.get("options") or {})}
     missing = sorted(set(vars(args)) - set(stored) - _RESUME_KEEPS_NEW - {"func", "command"})
     if missing:
         raise ValueError(f"{args.resume}: saved options lack {missing[:4]}; cannot resume this run")

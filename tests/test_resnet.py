@@ -128,3 +128,21 @@ def test_cli_refuses_width_for_other_models(tmp_path, capsys):
                      "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--width applies to --model resnet18" in err and "Traceback" not in err
+
+
+def test_run_saved_before_width_existed_resumes(tmp_path):
+    """trainer.json options without 'width' (runs saved before --width) resume; the history, which
+    then also lacks test_top3/train_acc for its first epoch, keeps growing per epoch."""
+    out = tmp_path / "old"
+    common = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--sizes", "784,8,10",
+              "--batch-size", "32"]
+    assert cli_main(["train", "--method", "bll", "--epochs", "1", *common, "--out", str(out)]) == 0
+    trainer = out / "state" / "trainer.json"
+    t = json.loads(trainer.read_text())
+    del t["options"]["width"]
+    for key in ("test_top3", "train_acc"):
+        del t["history"][key]
+    trainer.write_text(json.dumps(t))
+    assert cli_main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    h = json.loads((out / "history.json").read_text())
+    assert h["epochs"] == [1, 2] and len(h["test_top3"]) == 1
