@@ -93,3 +93,26 @@ def test_layer_norm_kernels_equal_numpy_twins(dtype, shape):
     assert y.dtype == dtype and dx.dtype == dtype
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(dx, layer_norm_backward_reference(dy, y_ref, inv_std), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_conv_in_chunks_equals_one_chunk(stride, padding):
+    """Conv2d runs im2col -> GEMM in chunks of samples; any chunking gives the same result."""
+    from bll_ref.layers import Conv2d
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 3, 9, 8))
+    whole = Conv2d(3, 4, 3, stride=stride, padding=padding, rng=0, dtype=np.float64)
+    split = Conv2d(3, 4, 3, stride=stride, padding=padding, rng=0, dtype=np.float64)
+    split._CHUNK_BYTES = 1  # one sample per chunk
+    assert len(split._chunks(7, (3, 3))) == 7 and len(whole._chunks(7, (3, 3))) == 1
+    y = whole.forward(x)
+    np.testing.assert_allclose(split.forward(x), y, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    for need_dx in (True, False):
+        dx_w, dx_s = whole.backward(dy, need_dx=need_dx), split.backward(dy, need_dx=need_dx)
+        if need_dx:
+            np.testing.assert_allclose(dx_s, dx_w, rtol=1e-12, atol=1e-12)
+        else:
+            assert dx_w is None and dx_s is None
+        for k in whole.grads:
+            np.testing.assert_allclose(split.grads[k], whole.grads[k], rtol=1e-12, atol=1e-12)
