@@ -30,8 +30,10 @@ def add_commands(subparsers):
                    "to the checkpoint)")
     p.add_argument("--width", type=int, default=8, help="bits of weights and activations, 2..16 (8 or 16 "
                    "for typical hardware; default 8)")
-    p.add_argument("--rounding", choices=ROUNDING_MODES, default="nearest")
-    p.add_argument("--overflow", choices=OVERFLOW_MODES, default="saturate")
+    p.add_argument("--rounding", choices=ROUNDING_MODES, default="nearest",
+                   help="how real values become integer codes (docs/hdf5-format.md)")
+    p.add_argument("--overflow", choices=OVERFLOW_MODES, default="saturate",
+                   help="codes beyond the format's range: clamp (saturate) or two's-complement wrap")
     p.add_argument("--percentile", type=float, default=99.9,
                    help="activation calibration: clip |x| at this percentile (default 99.9; 100 = no "
                    "clipping, which costs 16-20 points at 8 bits on BLL-trained MLPs whose activations "
@@ -56,7 +58,7 @@ def add_commands(subparsers):
     p.add_argument("file", help="HDF5 file written by bll-ref export")
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also report float vs fixed-point test accuracy when the data is available")
-    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use the first N test examples")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use the first N test examples (default: all)")
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
                    help="test data for --accuracy; auto: what the model was trained on")
     p.set_defaults(func=cmd_verify)
@@ -72,7 +74,7 @@ def add_commands(subparsers):
     p = subparsers.add_parser("c-header", help="write the C header + C99 golden model of an exported "
                               "HDF5 file (weights, formats, test vectors) and optionally compile and run it")
     p.add_argument("file", help="HDF5 file written by bll-ref export")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="directory for NAME.h, NAME.c, NAME_test.c (created if missing)")
     p.add_argument("--name", default="bll_model", help="C identifier prefixing files, functions, macros")
     p.add_argument("--vectors", type=int, default=4, help="traced examples embedded as test vectors")
     p.add_argument("--compile", action="store_true", help="compile with the system C compiler and run the "
@@ -88,11 +90,12 @@ def cmd_export(args):
     if args.calibration < 1 or not 1 <= args.traces <= args.calibration:
         raise ValueError(f"need --calibration >= 1 and 1 <= --traces <= --calibration, got "
                          f"--calibration {args.calibration} --traces {args.traces}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
+    _refuse_overwrite(args.checkpoint, [out])
     model, meta, aux = checkpoint.load(args.checkpoint)
     images = _is_image_model(meta, model.config())
     d = _load(meta, args.data, images, limit_train=args.calibration, limit_test=1)
     x, y = d["x_train"][:args.calibration], d["y_train"][:args.calibration]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
     e = hdf5.export(model, out, x, width=args.width, rounding=args.rounding, overflow=args.overflow,
                     percentile=args.percentile, n_traces=args.traces, aux=aux,
                     meta=hdf5.portable_meta(meta, args.checkpoint), labels=y)   # no local paths
@@ -109,6 +112,23 @@ def cmd_export(args):
     return 0
 
 
+def _refuse_overwrite(source, outputs):
+    """Never write over the file a command reads (the same file after resolving links); and say
+    now, before any work, when an output cannot be written (no such directory, a directory in
+    the way)."""
+    for out in outputs:
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise ValueError(f"cannot write {out}: {parent} {'is not a directory' if os.path.exists(parent) else 'does not exist'}")
+        if os.path.isdir(out):
+            raise ValueError(f"cannot write {out}: a directory is in the way")
+        same = os.path.realpath(out) == os.path.realpath(source)
+        if not same and os.path.exists(out) and os.path.exists(source):
+            same = os.path.samefile(out, source)
+        if same:
+            raise ValueError(f"output {out} is the input file {source}; choose another output path")
+
+
 def _is_image_model(meta, config):
     if meta.get("model") in ("cnn", "resnet"):
         return True
@@ -122,17 +142,8 @@ def _is_image_model(meta, config):
 def _load(meta, want, images, *, limit_train, limit_test):
     """The data the model was trained on (meta['data']) unless ``want`` says otherwise.
     Synthetic data is regenerated with the training run's sizes so the split is the same."""
-    from bll_ref.data import load
-    source = meta.get("data", "fashion-mnist") if want == "auto" else want
-    if source == "synthetic":
-        opts = meta.get("options", {})
-        limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
-    elif want == "auto":
-        source = "auto"    # Fashion-MNIST when present, else the synthetic fallback (it says so)
-    d, got = load(source, images=images, limit_train=limit_train, limit_test=limit_test)
-    if meta.get("data") and got != meta["data"]:
-        print(f"warning: the model was trained on {meta['data']} data, using {got} data instead")
-    return d
+    from bll_ref.checkpoint import training_data
+    return training_data(meta, want, images=images, limit_train=limit_train, limit_test=limit_test)[0]
 
 
 def _size(n):
@@ -143,6 +154,8 @@ def _size(n):
 # verify
 # ------------------------------------------------------------------------------------------------
 def cmd_verify(args):
+    if args.limit_test is not None and args.limit_test < 1:
+        raise ValueError(f"--limit-test must be >= 1, got {args.limit_test}")
     rep = hdf5.verify(args.file)
     o = rep["options"]
     print(f"{args.file}: {hdf5.FORMAT} v{rep['format_version']}, {_size(rep['file_size'])}, "
@@ -200,6 +213,9 @@ def cmd_nir(args):
     from bll_ref import checkpoint
 
     from .nir import write_nir
+    _refuse_overwrite(args.checkpoint, [args.out])
+    if getattr(args, "quant", None):
+        _refuse_overwrite(args.quant, [args.out])
     model, meta, _ = checkpoint.load(args.checkpoint)
     shape = (1, 28, 28) if _is_image_model(meta, model.config()) else (model[0][0].in_features,)
     write_nir(model, args.out, input_shape=shape, quant=getattr(args, "quant", None))
@@ -213,6 +229,12 @@ def cmd_c_header(args):
     import subprocess
 
     from .c_header import compile_c, find_c_compiler, write_c
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out-dir {args.out_dir} is a file, not a directory")
+    if args.vectors < 1:
+        raise ValueError(f"--vectors must be >= 1, got {args.vectors}")
+    if os.path.isdir(args.out_dir):  # (write_c creates a missing one, which cannot hold the input)
+        _refuse_overwrite(args.file, [os.path.join(args.out_dir, f"{args.name}{s}") for s in (".h", ".c", "_test.c")])
     e = hdf5.read(args.file)
     n = max(1, min(args.vectors, e.traces[0].shape[0]))
     paths = write_c(e.records, args.out_dir, name=args.name, test_inputs=e.traces[0][:n],

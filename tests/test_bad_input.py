@@ -1,7 +1,7 @@
 """Issue 11: a careless or hostile user never sees a traceback, never loses or poisons a file.
 
 Exit codes: 0 success, 1 a verified mismatch, 2 bad input or environment with ONE line on stderr.
-Items 1-11 of the issue, one section each (item 12, the README, is in test_readme.py).
+Items 1-11 of the issue, one section each (item 12, the README, is in test_bad_input_readme.py).
 """
 import json
 import os
