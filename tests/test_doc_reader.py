@@ -236,10 +236,13 @@ def _export(path, net, width, rounding, ovf, seed=0):
 
 
 def test_models_cover_every_record_kind(tmp_path):
-    kinds = set()
+    kinds, signedness = set(), set()
     for net in NETS:
-        kinds |= {r.kind for r in _export(tmp_path / f"{net}.h5", net, 8, "nearest", "saturate").records}
+        records = _export(tmp_path / f"{net}.h5", net, 8, "nearest", "saturate").records
+        kinds |= {r.kind for r in records}
+        signedness |= {r.out_fmt.signed for r in records}
     assert kinds == ALL_KINDS
+    assert signedness == {True, False}          # signed and unsigned formats both reach the reader
 
 
 def test_layernorm_is_not_exportable(tmp_path):
