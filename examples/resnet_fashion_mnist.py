@@ -140,7 +140,7 @@ def run_one(args, spec, seed, d, source, eval_set, log):
                   **({"n_classes": 10, **opts} if method_name == "bll" else {}))
     t0 = time.perf_counter()
     hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=seed, log=log,
-               train_eval=args.train_eval)
+               train_eval=args.train_eval, eval_batch=args.eval_batch)
     rec = {"spec": spec, "method": method_name, "options": opts, "seed": seed, "settings": settings(args),
            "settings_key": settings_key(settings(args)), "data": source, "eval_set": eval_set,
            "n_train": len(d["x_train"]), "n_eval": len(d["x_test"]), "seconds": time.perf_counter() - t0,
@@ -222,6 +222,52 @@ def curves(runs, order, path, eval_set):
     return path
 
 
+def time_steps(args, specs, n_steps, log=print):
+    """Seconds per training step of each method (1 warm-up step, then ``n_steps`` timed, wall and
+    this process's CPU time) and per 1000 evaluated images, extrapolated to one epoch over the
+    training set plus the per-epoch evaluation (test set and train-1 subset). Writes timing.json."""
+    d, source, eval_set = load_split(args, log)
+    n, bs = len(d["x_train"]), args.batch_size
+    steps = (n + bs - 1) // bs
+    n_eval = len(d["x_test"]) + min(args.train_eval, n)
+    rows = []
+    for spec in specs:
+        method_name, opts = parse_spec(spec)
+        method = make(method_name, build(args, 0), sample_input=d["x_train"][:8], rng=0, lr=args.lr,
+                      **({"n_classes": 10, **opts} if method_name == "bll" else {}))
+        xb, yb = d["x_train"][:bs], d["y_train"][:bs]
+        method.train_step(xb, yb)  # warm-up: Numba compilation, first allocations
+        w0, c0 = time.perf_counter(), time.process_time()
+        for i in range(n_steps):
+            j = (i + 1) * bs % max(n - bs, 1)
+            method.train_step(d["x_train"][j:j + bs], d["y_train"][j:j + bs])
+        wall, cpu = (time.perf_counter() - w0) / n_steps, (time.process_time() - c0) / n_steps
+        m = min(1000, len(d["x_test"]))
+        w0, c0 = time.perf_counter(), time.process_time()
+        method.predict(d["x_test"][:m], batch_size=args.eval_batch)
+        ev_wall, ev_cpu = (time.perf_counter() - w0) * 1000 / m, (time.process_time() - c0) * 1000 / m
+        row = {"spec": spec, "step_wall_s": wall, "step_cpu_s": cpu, "eval_wall_s_per_1000": ev_wall,
+               "eval_cpu_s_per_1000": ev_cpu, "steps_per_epoch": steps,
+               "epoch_wall_s": steps * wall + n_eval / 1000 * ev_wall,
+               "epoch_cpu_s": steps * cpu + n_eval / 1000 * ev_cpu}
+        rows.append(row)
+        log(f"{spec}: {wall:.3f} s/step wall ({cpu:.3f} CPU), eval {ev_wall:.2f} s / 1000 images "
+            f"({ev_cpu:.2f} CPU); one epoch "
+            f"({steps} steps + {n_eval} evaluated) ~ {row['epoch_wall_s'] / 60:.1f} min wall, "
+            f"{row['epoch_cpu_s'] / 60:.1f} min CPU")
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    out = {"settings": settings(args), "data": source, "n_train": n, "batch_size": bs, "timed_steps": n_steps,
+           "rows": rows, "loadavg": load, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"), "cpus": os.cpu_count()}
+    os.makedirs(args.out, exist_ok=True)
+    write_json_atomic(os.path.join(args.out, "timing.json"), out)
+    log(f"load average {load}; wrote {args.out}/timing.json")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("resnet18", "cnn"), default="resnet18")
@@ -237,10 +283,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--val", type=int, default=0, help="hold out the last N training images and report on them")
     ap.add_argument("--train-eval", type=int, default=10_000, help="training images for train top-1 (eval mode)")
+    ap.add_argument("--eval-batch", type=int, default=250,
+                    help="evaluation chunk (im2col of 1000 28x28 images at width 16 is 450 MB and slow)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic bar images instead of Fashion-MNIST")
     ap.add_argument("--out", default=None, help="directory for runs/, table.md, table.json, curves.png")
     ap.add_argument("--table-only", action="store_true", help="train nothing; assemble from the JSONs there")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--time-steps", type=int, default=0, metavar="N",
+                    help="train nothing: time N steps of each method and extrapolate one epoch (timing.json)")
     args = ap.parse_args(argv)
     for k, v in DEFAULTS[args.model].items():
         if getattr(args, k) is None:
@@ -263,6 +313,8 @@ def main(argv=None) -> dict:
         os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     log = None if args.quiet else print
     key = settings_key(settings(args))
+    if args.time_steps > 0:
+        return time_steps(args, specs, args.time_steps)
 
     if not args.table_only:
         todo = [(s, seed) for seed in seeds for s in specs if not os.path.exists(run_path(args.out, s, seed))]
