@@ -150,3 +150,18 @@ def test_similarity_term_alone_separates_classes_and_state_round_trips():
     clone.load_state_dict(m.state_dict())
     np.testing.assert_array_equal(Sequential(*clone.blocks).forward(x, train=False),
                                   Sequential(*m.blocks).forward(x, train=False))
+
+
+def test_cli_trains_predsim_and_refuses_feedback_options(tmp_path, capsys):
+    import json
+    from bll_ref.cli import main as cli_main
+    common = ["train", "--variational", "sim", "--data", "synthetic", "--limit-train", "64", "--limit-test", "32",
+              "--sizes", "784,8,8,10", "--batch-size", "32", "--epochs", "1"]
+    assert cli_main([*common, "--out", str(tmp_path / "ok")]) == 0
+    h = json.loads((tmp_path / "ok" / "history.json").read_text())
+    blocks = h["diagnostics"][-1]["blocks"]
+    assert len(blocks) == 2 and all(b["var_loss"] > 0 and b["mean_abs_b"] == 0 for b in blocks)
+    capsys.readouterr()
+    assert cli_main([*common, "--feedback", "closed", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "feedback" in err[0] and "variational='sim'" in err[0]
