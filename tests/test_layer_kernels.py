@@ -116,3 +116,54 @@ def test_conv_in_chunks_equals_one_chunk(stride, padding):
             assert dx_w is None and dx_s is None
         for k in whole.grads:
             np.testing.assert_allclose(split.grads[k], whole.grads[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 6)])
+@pytest.mark.parametrize("mode", ["batch", "frozen", "eval"])
+def test_batch_norm_kernels_equal_numpy_twins(dtype, shape, mode):
+    from bll_ref.layers import BatchNorm
+    from bll_ref.layers.norm import batch_norm_backward_reference, batch_norm_reference
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    bn = BatchNorm(shape[1], dtype=dtype)
+    bn.params["gamma"][...] = rng.standard_normal(shape[1])
+    bn.params["beta"][...] = rng.standard_normal(shape[1])
+    bn.buffers["running_mean"][...] = rng.standard_normal(shape[1])
+    bn.buffers["running_var"][...] = rng.uniform(0.5, 2, shape[1])
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    if mode == "batch":
+        mean, var = x.astype(np.float64).mean(axis=axes), x.astype(np.float64).var(axis=axes)
+    else:
+        mean, var = bn.buffers["running_mean"].copy(), bn.buffers["running_var"].copy()
+    y = bn.forward(x, train=mode != "eval", use_batch_stats=mode == "batch")
+    xhat, inv_std, y_ref = batch_norm_reference(x, mean, var, bn.params["gamma"], bn.params["beta"], bn.eps)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    if mode == "eval":
+        return
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx = bn.backward(dy)
+    dx_ref, dg, db = batch_norm_backward_reference(dy, xhat, bn.params["gamma"], inv_std, mode == "batch")
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(bn.grads["gamma"], dg, rtol=tol, atol=tol)
+    np.testing.assert_allclose(bn.grads["beta"], db, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k,s", [((2, 2), (2, 2)), ((3, 3), (2, 2)), ((3, 2), (1, 2))])
+def test_max_pool_kernels_equal_numpy_twins(dtype, k, s):
+    from bll_ref.layers import MaxPool2d
+    from bll_ref.layers.conv import max_pool_backward_reference, max_pool_reference
+    rng = np.random.default_rng(7)
+    x = np.round(rng.standard_normal((2, 3, 7, 8)), 1).astype(dtype)  # rounding makes ties
+    x[0, 0, 0, 1] = np.nan
+    pool = MaxPool2d(k, s)
+    y = pool.forward(x)
+    y_ref, arg_ref = max_pool_reference(x, k, s)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(pool._cache[0], arg_ref)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_allclose(pool.backward(dy), max_pool_backward_reference(dy, arg_ref, x.shape, k, s),
+                               rtol=1e-6, atol=1e-12)

@@ -221,14 +221,11 @@ class MaxPool2d(_Pool2d):
 
     def forward(self, x, train=True):
         out = self._check(x)
-        offsets = self._offsets()
-        y = _window(x, 0, 0, out, self.stride).copy()
-        arg = np.zeros(y.shape, np.int8 if len(offsets) < 128 else np.int32)
-        for o, (i, j) in enumerate(offsets[1:], start=1):
-            v = _window(x, i, j, out, self.stride)
-            bigger = v > y  # strict: ties keep the earlier offset, like PyTorch
-            np.maximum(y, v, out=y)  # (np.copyto(..., where=) is several times slower)
-            arg = np.where(bigger, arg.dtype.type(o), arg)
+        n_off = self.kernel_size[0] * self.kernel_size[1]
+        y = np.empty((*x.shape[:2], *out), x.dtype)
+        arg = np.empty(y.shape, np.int8 if n_off < 128 else np.int32)
+        # one Numba pass (kernels.max_pool_forward_kernel); NumPy twin: max_pool_reference
+        kernels.max_pool_forward_kernel(x, *self.kernel_size, *self.stride, y, arg)
         if train:
             self._cache = (arg, x.shape)
         return y
@@ -236,16 +233,34 @@ class MaxPool2d(_Pool2d):
     def backward(self, dy):
         arg, shape = self._cached()
         self._check_dy(dy, arg.shape)
-        dx = np.zeros(shape, dy.dtype)
-        out = arg.shape[2:]
-        overlap = any(k > s for k, s in zip(self.kernel_size, self.stride))
-        for o, (i, j) in enumerate(self._offsets()):
-            g = np.where(arg == o, dy, dy.dtype.type(0))
-            if overlap:
-                _window(dx, i, j, out, self.stride)[...] += g
-            else:  # each input pixel is in at most one window
-                _window(dx, i, j, out, self.stride)[...] = g
+        dx = np.empty(shape, dy.dtype)
+        kernels.max_pool_backward_kernel(dy, arg, self.kernel_size[1], *self.stride, dx)
         return dx
+
+
+def max_pool_reference(x, kernel_size, stride):
+    """NumPy twin of MaxPool2d's forward kernel: (y, arg), arg the row-major offset of the first
+    maximum (strict comparison: ties keep the earlier offset, like PyTorch)."""
+    out = _out_size("MaxPool2d", x.shape, kernel_size, stride)
+    offsets = [(i, j) for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    y = _window(x, 0, 0, out, stride).copy()
+    arg = np.zeros(y.shape, np.int8 if len(offsets) < 128 else np.int32)
+    for o, (i, j) in enumerate(offsets[1:], start=1):
+        v = _window(x, i, j, out, stride)
+        bigger = v > y
+        np.maximum(y, v, out=y)
+        arg = np.where(bigger, arg.dtype.type(o), arg)
+    return y, arg
+
+
+def max_pool_backward_reference(dy, arg, shape, kernel_size, stride):
+    """NumPy twin of MaxPool2d's backward kernel: each dy to its window's argmax."""
+    dx = np.zeros(shape, dy.dtype)
+    out = arg.shape[2:]
+    offsets = [(i, j) for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    for o, (i, j) in enumerate(offsets):
+        _window(dx, i, j, out, stride)[...] += np.where(arg == o, dy, dy.dtype.type(0))
+    return dx
 
 
 @register

@@ -180,3 +180,108 @@ def layer_norm_backward_kernel(dxhat, xhat, inv_std, dx):
         n = dxhat.dtype.type(D)
         for d in range(D):
             dx[r, d] = k * (n * dxhat[r, d] - a - xhat[r, d] * b)
+
+
+@njit(**_jit_sums)
+def batch_norm_stats_kernel(x, mean, var):
+    """x (N, C, P) -> per-channel mean and biased variance (float64; two passes, as ``np.var``)."""
+    N, C, P = x.shape
+    m = N * P
+    for c in range(C):
+        s = 0.0
+        for n in range(N):
+            for p in range(P):
+                s += x[n, c, p]
+        mu = s / m
+        q = 0.0
+        for n in range(N):
+            for p in range(P):
+                d = x[n, c, p] - mu
+                q += d * d
+        mean[c] = mu
+        var[c] = q / m
+
+
+@njit(**_jit)
+def batch_norm_apply_kernel(x, mean, inv_std, gamma, beta, xhat, y):
+    """xhat = (x - mean[c]) * inv_std[c]; y = gamma[c] * xhat + beta[c]  (x, xhat, y: (N, C, P))."""
+    N, C, P = x.shape
+    t = x.dtype.type
+    for n in range(N):
+        for c in range(C):
+            mu, iv, g, b = t(mean[c]), t(inv_std[c]), gamma[c], beta[c]
+            for p in range(P):
+                h = (x[n, c, p] - mu) * iv
+                xhat[n, c, p] = h
+                y[n, c, p] = h * g + b
+
+
+@njit(**_jit_sums)
+def batch_norm_backward_kernel(dy, xhat, gamma, inv_std, batch, dx, dgamma, dbeta):
+    """dgamma = sum dy xhat, dbeta = sum dy per channel (float64 sums); with batch statistics
+    dx = gamma inv_std / m (m dy - dbeta - xhat dgamma), else (frozen) dx = gamma inv_std dy."""
+    N, C, P = dy.shape
+    m = N * P
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            for p in range(P):
+                g = dy[n, c, p]
+                s1 += g
+                s2 += g * xhat[n, c, p]
+        dgamma[c] = s2
+        dbeta[c] = s1
+        t = dy.dtype.type
+        k = t(gamma[c] * inv_std[c])
+        if batch:
+            km, a, b, mm = t(gamma[c] * inv_std[c] / m), t(s1), t(s2), t(m)
+            for n in range(N):
+                for p in range(P):
+                    dx[n, c, p] = km * (mm * dy[n, c, p] - a - xhat[n, c, p] * b)
+        else:
+            for n in range(N):
+                for p in range(P):
+                    dx[n, c, p] = k * dy[n, c, p]
+
+
+@njit(**_jit)
+def max_pool_forward_kernel(x, kh, kw, sh, sw, y, arg):
+    """y[n, c, ho, wo] = max over the window, arg = its offset i*kw + j (the first on ties; a NaN
+    in the window makes y NaN, as np.maximum, and keeps the offset of the last strict maximum).
+
+    Offsets outside, output columns inside, with selects instead of branches: the wo loop
+    vectorises and random data costs no branch mispredictions."""
+    N, C, Ho, Wo = y.shape
+    for n in range(N):
+        for c in range(C):
+            for ho in range(Ho):
+                yr, ar = y[n, c, ho], arg[n, c, ho]
+                x0 = x[n, c, ho * sh]
+                for wo in range(Wo):
+                    yr[wo] = x0[wo * sw]
+                    ar[wo] = 0
+                for i in range(kh):
+                    xi = x[n, c, ho * sh + i]
+                    for j in range(kw):
+                        o = i * kw + j
+                        if o == 0:
+                            continue
+                        for wo in range(Wo):
+                            v, best = xi[wo * sw + j], yr[wo]
+                            gt = v > best
+                            ar[wo] = o if gt else ar[wo]
+                            yr[wo] = v if (gt or v != v) else best
+
+
+@njit(**_jit)
+def max_pool_backward_kernel(dy, arg, kw, sh, sw, dx):
+    """dx = 0, then each dy goes to its window's argmax: dx[n, c, ho*sh + i, wo*sw + j] += dy."""
+    N, C, Ho, Wo = dy.shape
+    dx[...] = 0
+    for n in range(N):
+        for c in range(C):
+            for ho in range(Ho):
+                for wo in range(Wo):
+                    a = arg[n, c, ho, wo]
+                    dx[n, c, ho * sh + a // kw, wo * sw + a % kw] += dy[n, c, ho, wo]

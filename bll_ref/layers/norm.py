@@ -62,17 +62,18 @@ class BatchNorm(Layer):
         return ((0,), (1, -1)) if x.ndim == 2 else ((0, 2, 3), (1, -1, 1, 1))
 
     def forward(self, x, train=True, use_batch_stats=None):
-        axes, bshape = self._check(x)
+        self._check(x)
         batch = train if use_batch_stats is None else bool(use_batch_stats)
-        eps = x.dtype.type(self.eps)
+        C = self.num_features
+        x3 = np.ascontiguousarray(x).reshape(x.shape[0], C, -1)  # (N, C, H*W) or (N, C, 1)
         if batch:
-            m = x.size // self.num_features
+            m = x.size // C
             if m < 2:
                 raise ValueError(f"BatchNorm with batch statistics needs more than 1 value per "
                                  f"channel, got input shape {x.shape}; use train=False (running "
                                  "statistics) or a larger batch")
-            mean = x.mean(axis=axes)
-            var = x.var(axis=axes)
+            mean, var = np.empty(C), np.empty(C)
+            kernels.batch_norm_stats_kernel(x3, mean, var)  # float64, two passes
             if train:
                 mom = self.momentum
                 rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
@@ -82,25 +83,23 @@ class BatchNorm(Layer):
                 rv += (mom * var * (m / (m - 1))).astype(self.dtype)  # unbiased, as PyTorch
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
-        inv_std = (1 / np.sqrt(var + eps)).reshape(bshape)
-        xhat = (x - mean.reshape(bshape)) * inv_std
-        y = xhat * self.params["gamma"].reshape(bshape) + self.params["beta"].reshape(bshape)
+        # inv_std in the layer's dtype from var + eps in it, as the NumPy twin computes it
+        inv_std = 1 / np.sqrt(var.astype(self.dtype) + self.dtype.type(self.eps))
+        xhat, y = np.empty_like(x3), np.empty_like(x3)
+        kernels.batch_norm_apply_kernel(x3, mean, inv_std, self.params["gamma"], self.params["beta"], xhat, y)
         if train:
-            self._cache = (xhat, inv_std, axes, bshape, batch)
-        return y
+            self._cache = (xhat, inv_std, x.shape, batch)
+        return y.reshape(x.shape)
 
     def backward(self, dy):
-        xhat, inv_std, axes, bshape, batch = self._cached()
-        self._check_dy(dy, xhat.shape)
-        self.grads = {"gamma": (dy * xhat).sum(axis=axes), "beta": dy.sum(axis=axes)}
-        dxhat = dy * self.params["gamma"].reshape(bshape)
-        if not batch:  # frozen statistics: a per-channel affine map
-            return dxhat * inv_std
-        # dx = inv_std / m * (m dxhat - sum(dxhat) - xhat sum(dxhat xhat))
-        m = xhat.size // self.num_features
-        s1 = dxhat.sum(axis=axes).reshape(bshape)
-        s2 = (dxhat * xhat).sum(axis=axes).reshape(bshape)
-        return (inv_std / m) * (m * dxhat - s1 - xhat * s2)
+        xhat, inv_std, shape, batch = self._cached()
+        self._check_dy(dy, shape)
+        C = self.num_features
+        dy3 = np.ascontiguousarray(dy, dtype=self.dtype).reshape(xhat.shape)
+        dx, dgamma, dbeta = np.empty_like(xhat), np.empty(C), np.empty(C)
+        kernels.batch_norm_backward_kernel(dy3, xhat, self.params["gamma"], inv_std, batch, dx, dgamma, dbeta)
+        self.grads = {"gamma": dgamma.astype(self.dtype), "beta": dbeta.astype(self.dtype)}
+        return dx.reshape(shape)
 
     def hyperparameters(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
@@ -184,3 +183,27 @@ def layer_norm_backward_reference(dxhat, xhat, inv_std):
     s1 = dxhat.sum(axis=-1, keepdims=True)
     s2 = (dxhat * xhat).sum(axis=-1, keepdims=True)
     return (inv_std / D) * (D * dxhat - s1 - xhat * s2)
+
+
+def batch_norm_reference(x, mean, var, gamma, beta, eps):
+    """NumPy twin of BatchNorm's forward kernels given the statistics: (xhat, inv_std, y);
+    statistics over axis 0 (and 2, 3 for NCHW): mean = x.mean(axes), var = x.var(axes)."""
+    bshape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+    inv_std = (1 / np.sqrt(var.astype(x.dtype) + x.dtype.type(eps))).reshape(bshape)
+    xhat = (x - mean.astype(x.dtype).reshape(bshape)) * inv_std
+    return xhat, inv_std, xhat * gamma.reshape(bshape) + beta.reshape(bshape)
+
+
+def batch_norm_backward_reference(dy, xhat, gamma, inv_std, batch):
+    """NumPy twin of BatchNorm's backward kernel: (dx, dgamma, dbeta)."""
+    axes = (0,) if dy.ndim == 2 else (0, 2, 3)
+    bshape = (1, -1) if dy.ndim == 2 else (1, -1, 1, 1)
+    dgamma, dbeta = (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+    dxhat = dy * gamma.reshape(bshape)
+    inv_std = inv_std.reshape(bshape)
+    if not batch:  # frozen statistics: a per-channel affine map
+        return dxhat * inv_std, dgamma, dbeta
+    m = xhat.size // len(gamma)
+    s1 = dxhat.sum(axis=axes).reshape(bshape)
+    s2 = (dxhat * xhat).sum(axis=axes).reshape(bshape)
+    return (inv_std / m) * (m * dxhat - s1 - xhat * s2), dgamma, dbeta

@@ -3,7 +3,7 @@
 The hashes were first made with the code as it was before the block-learner refactor (issue 9), so
 the test that re-runs these cases proved that the refactor kept every update bit for bit. They were
 regenerated on purpose (issue 10) when the optimisers became float32 SIMD kernels and again when
-LayerNorm, the Conv2d bias sum (float64 row sums) and chunked im2col became Numba kernels: each time every case's
+LayerNorm, BatchNorm, MaxPool2d, the Conv2d bias sum (float64 sums) and chunked im2col became Numba kernels: each time every case's
 final parameters agreed with the previous code's within 1e-6 relative, except the bias of a Conv2d
 followed by BatchNorm and the BatchNorm running mean it feeds (the bias's true gradient is 0, so
 Adam normalises float32 rounding noise into +-lr steps either way). Run this file as a script to print the hashes of the current code.
