@@ -207,8 +207,18 @@ def validate_train(args):
         _number(name.replace("_", "-"), getattr(args, name), low=0, dtype=args.dtype)
 
 
-def _check_writable(out):
-    """Fail now, not after training, when the run directory cannot be written."""
+def _check_writable(out, create=True):
+    """Fail now, not after training, when the run directory cannot be written. ``create=False``:
+    only look (the nearest existing ancestor must be a writable directory), creating nothing."""
+    if not create:
+        path = os.path.abspath(out)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"cannot write the run directory {out}: {path} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write the run directory {out}: {path} is not writable")
+        return
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test{os.getpid()}")
@@ -251,13 +261,15 @@ def cmd_train(args):
     args.epochs = 10 if args.epochs is None else args.epochs
     validate_train(args)
     rank = _mpi_rank() if args.parallel == "mpi" else 0
+    out = args.out or os.path.join("runs", f"{args.method}-{args.model}-seed{args.seed}")
+    if rank == 0:
+        _check_writable(out, create=False)  # before loading data; created only once all checks pass
     log = print if rank == 0 else None
     blocks, images = _build_model(args)
     d, source = load_data(args, images, log=log)
     if args.dtype == "float64":
         d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
     method = make(args.method, blocks, sample_input=d["x_train"][:8], rng=args.seed, **method_options(args))
-    out = args.out or os.path.join("runs", f"{args.method}-{args.model}-seed{args.seed}")
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
@@ -302,15 +314,15 @@ def _mpi_rank():
 
 def cmd_eval(args):
     _count("limit-test", args.limit_test)
+    from exporters.cli import _is_image_model
     model, meta, _ = checkpoint.load(args.checkpoint)
-    images = meta.get("model") in ("cnn", "resnet", "resnet18")
+    images = meta.get("model") in ("cnn", "resnet", "resnet18") or _is_image_model(meta, model.config())
     d, source = checkpoint.training_data(meta, args.data, images=images, limit_train=1, limit_test=args.limit_test)
     x, y = d["x_test"][:args.limit_test], d["y_test"][:args.limit_test]
-    want = (1, 28, 28) if images else (model[0][0].in_features,)
-    if x.shape[1:] != want:
-        raise ValueError(f"{args.checkpoint}: the model reads inputs of shape {want}, the {source} test "
-                         f"data has {x.shape[1:]}")
-    acc = evaluate(model, x, y)
+    try:
+        acc = evaluate(model, x, y)
+    except ValueError as e:  # the layers name the input shape they expected
+        raise ValueError(f"{args.checkpoint} does not fit the {source} test data: {e}") from None
     print(f"{args.checkpoint}: test accuracy {100 * acc:.2f}% ({len(x)} {source} test examples)")
     return 0
 
@@ -342,6 +354,7 @@ def cmd_demo(args):
 
 def cmd_report(args):
     from .report import make_report
+    _count("dpi", args.dpi)
     make_report(args.run_dirs, args.out, dpi=args.dpi)
     return 0
 

@@ -130,7 +130,7 @@ def _refuse_overwrite(source, outputs):
 
 
 def _is_image_model(meta, config):
-    if meta.get("model") in ("cnn", "resnet"):
+    if meta.get("model") in ("cnn", "resnet", "resnet18"):
         return True
     if meta.get("model") == "mlp":
         return False
