@@ -1,14 +1,22 @@
-"""Step time of one training step at batch 128 for the MLP 784-1024-1024-1024-10 (4 blocks):
-BP, FA and BLL (default recipe and variants) interleaved in one run, with the machine's float32
-GEMM rate measured in the same run and the fraction of the GEMM roofline each step reaches.
-If torch is importable, PyTorch's BP step for the same model is timed interleaved with ours.
+"""Training-step time against PyTorch-CPU and against this machine's limits, one thread each.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/step_time.py [--repeats 40] [--no-torch]
+Three sections, each timed round-robin in one run (these machines drift 2x, so only ratios
+measured side by side are reported):
+
+- mlp: one step at batch 128 of the MLP 784-1024-1024-1024-10 (4 blocks): our BP, FA and BLL
+  (default recipe and variants) and, where torch is importable, PyTorch's BP step with its default
+  Adam and with ``Adam(fused=True)``; then a per-phase table (forward GEMMs, backward GEMMs,
+  element-wise, local losses, feedback solves, optimiser, other) for BP and the BLL default step,
+  each phase against its own limit measured in the same run (GEMM rate, triad bandwidth);
+- conv: one Conv2d forward + backward, batch 128, 32 -> 64 channels, 14x14, 3x3, padding 1;
+- cnn: one BP step and one BLL step of ``models.cnn()`` (3 conv blocks 32-64-128 + linear) at
+  batch 128 on 28x28 inputs, against PyTorch's BP step of the same network.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/step_time.py [--repeats 30] [--sections mlp,conv,cnn]
+        [--torch-site DIR ...]   # directories that hold torch, appended to sys.path, if it is not importable
 
 On a 2-core machine that other work shares, multi-threaded BLAS collapses (one GEMM waits for a
-descheduled thread: 5-6x slower steps were measured); single-threaded BLAS gives stable numbers.
-The thread settings are recorded in the JSON.
-
+descheduled thread); single-threaded BLAS gives stable numbers. torch gets the same thread count.
 Writes benchmarks/results/step_time.{json,md}.
 """
 from __future__ import annotations
@@ -21,32 +29,62 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gemm_gflops, interleaved, machine, write  # noqa: E402
+from phases import PHASES, phase_table, triad_bandwidth  # noqa: E402
 
 from bll_ref import models  # noqa: E402
+from bll_ref.layers import Conv2d  # noqa: E402
 from bll_ref.methods import make  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 N = 128
+CONV = dict(n=128, cin=32, cout=64, size=14, k=3, padding=1)
 
 
-def flops(sizes, n, skip_dx_blocks):
+def mlp_flops(sizes, n, skip_dx_blocks):
     """Forward + weight grads + input grads (input grads skipped where noted) in FLOP."""
     mm = [2 * n * i * o for i, o in zip(sizes[:-1], sizes[1:])]
     dx = [0 if k in skip_dx_blocks else f for k, f in enumerate(mm)]
     return sum(mm) * 2 + sum(dx)
 
 
-def torch_step(x, y):
-    import torch
-    # same thread count as our BLAS (OPENBLAS_NUM_THREADS), so the comparison is like for like
-    torch.set_num_threads(int(os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count())))
+def _threads():
+    return int(os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+
+
+def import_torch(site_dirs):
+    try:
+        import torch
+    except ImportError:
+        sys.path.extend(site_dirs or [])
+        try:
+            import torch
+        except ImportError:
+            return None
+    torch.set_num_threads(_threads())  # same thread count as our BLAS: like for like
+    return torch
+
+
+def torch_mlp_step(torch, x, y, fused):
     torch.manual_seed(0)
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
     layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
-    net = torch.nn.Sequential(*layers)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    return _torch_step(torch, torch.nn.Sequential(*layers), x, y, fused)
+
+
+def torch_cnn(torch, channels=(32, 64, 128), size=28):
+    layers, c, s = [], 1, size
+    for co in channels:
+        layers += [torch.nn.Conv2d(c, co, 3, padding=1), torch.nn.BatchNorm2d(co), torch.nn.MaxPool2d(2),
+                   torch.nn.ReLU()]
+        c, s = co, s // 2
+    layers += [torch.nn.Flatten(), torch.nn.Linear(c * s * s, 10)]
+    return torch.nn.Sequential(*layers)
+
+
+def _torch_step(torch, net, x, y, fused):
+    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
     def step():
@@ -56,11 +94,7 @@ def torch_step(x, y):
     return step
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    args = ap.parse_args()
+def section_mlp(args, torch, gf, bw):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((N, SIZES[0])).astype(np.float32)
     y = rng.integers(0, 10, N)
@@ -69,42 +103,136 @@ def main():
                 "bll_eq8_trained": ("bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5, "head": False})}
     methods = {k: make(kind, models.mlp(SIZES, rng=0), sample_input=x, **opts) for k, (kind, opts) in variants.items()}
     fns = {k: (lambda m=m: m.train_step(x, y)) for k, m in methods.items()}
-    # the closed-form feedback solves of one BLL step (3 hidden blocks, 128 x 1024 each)
-    from bll_ref.data import one_hot
-    from bll_ref.feedback import LinearFeedback
-    Y = one_hot(y, 10)
-    A = rng.standard_normal((N, 1024)).astype(np.float32)
-    fbs = [LinearFeedback(10, 1024) for _ in range(3)]
-    fns["feedback_solves_x3"] = lambda: [f.fit(Y, A).predict(Y) for f in fbs]
-    if not args.no_torch:
-        try:
-            fns["torch_bp"] = torch_step(x, y)
-        except ImportError:
-            pass
-    gf_before = gemm_gflops()
+    if torch is not None:
+        fns["torch_bp"] = torch_mlp_step(torch, x, y, fused=False)
+        fns["torch_bp_fused_adam"] = torch_mlp_step(torch, x, y, fused=True)
     med, _ = interleaved(fns, repeats=args.repeats)
-    gf_after = gemm_gflops()
-    gf = (gf_before + gf_after) / 2
-    fl = {"bp": flops(SIZES, N, {0}), "fa": flops(SIZES, N, {0}), "torch_bp": flops(SIZES, N, {0})}
+    fl = {k: mlp_flops(SIZES, N, {0}) for k in ("bp", "fa", "torch_bp", "torch_bp_fused_adam")}
     for k in methods:
-        fl.setdefault(k, flops(SIZES, N, {0, 1, 2, 3}))
-    fl["feedback_solves_x3"] = 3 * 2 * (2 * N * 10 * 1024)
-    rows = ["| step | ms | ratio to our BP | GFLOP | fraction of GEMM roofline |", "|---|---|---|---|---|"]
+        fl.setdefault(k, mlp_flops(SIZES, N, {0, 1, 2, 3}))  # BLL: no input gradient at any block
+    rows = ["| step | ms | ratio to our BP | ratio to PyTorch BP | GFLOP | fraction of GEMM roofline |",
+            "|---|---|---|---|---|---|"]
     for k, t in med.items():
-        rows.append(f"| {k} | {1e3 * t:.2f} | {t / med['bp']:.2f} | {fl[k] / 1e9:.2f} | "
-                    f"{fl[k] / t / 1e9 / gf:.2f} |")
-    table = (f"MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, median of {args.repeats} interleaved "
-             f"steps; float32 1024^3 GEMM {gf:.0f} GFLOP/s (before {gf_before:.0f}, after {gf_after:.0f})\n\n"
-             + "\n".join(rows))
-    table += (f"\n\nclosed-form feedback solves (3 blocks) / BLL default step: "
-              f"{100 * med['feedback_solves_x3'] / med['bll_default']:.1f} %"
-              f"\nBLL default step / BP step: {med['bll_default'] / med['bp']:.2f}")
+        vs_torch = f"{t / med['torch_bp']:.2f}" if "torch_bp" in med else "-"
+        rows.append(f"| {k} | {1e3 * t:.2f} | {t / med['bp']:.2f} | {vs_torch} | {fl[k] / 1e9:.2f} | "
+                    f"{fl[k] / t / gf:.2f} |")
+    phases = {}
+    for k in ("bp", "bll_default"):
+        total, table, by_name = phase_table(fns[k], args.repeats, gf, bw)
+        phases[k] = {"total_ms": 1e3 * total, "phases": table, "by_call_ms": by_name}
+    md = [f"### MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, median of {args.repeats} interleaved steps",
+          "", *rows, ""]
+    for k, ph in phases.items():
+        md += [f"Phases of the {k} step ({ph['total_ms']:.1f} ms under the phase clock; limits: GEMM "
+               f"{gf / 1e9:.0f} GFLOP/s, triad {bw / 1e9:.1f} GB/s):", "",
+               "| phase | ms | share | limit ms | fraction of limit |", "|---|---|---|---|---|"]
+        for name in PHASES:
+            r = ph["phases"][name]
+            frac = f"{r['fraction']:.2f}" if r["fraction"] else "-"
+            md.append(f"| {name} | {r['ms']:.2f} | {100 * r['ms'] / ph['total_ms']:.0f} % | "
+                      f"{r['limit_ms']:.2f} | {frac} |")
+        md.append("")
+    opt = phases["bll_default"]["phases"]["optimiser"]
+    summary = {"bll_over_bp": med["bll_default"] / med["bp"],
+               "bll_gemm_roofline": fl["bll_default"] / med["bll_default"] / gf,
+               "optimiser_share_of_bll": opt["ms"] / phases["bll_default"]["total_ms"],
+               "optimiser_fraction_of_bandwidth": opt["fraction"]}
     if "torch_bp" in med:
-        table += f"\n\nour BP / PyTorch BP step time: {med['bp'] / med['torch_bp']:.2f}"
+        summary.update({"bp_over_torch_bp": med["bp"] / med["torch_bp"],
+                        "bll_over_torch_bp": med["bll_default"] / med["torch_bp"],
+                        "bp_over_torch_bp_fused_adam": med["bp"] / med["torch_bp_fused_adam"],
+                        "bll_over_torch_bp_fused_adam": med["bll_default"] / med["torch_bp_fused_adam"]})
+    md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
+    return {"median_s": med, "flop": fl, "phases": phases, "summary": summary}, "\n".join(md)
+
+
+def section_conv(args, torch, gf):
+    c = CONV
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((c["n"], c["cin"], c["size"], c["size"])).astype(np.float32)
+    layer = Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"], rng=0)
+    dy = rng.standard_normal((c["n"], c["cout"], c["size"], c["size"])).astype(np.float32)
+
+    def ours():
+        layer.forward(x)
+        layer.backward(dy)
+    fns = {"ours": ours}
+    if torch is not None:
+        tl = torch.nn.Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"])
+        xt = torch.from_numpy(x).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+
+        def theirs():
+            xt.grad = None
+            tl.zero_grad()
+            tl(xt).backward(dyt)
+        fns["torch"] = theirs
+    med, _ = interleaved(fns, repeats=args.repeats)
+    flop = 3 * 2 * c["n"] * c["size"] ** 2 * c["cout"] * c["cin"] * c["k"] ** 2  # fwd, dW, dx
+    md = [f"### Conv2d forward + backward: batch {c['n']}, {c['cin']} -> {c['cout']} channels, "
+          f"{c['size']}x{c['size']}, {c['k']}x{c['k']}, padding {c['padding']}", "",
+          "| | ms | GFLOP/s | fraction of GEMM rate |", "|---|---|---|---|"]
+    for k, t in med.items():
+        md.append(f"| {k} | {1e3 * t:.2f} | {flop / t / 1e9:.0f} | {flop / t / gf:.2f} |")
+    summary = {"conv_over_torch": med["ours"] / med["torch"]} if "torch" in med else {}
+    md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
+    return {"median_s": med, "flop": flop, "summary": summary}, "\n".join(md)
+
+
+def section_cnn(args, torch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, N)
+    ours = {k: make(k, models.cnn(rng=0), sample_input=x) for k in ("bp", "bll")}
+    fns = {f"ours_{k}": (lambda m=m: m.train_step(x, y)) for k, m in ours.items()}
+    if torch is not None:
+        torch.manual_seed(0)
+        fns["torch_bp"] = _torch_step(torch, torch_cnn(torch), x, y, fused=False)
+    med, _ = interleaved(fns, repeats=args.repeats)
+    md = [f"### CNN step (models.cnn(): conv 32-64-128 + BN + maxpool + ReLU, linear), batch {N}, 28x28", "",
+          "| step | ms | ratio to PyTorch BP |", "|---|---|---|"]
+    for k, t in med.items():
+        md.append(f"| {k} | {1e3 * t:.2f} | {t / med['torch_bp']:.2f} |" if "torch_bp" in med
+                  else f"| {k} | {1e3 * t:.2f} | - |")
+    summary = ({"cnn_bp_over_torch_bp": med["ours_bp"] / med["torch_bp"],
+                "cnn_bll_over_torch_bp": med["ours_bll"] / med["torch_bp"]} if "torch_bp" in med else {})
+    md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
+    return {"median_s": med, "summary": summary}, "\n".join(md)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=30, help="timed rounds per section (default 30)")
+    ap.add_argument("--sections", default="mlp,conv,cnn", help="comma-separated subset of mlp,conv,cnn")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--torch-site", nargs="*", default=[],
+                    help="directories appended to sys.path to find torch (e.g. another venv's site-packages)")
+    args = ap.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - {"mlp", "conv", "cnn"})
+    if unknown or args.repeats < 1:
+        ap.error(f"unknown sections {unknown}" if unknown else "--repeats must be >= 1")
+    torch = None if args.no_torch else import_torch(args.torch_site)
+    gf_before, bw = gemm_gflops() * 1e9, triad_bandwidth()
+    payload = {"machine": machine(), "torch": getattr(torch, "__version__", None)}
+    parts = []
+    if "mlp" in sections:
+        payload["mlp"], md = section_mlp(args, torch, gf_before, bw)
+        parts.append(md)
+    if "conv" in sections:
+        payload["conv"], md = section_conv(args, torch, gf_before)
+        parts.append(md)
+    if "cnn" in sections:
+        payload["cnn"], md = section_cnn(args, torch)
+        parts.append(md)
+    gf_after = gemm_gflops() * 1e9
     threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    table += f"\n\nthread settings: {threads}"
-    write("step_time", {"machine": machine(), "threads": threads, "gemm_gflops": gf, "median_s": med, "flop": fl},
-          table)
+    payload.update({"threads": threads, "gemm_gflops_before": gf_before / 1e9, "gemm_gflops_after": gf_after / 1e9,
+                    "triad_gb_s": bw / 1e9})
+    head = (f"float32 1024^3 GEMM {gf_before / 1e9:.0f} GFLOP/s before, {gf_after / 1e9:.0f} after; "
+            f"triad {bw / 1e9:.1f} GB/s (4 MB arrays); torch {payload['torch'] or 'not importable'}; "
+            f"threads {threads}")
+    write("step_time", payload, head + "\n\n" + "\n\n".join(parts))
 
 
 if __name__ == "__main__":
