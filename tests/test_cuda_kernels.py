@@ -219,3 +219,32 @@ def test_numpy_arrays_are_not_device_arrays():
     from bll_ref.losses import cuda
     assert not cuda.is_device_array(np.zeros(3))
     assert not cuda.is_device_array([1.0, 2.0])
+
+
+def _bench(*args, **env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda_kernels.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT, **env))
+
+
+def test_cuda_benchmark_without_a_gpu_prints_one_line_and_exits_0():
+    from bll_ref.losses import cuda
+    if cuda.available() and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("a CUDA GPU is present: the benchmark would run")
+    res = _bench(NUMBA_ENABLE_CUDASIM="0")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and "skipped" in lines[0] and "GPU" in lines[0], res.stdout
+    res = _bench(NUMBA_ENABLE_CUDASIM="1")      # the simulator is not a GPU to benchmark
+    assert res.returncode == 0 and "simulator is not a GPU" in res.stdout, (res.stdout, res.stderr)
+
+
+def test_cuda_benchmark_code_path_in_the_simulator(sim):
+    # the benchmark's whole code path on one tiny shape (writes nothing); the fixture skips
+    # when the simulator cannot start
+    res = _bench("--simulator-smoke")
+    assert res.returncode == 0, res.stderr
+    assert "simulator smoke run: 2 cases, results not written" in res.stdout, res.stdout
+    rows = [r for r in res.stdout.splitlines() if r.startswith("| bernoulli_eq8") or r.startswith("| gaussian_kl_ef")]
+    for r in rows:
+        assert float(r.strip("| ").split("|")[-1]) < 1e-6, r    # GPU result agrees with the CPU kernel
