@@ -165,6 +165,9 @@ def write_tb(exported, out_dir, *, layout="channels_first") -> dict:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"write_tb: layout must be one of {LAYOUTS}, got {layout!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"write_tb: {out_dir} is a file, not a directory; give a directory for the test "
+                         "vectors (hls4ml reads them from <project>/tb_data)")
     if isinstance(exported, (str, os.PathLike)):
         from .hdf5 import read
         exported = read(exported)

@@ -73,6 +73,9 @@ def test_channels_last_layout_moves_channels_last(tmp_path):
     assert json.load(open(p["precision"]))["layout"] == "channels_last"
     with pytest.raises(ValueError, match="layout must be one of"):
         write_tb(e, tmp_path / "tb", layout="nhwc")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file, not a directory"):
+        write_tb(e, tmp_path / "afile")
 
 
 @pytest.mark.parametrize("net,per_channel", [("mlp", False), ("cnn", False), ("mlp", True), ("cnn", True)])
