@@ -155,9 +155,10 @@ def write_tb(exported, out_dir, *, layout="channels_first") -> dict:
     ----------
     exported : ExportedModel (``exporters.hdf5.export`` / ``read``) or the path of an export file
     out_dir : directory to write into (created; hls4ml expects the files in ``<project>/tb_data``)
-    layout : "channels_first" writes image inputs / outputs in the model's (C, H, W) order;
-        "channels_last" in (H, W, C) order, as hls4ml's channels-last models (Keras, and PyTorch
-        with ``channels_last_conversion='full'``) take them.  Vectors are the same either way.
+    layout : "channels_first" writes image inputs / outputs in the model's (C, H, W) order
+        (hls4ml's PyTorch ``channels_last_conversion='full'``, its default, or ``'off'``);
+        "channels_last" in (H, W, C) order (``'internal'``: the user converts the inputs).
+        Vectors are the same either way.
 
     Returns
     -------
