@@ -10,12 +10,12 @@ Steps (files in DIR):
 2. ``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2`` builds ``fw.elf`` from the model, the
    harness, ``firmware/startup.c`` (vector table, Reset_Handler, semihosting exit) and
    ``firmware/mps2_an386.ld``, with newlib's semihosting stdio (``--specs=rdimon.specs``).
-3. ``qemu-system-arm -M mps2-an386 -semihosting`` runs it (under a timeout): the board's
-   Cortex-M4 runs the model on every sample and prints the codes of EVERY record over
-   semihosting (``T <sample> <record> <codes...>``).
+3. ``qemu-system-arm -M mps2-an386 -icount shift=0`` with semihosting runs it (under a timeout):
+   the board's Cortex-M4 runs the model on every sample and prints, over semihosting, the
+   SysTick ticks of each inference and the codes of EVERY record (``T <sample> <record> <codes...>``).
 4. Every printed code is compared with the traces stored in the HDF5 file, and the figures are
    printed: flash and RAM (``arm-none-eabi-size``; the model object alone and the whole image),
-   MACs per inference, QEMU wall time.  ``DIR/firmware_report.json`` holds the same figures.
+   MACs and instructions per inference, QEMU wall time.  ``DIR/firmware_report.json`` holds them.
 
 Exit status: 0 all codes equal the HDF5 traces, 1 a code differs / the firmware faulted, hung or
 printed garbage, 2 bad input or environment (unreadable export, toolchain missing: run
@@ -38,9 +38,9 @@ import numpy as np
 from bll_ref.fileio import atomic_open, write_json_atomic
 from bll_ref.fixedpoint import records as R
 
-__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "planned_activation_bytes", "compile_and_link", "build", "run_qemu",
-           "parse_output", "run_firmware", "main", "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT",
-           "INSNS_PER_TICK"]
+__all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "planned_activation_bytes",
+           "compile_and_link", "build", "run_qemu", "parse_output", "run_firmware", "main",
+           "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT", "INSNS_PER_TICK"]
 
 FIRMWARE_DIR = pathlib.Path(__file__).resolve().parent.parent / "firmware"
 MACHINE = "mps2-an386"          # QEMU's ARM MPS2 board with the AN386 image: a Cortex-M4
@@ -160,7 +160,7 @@ def _tool(cmd, log, what):
     if res.returncode != 0:
         first = next((ln for ln in res.stderr.splitlines() if "error" in ln.lower()),
                      (res.stderr.strip().splitlines() or ["no message"])[0])
-        hint = (f"; is libnewlib-arm-none-eabi installed? (`make firmware`)" if "rdimon" in res.stderr
+        hint = ("; is libnewlib-arm-none-eabi installed? (`make firmware`)" if "rdimon" in res.stderr
                 or "stdio.h" in res.stderr else "")
         raise FirmwareError(f"{what} failed (exit {res.returncode}): {first.strip()}{hint} (full log: {log})")
     return res.stdout
@@ -168,14 +168,16 @@ def _tool(cmd, log, what):
 
 def _size_berkeley(size_tool, path):
     """text, data, bss of an object or ELF (arm-none-eabi-size, Berkeley format)."""
-    out = subprocess.run([size_tool, str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([size_tool, str(path)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
     text, data, bss = (int(v) for v in out.splitlines()[1].split()[:3])
     return {"text": text, "data": data, "bss": bss}
 
 
 def _size_sections(size_tool, path):
     """{section name: bytes} of an object file (arm-none-eabi-size -A)."""
-    out = subprocess.run([size_tool, "-A", str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([size_tool, "-A", str(path)], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
     sections = {}
     for ln in out.splitlines():
         m = re.match(r"(\.\S+)\s+(\d+)\s+\d+\s*$", ln)
