@@ -55,11 +55,17 @@ def requantize(acc, acc_frac, q):
 
 def quantize(x, q):
     """Section 8: overflow(R(x * 2^F)) on the exact product."""
-    v = np.ldexp(np.asarray(x, dtype=np.float64), q["frac"])
-    r = {"floor": np.floor, "nearest_even": np.rint,
-         "nearest": lambda t: np.floor(t) + (t - np.floor(t) >= 0.5)}[q["rounding"]](v)
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):      # inf - inf: saturated anyway
+        v = np.ldexp(x, q["frac"])
+        r = {"floor": np.floor, "nearest_even": np.rint,
+             "nearest": lambda t: np.floor(t) + (t - np.floor(t) >= 0.5)}[q["rounding"]](v)
+    r = np.where((v == 0) & (x < 0) & (q["rounding"] == "floor"), -1.0, r)   # underflow keeps floor's -1
     lo, hi = code_range(q)
-    r = np.clip(r, lo - 1.0, hi + 1.0) if q["overflow"] == "saturate" else np.mod(r, float(1 << q["width"]))
+    if q["overflow"] == "saturate":
+        r = np.clip(r, lo - 1.0, hi + 1.0)
+    else:                                         # an overflowed product is a multiple of 2^W: wraps to 0
+        r = np.mod(np.where(np.isinf(r), 0.0, r), float(1 << q["width"]))
     return overflow(r.astype(np.int64), q)
 
 
@@ -277,6 +283,23 @@ def test_doc_reader_and_verify_agree_on_a_wrong_trace(tmp_path, net):
     rep = hdf5.verify(tmp_path / "bad.h5")
     assert same == [r["n_diff"] == 0 for r in rep["records"]]
     assert same.count(False) == 1 and not same[k] and not rep["ok"]
+
+
+def test_doc_quantize_equals_bll_ref_at_the_float_extremes():
+    """Section 8's overflow / underflow / half cases: the doc's rule equals bll_ref's quantize."""
+    from bll_ref.fixedpoint import QFormat
+    from bll_ref.fixedpoint import quantize as bll_quantize
+    tiny = np.nextafter(0.0, 1.0)
+    x = np.array([0.0, -0.0, tiny, -tiny, 1e-310, -1e-310, 1e-300, -1e-300, 0.49999999999999994, -0.5, 0.5, 1.5,
+                  2.0 ** 52 + 1, -(2.0 ** 53), 1e300, -1e300, 1.7e308, -1.7e308, 3.0, -3.0, 1e-20, -1e-20])
+    for width in (2, 5, 8, 16, 32):
+        for frac in (-64, -30, -1, 0, 1, 7, 30, 64):
+            for signed in (True, False):
+                for rounding in ROUNDINGS:
+                    for ovf in OVERFLOWS:
+                        f = QFormat(width, frac, signed, rounding, ovf)
+                        mine = quantize(x, f.to_dict())
+                        assert np.array_equal(mine, bll_quantize(x, f).astype(np.int64)), f
 
 
 def test_doc_reader_helpers_at_the_extremes():
