@@ -41,15 +41,18 @@ def overflow(v, q):
 
 
 def requantize(acc, acc_frac, q):
-    """overflow(round_shift(acc, acc_frac - frac)); a left shift is computed exactly: saturate
-    clamps first, wrap keeps the low bits first (section 10)."""
+    """overflow(round_shift(acc, acc_frac - frac)); a left shift by k is computed as section 10
+    says: saturate clamps acc to 2^(62-k') and shifts by k' = min(k, 40), wrap keeps the low bits
+    first (0 when k >= width)."""
     s = acc_frac - q["frac"]
     if s < 0:
-        lo, hi = code_range(q)
+        k = -s
         if q["overflow"] == "saturate":
-            acc = np.clip(acc, (lo >> min(-s, 40)) - 1, (hi >> min(-s, 40)) + 1)
+            k = min(k, 40)
+            acc = np.clip(acc, -(1 << (62 - k)), 1 << (62 - k))
         else:
-            acc = acc % (1 << q["width"])
+            acc, k = (acc % (1 << q["width"]), k) if k < q["width"] else (np.zeros_like(acc), 0)
+        s = -k
     return overflow(round_shift(acc, s, q["rounding"]), q)
 
 
@@ -300,6 +303,23 @@ def test_doc_quantize_equals_bll_ref_at_the_float_extremes():
                         f = QFormat(width, frac, signed, rounding, ovf)
                         mine = quantize(x, f.to_dict())
                         assert np.array_equal(mine, bll_quantize(x, f).astype(np.int64)), f
+
+
+def test_doc_requantize_equals_bll_ref_for_every_shift():
+    """Section 10's right shifts beyond 63 bits and exact left shifts, against bll_ref's requantize."""
+    from bll_ref.fixedpoint import QFormat
+    from bll_ref.fixedpoint import requantize as bll_requantize
+    g = np.random.default_rng(0)
+    acc = np.concatenate([g.integers(-(1 << 62), 1 << 62, 200), g.integers(-300, 300, 200),
+                          [-(1 << 62), (1 << 62) - 1, -1, 0, 1]]).astype(np.int64)
+    for width in (2, 7, 16, 32):
+        for signed in (True, False):
+            for rounding in ROUNDINGS:
+                for ovf in OVERFLOWS:
+                    for shift in (-128, -70, -63, -41, -40, -33, -32, -5, -1, 0, 1, 5, 40, 62, 63, 64, 100, 128):
+                        f = QFormat(width, 0, signed, rounding, ovf)
+                        want = bll_requantize(acc, shift, f).astype(np.int64)
+                        assert np.array_equal(requantize(acc, shift, f.to_dict()), want), (f, shift)
 
 
 def test_doc_reader_helpers_at_the_extremes():
