@@ -322,6 +322,25 @@ def test_doc_requantize_equals_bll_ref_for_every_shift():
                         assert np.array_equal(requantize(acc, shift, f.to_dict()), want), (f, shift)
 
 
+def test_the_format_docs_own_helpers_equal_bll_ref():
+    """The helpers printed in docs/hdf5-format.md section 10 (executed from the document itself)."""
+    import pathlib
+    import re
+    from bll_ref.fixedpoint import QFormat
+    from bll_ref.fixedpoint import requantize as bll_requantize
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "hdf5-format.md").read_text()
+    block = re.search(r"```python\n(import json, h5py.*?)\nwith h5py.File", doc, re.S).group(1)
+    ns = {}
+    exec(block, ns)                                # noqa: S102 - our own document
+    g = np.random.default_rng(1)
+    acc = np.concatenate([g.integers(-(1 << 62), 1 << 62, 100), g.integers(-99, 99, 100)]).astype(np.int64)
+    for width, signed, rounding, ovf in [(8, True, "nearest", "saturate"), (5, False, "floor", "saturate"),
+                                         (16, True, "nearest_even", "wrap"), (3, True, "floor", "wrap")]:
+        f = QFormat(width, 0, signed, rounding, ovf)
+        for shift in (-100, -41, -7, 0, 3, 62, 63, 64, 90):
+            assert np.array_equal(ns["requantize"](acc, shift, f.to_dict()), bll_requantize(acc, shift, f)), (f, shift)
+
+
 def test_doc_reader_helpers_at_the_extremes():
     """round_shift beyond 63 bits, requantize's exact left shifts, quantize's half cases."""
     v = np.array([-(1 << 62), -3, -1, 0, 1, 3, (1 << 62) - 1], dtype=np.int64)
