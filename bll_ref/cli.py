@@ -255,7 +255,7 @@ def _schedule(args, method, d, log):
 
 def cmd_train(args):
     from .methods import make
-    from .methods.common import fit
+    from .methods.common import Diverged, fit
     if args.resume:
         args = _resume_args(args)
     args.epochs = 10 if args.epochs is None else args.epochs
@@ -270,10 +270,10 @@ def cmd_train(args):
     if args.dtype == "float64":
         d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
     method = make(args.method, blocks, sample_input=d["x_train"][:8], rng=args.seed, **method_options(args))
+    schedule = _schedule(args, method, d, log)
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
-    schedule = _schedule(args, method, d, log)
     if log:
         log(f"training {args.method} on {args.model} for {args.epochs} epochs "
             f"(schedule {schedule.name}, {schedule.workers} worker{'s' * (schedule.workers > 1)}) -> {out}")
@@ -292,6 +292,8 @@ def cmd_train(args):
             schedule.abort(e)
         if rank == 0 and created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # nothing of the run was kept: leave no empty directory behind
+        if isinstance(e, Diverged):
+            raise Diverged(f"{e}; no checkpoint written") from None
         raise
     if not schedule.is_root:
         return 0
@@ -359,6 +361,52 @@ def cmd_report(args):
     return 0
 
 
+def _add_finetune_q(sub):
+    p = sub.add_parser("finetune-q", help="block-local quantisation-aware fine-tuning: every block trained on "
+                       "its own with fake-quantised weights and activations (straight-through estimator)")
+    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train (MLP or CNN without BatchNorm)")
+    p.add_argument("--width", type=int, required=True, help="bits of the export to train for (2..16; 4, 6 or 8)")
+    p.add_argument("--out", required=True, help="fine-tuned checkpoint to write (.npz)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--objective", choices=("auto", "bll", "reconstruct"), default="auto",
+                   help="auto (default): a BLL checkpoint's own local losses (heads, feedback), else block "
+                   "reconstruction of the float block outputs (BP/FA checkpoints have no local heads)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="per-output-channel weight formats (export with --per-channel too; default off)")
+    p.add_argument("--calibration-method", choices=("percentile", "mse"), default="percentile",
+                   help="activation calibration the export will use (default percentile)")
+    p.add_argument("--percentile", type=float, default=99.9, help="with percentile calibration (default 99.9)")
+    p.add_argument("--calibration", type=int, default=256, metavar="N",
+                   help="training examples that calibrate the activation formats, as export's (default 256)")
+    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
+                   help="training data; auto (default): what the checkpoint was trained on")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N", help="use the first N training examples")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    p.set_defaults(func=cmd_finetune_q)
+
+
+def cmd_finetune_q(args):
+    from .quant_finetune import finetune_checkpoint
+    if not 2 <= args.width <= 16:
+        raise ValueError(f"--width must be in 2..16 (4, 6 or 8 for the accuracy table), got {args.width}")
+    for name in ("epochs", "calibration"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    s = finetune_checkpoint(args.checkpoint, args.out, width=args.width, epochs=args.epochs, lr=args.lr,
+                            objective=args.objective, data=args.data, n_calibration=args.calibration,
+                            percentile=args.percentile, calibration=args.calibration_method,
+                            per_channel=args.per_channel, limit_train=args.limit_train, seed=args.seed)
+    print(f"integer model ({args.width} bits) test accuracy {100 * s['test_acc_before']:.2f}% -> "
+          f"{100 * s['test_acc_after']:.2f}% ({s['objective']} objective, {args.epochs} epoch(s)); wrote {args.out}")
+    print(f"export it with: bll-ref export {args.out} --width {args.width}"
+          + (" --per-channel" if args.per_channel else "")
+          + (" --calibration-method mse" if args.calibration_method == "mse" else f" --percentile {args.percentile:g}"))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bll-ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,6 +434,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory for curves.png, blocks-<run>.png, report.md")
     p.add_argument("--dpi", type=int, default=100, help="figure resolution (dots per inch)")
     p.set_defaults(func=cmd_report)
+    _add_finetune_q(sub)
     from exporters.cli import add_commands  # export, verify, nir, c-header
     add_commands(sub)
     for p in sub.choices.values():

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from bll_ref.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
+from bll_ref.fixedpoint.qformat import CALIBRATIONS
 
 from . import hdf5
 
@@ -40,6 +41,12 @@ def add_commands(subparsers):
                    "have long tails, see benchmarks/results/fixedpoint_accuracy.md)")
     p.add_argument("--calibration", type=int, default=256, metavar="N",
                    help="training examples that calibrate the activation formats (default 256)")
+    p.add_argument("--calibration-method", choices=CALIBRATIONS, default=None,
+                   help="activation formats: percentile (clip |x| at --percentile) or mse (least squared "
+                   "quantisation error); default percentile, or what finetune-q trained the checkpoint for")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="one power-of-two weight format per output channel (file format version 2); "
+                   "default off, or what finetune-q trained the checkpoint for")
     p.add_argument("--traces", type=int, default=16, metavar="N",
                    help="calibration examples whose per-layer output codes are stored (default 16)")
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
@@ -96,8 +103,15 @@ def cmd_export(args):
     images = _is_image_model(meta, model.config())
     d = _load(meta, args.data, images, limit_train=args.calibration, limit_test=1)
     x, y = d["x_train"][:args.calibration], d["y_train"][:args.calibration]
+    ft = meta.get("finetune_q") or {}          # a finetune-q checkpoint: export as it was trained
+    if ft and ft.get("width") != args.width:
+        print(f"note: the checkpoint was fine-tuned for {ft.get('width')} bits, exporting {args.width} "
+              "(activation formats calibrated, not the fine-tuned ones)")
     e = hdf5.export(model, out, x, width=args.width, rounding=args.rounding, overflow=args.overflow,
                     percentile=args.percentile, n_traces=args.traces, aux=aux,
+                    calibration=args.calibration_method or ft.get("calibration", "percentile"),
+                    per_channel=ft.get("per_channel", False) if args.per_channel is None else args.per_channel,
+                    out_formats=ft.get("formats") if ft.get("width") == args.width else None,
                     meta=hdf5.portable_meta(meta, args.checkpoint), labels=y)   # no local paths
     im = e.integer_model()
     agree = float(np.mean(np.argmax(im.infer(x), 1) == np.argmax(model.forward(x, train=False), 1)))

@@ -28,10 +28,11 @@ class _Compiler:
     calibration batch to calibrate each record's output format."""
 
     def __init__(self, width, rounding, overflow, percentile, calibration="percentile", per_channel=False,
-                 unsigned=frozenset(), unsigned_lut=False):
+                 unsigned=frozenset(), unsigned_lut=False, out_formats=None):
         self.width, self.rounding, self.overflow, self.percentile = width, rounding, overflow, percentile
         self.calibration, self.per_channel, self.unsigned = calibration, per_channel, unsigned
         self.unsigned_lut = unsigned_lut
+        self.out_formats = {k: QFormat.from_dict(v) for k, v in (out_formats or {}).items()}
         self.records, self.acts = [], []
 
     def calibrate(self, y, signed=True):
@@ -45,6 +46,8 @@ class _Compiler:
                                     overflow=self.overflow)
 
     def emit(self, cls, name, inputs, y, out_fmt=None, **fields):
+        if out_fmt is None and name in self.out_formats:
+            out_fmt = self.out_formats[name]
         if out_fmt is None:
             out_fmt = self.calibrate(y, signed=len(self.records) not in self.unsigned)
         head = name.split(".")[0].split("+")[0]
@@ -189,7 +192,7 @@ def _unsigned_records(model) -> frozenset:
 
 def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overflow="saturate",
                     percentile=100.0, input_fmt=None, check=True, calibration="percentile",
-                    per_channel=False, unsigned=True) -> IntegerModel:
+                    per_channel=False, unsigned=True, out_formats=None) -> IntegerModel:
     """Compile a float model into integer-only reference inference.
 
     Follows the model walk (:func:`bll_ref.fixedpoint.walk.walk`: nested Sequentials flattened,
@@ -235,6 +238,9 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
         squared quantisation error on the calibration batch; ``percentile`` unused)
     per_channel : bool, one power-of-two weight format per output channel
     unsigned : bool, unsigned formats where a tensor cannot be negative (see above)
+    out_formats : dict record name -> QFormat (or its dict) or None: output formats to use instead
+        of calibrating (the formats ``bll_ref.quant_finetune`` trained for; "input" = the input
+        format when ``input_fmt`` is None); records not named are calibrated
     check : bool, compare the compiler's float64 twin with ``model.forward(x, train=False)``
         (catches a layer convention the compiler misreads)
 
@@ -251,14 +257,19 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
         raise ValueError(f"compile_integer: calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     comp = _Compiler(int(width), rounding, overflow, percentile, calibration, bool(per_channel),
                      _unsigned_records(model) if unsigned and overflow == "saturate" else frozenset(),
-                     bool(unsigned))
+                     bool(unsigned), out_formats)
     QFormat(int(width), 0, True, rounding, overflow)   # validates the modes early
+    if input_fmt is None and "input" in comp.out_formats:
+        input_fmt = comp.out_formats["input"]
     if input_fmt is None:
         input_fmt = comp.calibrate(x, signed=not (unsigned and overflow == "saturate" and float(x.min()) >= 0.0))
     _check_fmt(input_fmt, "compile_integer input_fmt")
     comp.emit(R.Input, "input", [], x, out_fmt=input_fmt, shape=x.shape[1:])
     for st in walk(model):
         comp.step(st)
+    unknown = sorted(set(comp.out_formats) - {r.name for r in comp.records})
+    if unknown:
+        raise ValueError(f"compile_integer: out_formats names {unknown[:4]}, which are no records of this model")
     if check:
         ref = np.asarray(model.forward(np.asarray(calibration_x), train=False), dtype=np.float64)
         twin = comp.acts[-1]

@@ -367,9 +367,28 @@ def calibrate_weight_per_channel(w, width: int, axis: int, *, signed=True, round
     """
     w = _finite_array(w, "calibrate_weight_per_channel")
     w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    fracs = np.array([_fit_frac(row.min(initial=0.0), row.max(initial=0.0), int(width), signed) for row in w],
-                     dtype=np.int64)
+    fracs = _fit_fracs(w.min(axis=1, initial=0.0), w.max(axis=1, initial=0.0), int(width), signed)
     return QFormat(width, int(fracs.min()), signed, rounding, overflow), fracs
+
+
+def _fit_fracs(lo, hi, width, signed):
+    """:func:`_fit_frac` of every (lo[i], hi[i]) at once (int64 array); a test pins the equality."""
+    proto = QFormat(width, 0, signed)
+    lo = np.zeros_like(lo) if not signed else np.minimum(lo, 0.0)
+    hi = np.maximum(hi, 0.0)
+    m = np.maximum(hi, -lo)
+    base = width - 1 if signed else width
+
+    def fits(f):
+        with np.errstate(over="ignore"):
+            return (np.ldexp(hi, f) <= proto.max_code) & (np.ldexp(lo, f) >= proto.min_code)
+
+    f = np.clip(base - np.frexp(np.where(m > 0, m, 1.0))[1], _FRAC_MIN, _FRAC_MAX).astype(np.int64)
+    for _ in range(2):                        # the frexp guess is off by at most one either way
+        f = np.where((f < _FRAC_MAX) & fits(np.minimum(f + 1, _FRAC_MAX)), f + 1, f)
+    for _ in range(2):
+        f = np.where((f > _FRAC_MIN) & ~fits(f), f - 1, f)
+    return np.where(m > 0, f, base).astype(np.int64)
 
 
 def calibrate_activation_mse(x, width: int, *, signed=True, rounding="nearest", overflow="saturate",
