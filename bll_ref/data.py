@@ -291,6 +291,9 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
         say(f"data: Fashion-MNIST ({len(d['x_train'])} train / {len(d['x_test'])} test) from {root}")
         return d, name
     n_train, n_test = limit_train or _SYNTHETIC_TRAIN, limit_test or _SYNTHETIC_TEST
+    from .checkpoint import check_fits  # refuse before drawing (generation needs ~3 copies)
+    check_fits(3 * (n_train + n_test) * 784 * dtype.itemsize,
+               f"synthetic data of {n_train:,} + {n_test:,} examples (--limit-train/--limit-test)")
     if images:
         x, y = synthetic_images(n_train + n_test, n_classes=10, size=28, rng=rng, dtype=dtype)
     else:

@@ -75,6 +75,7 @@ def test_diverging_run_exits_2_naming_epoch_step_block_and_writes_no_checkpoint(
                        "--out", tmp_path / "run")
     assert rc == 2
     assert "diverged" in err and "epoch" in err and "step" in err and "block" in err and "--lr" in err
+    assert "no checkpoint written" in err
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
@@ -275,6 +276,12 @@ def test_limits_are_validated_on_every_data_path(tmp_path, capsys, argv):
     assert rc == 2 and ("limit" in err or "epochs" in err) and not (tmp_path / "run").exists()
 
 
+def test_synthetic_limits_that_cannot_fit_in_memory_are_refused_before_drawing(tmp_path, capsys):
+    rc, out, err = cli(capsys, "train", "--data", "synthetic", "--sizes", "784,8,10", "--limit-train", "100000000",
+                       "--out", tmp_path / "run")
+    assert rc == 2 and "memory" in err and "--limit-train" in err and not (tmp_path / "run").exists()
+
+
 def test_limits_of_eval_and_verify(trained, capsys):
     _, ck, h5 = trained
     assert cli(capsys, "eval", ck, "--limit-test", "0")[0] == 2
@@ -408,6 +415,13 @@ def test_train_arguments_are_validated_before_any_work(tmp_path, capsys, opt):
     rc, out, err = cli(capsys, "train", "--data", "synthetic", *opt, "--out", tmp_path / "run")
     assert rc == 2 and opt[0] in err
     assert out == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("opt", [["--parallel", "threads", "--span", "2"], ["--method", "bp", "--tau", "1"],
+                                 ["--parallel", "none", "--workers", "2"]])
+def test_options_refused_after_loading_data_still_create_nothing(tmp_path, capsys, opt):
+    rc, _, err = cli(capsys, "train", *TINY, *opt, "--out", tmp_path / "run")
+    assert rc == 2 and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------
