@@ -185,6 +185,9 @@ def _mlp_sizes(text, dtype):
         raise ValueError(f"--sizes must be comma-separated integers, got {text!r}") from None
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"--sizes needs at least two widths, each >= 1, got {text!r}")
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise ValueError(f"--sizes must start with 784 (28x28 input pixels) and end with 10 (classes), "
+                         f"got {text!r}")
     n = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
     # parameters, gradients and two optimiser moments per weight
     checkpoint.check_fits(4 * n * np.dtype(dtype).itemsize, f"--sizes {text} ({n:,} parameters)")
@@ -357,6 +360,8 @@ def cmd_demo(args):
 def cmd_report(args):
     from .report import make_report
     _count("dpi", args.dpi)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a directory for the report")
     make_report(args.run_dirs, args.out, dpi=args.dpi)
     return 0
 

@@ -126,6 +126,15 @@ def cmd_export(args):
     return 0
 
 
+def _input_file(path):
+    """An input that exists and is a file (a directory gets one clear line, not HDF5's message)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; give the file written by bll-ref export")
+    return path
+
+
 def _refuse_overwrite(source, outputs):
     """Never write over the file a command reads (the same file after resolving links); and say
     now, before any work, when an output cannot be written (no such directory, a directory in
@@ -170,7 +179,7 @@ def _size(n):
 def cmd_verify(args):
     if args.limit_test is not None and args.limit_test < 1:
         raise ValueError(f"--limit-test must be >= 1, got {args.limit_test}")
-    rep = hdf5.verify(args.file)
+    rep = hdf5.verify(_input_file(args.file))
     o = rep["options"]
     print(f"{args.file}: {hdf5.FORMAT} v{rep['format_version']}, {_size(rep['file_size'])}, "
           f"{len(rep['records'])} records, width {o.get('width')} {o.get('rounding')}/{o.get('overflow')}, "
@@ -229,6 +238,7 @@ def cmd_nir(args):
     from .nir import write_nir
     _refuse_overwrite(args.checkpoint, [args.out])
     if getattr(args, "quant", None):
+        _input_file(args.quant)
         _refuse_overwrite(args.quant, [args.out])
     model, meta, _ = checkpoint.load(args.checkpoint)
     shape = (1, 28, 28) if _is_image_model(meta, model.config()) else (model[0][0].in_features,)
@@ -249,7 +259,7 @@ def cmd_c_header(args):
         raise ValueError(f"--vectors must be >= 1, got {args.vectors}")
     if os.path.isdir(args.out_dir):  # (write_c creates a missing one, which cannot hold the input)
         _refuse_overwrite(args.file, [os.path.join(args.out_dir, f"{args.name}{s}") for s in (".h", ".c", "_test.c")])
-    e = hdf5.read(args.file)
+    e = hdf5.read(_input_file(args.file))
     n = max(1, min(args.vectors, e.traces[0].shape[0]))
     paths = write_c(e.records, args.out_dir, name=args.name, test_inputs=e.traces[0][:n],
                     traces=[t[:n] for t in e.traces])

@@ -155,6 +155,10 @@ def test_file_system_errors_exit_2_with_one_line_naming_the_path(trained, tmp_pa
              (["nir", ck, "--out", tmp_path / "afile" / "m.nir"], "afile"),
              (["nir", ck, "--out", tmp_path / "adir"], "adir"),
              (["c-header", h5, "--out-dir", tmp_path / "afile"], "afile"),
+             (["verify", tmp_path / "adir"], "adir"),
+             (["c-header", tmp_path / "adir", "--out-dir", tmp_path / "c"], "adir"),
+             (["nir", ck, "--out", tmp_path / "m.nir", "--quant", tmp_path / "adir"], "adir"),
+             (["report", ck.parent, "--out", tmp_path / "afile"], "afile"),
              (["train", *TINY, "--out", tmp_path / "afile" / "run"], "afile")]
     for argv, name in cases:
         rc, out, err = cli(capsys, *argv)
@@ -409,6 +413,7 @@ def test_train_sizes_that_cannot_fit_in_memory_are_refused_before_allocation(tmp
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opt", [
     ["--epochs", "0"], ["--batch-size", "0"], ["--sizes", "784,0,10"], ["--sizes", "784"], ["--sizes", "a,b"],
+    ["--sizes", "100,16,10"], ["--sizes", "784,16,5"],
     ["--seed", "-1"], ["--workers", "0"], ["--blas-threads", "0"], ["--limit-train", "0"],
 ])
 def test_train_arguments_are_validated_before_any_work(tmp_path, capsys, opt):
