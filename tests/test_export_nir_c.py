@@ -225,6 +225,9 @@ _NETS = {"mlp": (_mlp, (10,)), "cnn": (_cnn, (2, 12, 12))}
 _CONFIGS = [("mlp", 8, "nearest", "saturate", 100.0), ("mlp", 16, "floor", "saturate", 100.0),
             ("mlp", 8, "nearest_even", "wrap", 70.0), ("cnn", 8, "nearest_even", "saturate", 100.0),
             ("cnn", 16, "nearest", "wrap", 80.0), ("cnn", 12, "floor", "saturate", 100.0)]
+# issue 12.2: per-output-channel weight formats and MSE calibration (unsigned formats are in all)
+_CONFIGS_PC = [("mlp", 8, "nearest", "saturate", 100.0), ("mlp", 4, "floor", "saturate", 99.0),
+               ("cnn", 6, "nearest_even", "saturate", 100.0), ("cnn", 8, "nearest", "wrap", 90.0)]
 
 
 def _parse_traces(stdout, n_samples, n_records):
@@ -237,19 +240,25 @@ def _parse_traces(stdout, n_samples, n_records):
     return got
 
 
-def _compiled(tmp_path, net, width, rounding, ovf, pct, rng):
+def _compiled(tmp_path, net, width, rounding, ovf, pct, rng, **kw):
     build, shape = _NETS[net]
     model = build(rng)
     x = 1.5 * rng.normal(size=(24,) + shape)
-    im = compile_integer(model, x, width=width, rounding=rounding, overflow=ovf, percentile=pct)
+    im = compile_integer(model, x, width=width, rounding=rounding, overflow=ovf, percentile=pct, **kw)
     paths = write_c(im, tmp_path, name="bll_model", test_inputs=im.quantize_input(x[:3]))
     return im, x, paths, compile_c(tmp_path, name="bll_model")      # -std=c99 -Wall -Wextra -Werror -O2
 
 
-@pytest.mark.parametrize("net, width, rounding, ovf, pct", _CONFIGS)
-def test_c_golden_model_equals_python_integer_traces(tmp_path, cc, net, width, rounding, ovf, pct):
+@pytest.mark.parametrize("net, width, rounding, ovf, pct, kw", [c + ({},) for c in _CONFIGS] + [
+    c + ({"per_channel": True, "calibration": "mse" if i % 2 else "percentile"},) for i, c in enumerate(_CONFIGS_PC)])
+def test_c_golden_model_equals_python_integer_traces(tmp_path, cc, net, width, rounding, ovf, pct, kw):
     rng = np.random.default_rng(width + len(rounding))
-    im, x, paths, exe = _compiled(tmp_path, net, width, rounding, ovf, pct, rng)
+    im, x, paths, exe = _compiled(tmp_path, net, width, rounding, ovf, pct, rng, **kw)
+    if kw.get("per_channel"):      # the channels' fracs differ somewhere, so the per-channel C path runs
+        assert any(r.w_frac is not None and len(set(r.w_frac.tolist())) > 1 for r in im.records
+                   if hasattr(r, "w_frac"))
+    if ovf == "saturate":          # unsigned formats after ReLUs
+        assert any(not f.signed for f in im.formats[1:])
     assert set(paths) == {"header", "source", "test"}
     # 1. the test program checks the embedded vectors itself, record by record
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)

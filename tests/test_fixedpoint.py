@@ -14,6 +14,7 @@ from bll_ref.fixedpoint import (
     RECORD_KINDS, IntegerModel, QFormat, Record, calibrate_activation, calibrate_weight, compile_integer,
     dequantize, fold_batchnorm, overflow, quantize, requantize, round_shift,
 )
+from bll_ref.fixedpoint.qformat import calibrate_activation_mse
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, Op, walk
 
@@ -562,3 +563,160 @@ def test_integer_conv_uses_the_conv_layers_im2col():
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, R.conv2d(codes.astype(float), Wq.astype(float), conv.stride,
                                                 conv.padding, np.matmul).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# formats that use every bit (issue 12.2): unsigned formats, per-channel weights, MSE calibration
+# ------------------------------------------------------------------------------------------------
+def test_relu_fed_records_get_unsigned_formats_and_nothing_else_does():
+    rng = np.random.default_rng(20)
+    f64 = dict(dtype=np.float64)
+    model = L.Sequential(
+        L.Sequential(L.Dense(6, 8, rng=rng, **f64), L.ReLU()),                      # unsigned
+        L.Sequential(L.Dense(8, 8, rng=rng, **f64), L.LeakyReLU(0.1)),              # signed
+        # the Dense output feeds the ReLU and the residual sum: it must stay signed
+        L.Sequential(L.Dense(8, 8, rng=rng, **f64), L.Residual(L.Sequential(L.ReLU(), L.Dense(8, 8, rng=rng, **f64)))),
+        L.Sequential(L.Dense(8, 3, rng=rng, **f64), L.Sigmoid()))
+    x = rng.normal(size=(32, 6))
+    im = compile_integer(model, x, width=8)
+    signed = {r.name: r.out_fmt.signed for r in im.records}
+    assert signed["input"] and not signed["0.0"] and not signed["0.1"]            # input can be negative
+    assert signed["1.0"] and signed["1.1"] and signed["2.0"] and signed["2.1.body.0"]   # a ReLU keeps its input format
+    assert not signed["3.1"] and im.output_fmt.frac == 8                           # sigmoid table: every code
+    assert all(r.out_fmt.signed for r in compile_integer(model, x, width=8, unsigned=False).records)
+    assert all(r.out_fmt.signed for r in compile_integer(model, x, width=8, overflow="wrap").records[:-1])
+    im_pos = compile_integer(model, np.abs(x), width=8)
+    assert not im_pos.input_fmt.signed and im_pos.input_fmt.frac == calibrate_weight(np.abs(x), 8, signed=False).frac
+    # an unsigned format is the ReLU: the trace has no negative codes and equals relu(signed) closely
+    t = im.run(im.quantize_input(x))
+    ref = np.maximum(model[0][0].forward(x, train=False), 0)
+    got = dequantize(t[1], im.formats[1])
+    assert t[1].dtype == np.uint8 and np.all(got[ref == 0] == 0) and np.abs(got - ref).max() < 0.05
+
+
+def test_unsigned_gains_one_bit_of_resolution():
+    rng = np.random.default_rng(21)
+    model = L.Sequential(L.Sequential(L.Dense(6, 32, rng=rng, dtype=np.float64), L.ReLU()))
+    x = rng.normal(size=(64, 6))
+    a, b = compile_integer(model, x, width=6, unsigned=True), compile_integer(model, x, width=6, unsigned=False)
+    assert a.formats[-1].frac == b.formats[-1].frac + 1
+    ref = model.forward(x, train=False)
+    assert np.abs(a.infer(x) - ref).mean() < np.abs(b.infer(x) - ref).mean()
+
+
+def test_fit_fracs_vectorised_equals_the_scalar_fit():
+    from bll_ref.fixedpoint.qformat import _fit_frac, _fit_fracs
+    rng = np.random.default_rng(22)
+    lo = -np.exp(rng.uniform(-50, 50, 400)) * (rng.random(400) < 0.8)
+    hi = np.exp(rng.uniform(-50, 50, 400)) * (rng.random(400) < 0.8)
+    lo[:6], hi[:6] = [-1, -0.5, -128, 0, -1e-300, -2.0 ** -70], [0.5, 1, 127, 0, 0, 2.0 ** 70]
+    for width in (2, 4, 8, 16, 32):
+        for signed in (True, False):
+            want = [_fit_frac(a, b, width, signed) for a, b in zip(lo, hi)]
+            assert _fit_fracs(lo, hi, width, signed).tolist() == want
+
+
+def test_per_channel_dense_by_hand():
+    """Channel 0 weights are 1/64 of channel 1's: per-channel fracs differ by 6, the bias and the
+    accumulator of each channel sit at in_frac + w_frac[o], and y[o] is requantised per channel."""
+    dense = L.Dense(2, 2, dtype=np.float64)
+    dense.params["W"][...] = [[0.5 / 64, 0.5], [-0.25 / 64, -0.25]]
+    dense.params["c"][...] = [0.01, 0.1]
+    x = np.array([[1.0, 0.5], [-1.0, 0.25]])
+    im = compile_integer(L.Sequential(dense), x, width=8, per_channel=True, input_fmt=QFormat(8, 6))
+    rec = im.records[1]
+    assert rec.w_frac.tolist() == [7 + 6, 7] and rec.w_fmt.frac == 7 and rec.acc_frac == 13
+    assert rec.W.tolist() == [[64, 64], [-32, -32]]                   # full resolution in both channels
+    assert rec.c.tolist() == [round(0.01 * 2 ** 19), round(0.1 * 2 ** 13)]
+    xq = im.quantize_input(x).astype(np.int64)
+    acc = xq @ rec.W.astype(np.int64) + rec.c
+    want = np.stack([requantize(acc[:, 0], 19, im.output_fmt), requantize(acc[:, 1], 13, im.output_fmt)], 1)
+    np.testing.assert_array_equal(im.run(xq)[-1], want)
+    per_tensor = compile_integer(L.Sequential(dense), x, width=8, input_fmt=QFormat(8, 6)).records[1]
+    assert per_tensor.w_frac is None and per_tensor.W[:, 0].tolist() == [1, 0]      # channel 0 mostly lost
+
+
+def test_per_channel_conv_and_scale_match_the_float_model():
+    rng = np.random.default_rng(23)
+    model = _cnn(rng)
+    for layer in (model[0][0],):
+        layer.params["W"][1] *= 1e-3                                     # one tiny output channel
+    x = rng.normal(size=(6, 2, 8, 8))
+    ref = model.forward(x, train=False)
+    pc = compile_integer(model, x, width=12, per_channel=True)
+    assert any(isinstance(r, R.Scale) and r.w_frac is not None for r in pc.records)
+    assert len(set(pc.records[1].w_frac.tolist())) > 1
+    err_pc = np.abs(pc.infer(x) - ref).max()
+    assert err_pc < 0.05 * np.abs(ref).max()
+    rebuilt = IntegerModel.from_records([{"attrs": r.attrs, "arrays": r.arrays} for r in pc.records])
+    for a, b in zip(rebuilt.run(pc.quantize_input(x)), pc.run(pc.quantize_input(x))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_per_channel_records_are_checked():
+    W = np.array([[1, 2], [3, 4]])
+    fmt = QFormat(8, 5)
+    with pytest.raises(ValueError, match="min"):
+        R.Dense(name="d", inputs=(0,), out_fmt=fmt, w_fmt=fmt, acc_frac=10, W=W, c=[0, 0], w_frac=[6, 7])
+    with pytest.raises(ValueError, match="w_frac"):
+        R.Dense(name="d", inputs=(0,), out_fmt=fmt, w_fmt=fmt, acc_frac=10, W=W, c=[0, 0], w_frac=[5, 6, 7])
+    d = R.Dense(name="d", inputs=(0,), out_fmt=fmt, w_fmt=fmt, acc_frac=10, W=W, c=[0, 0], w_frac=[5, 7])
+    assert d.channel_acc_fracs().tolist() == [10, 12] and "w_frac" in d.arrays
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_mse_calibration_picks_the_least_squared_error_frac(signed):
+    rng = np.random.default_rng(24)
+    x = rng.standard_t(2, size=4000)                                  # long tails: clipping pays
+    if not signed:
+        x = np.abs(x)
+    for width in (4, 6, 8):
+        fmt = calibrate_activation_mse(x, width, signed=signed)
+        errs = {f: np.mean((dequantize(quantize(x, QFormat(width, f, signed)), QFormat(width, f, signed)) - x) ** 2)
+                for f in range(-4, 24)}
+        assert errs[fmt.frac] == min(errs.values())
+        if width == 4:
+            assert fmt.frac > calibrate_weight(x, width, signed=signed).frac    # clips the tails
+    model = L.Sequential(L.Sequential(L.Dense(4, 16, rng=1, dtype=np.float64), L.ReLU()))
+    cal = rng.standard_t(2, size=(256, 4))
+    im = compile_integer(model, cal, width=6, calibration="mse")
+    want = calibrate_activation_mse(np.maximum(model[0][0].forward(cal, train=False), 0), 6, signed=False)
+    assert im.records[1].out_fmt == want                # the Dense before the ReLU, unsigned
+    with pytest.raises(ValueError, match="calibration"):
+        compile_integer(model, cal, calibration="kl")
+
+
+def test_out_formats_override_calibration():
+    rng = np.random.default_rng(25)
+    model = _mlp(rng)
+    x = rng.normal(size=(32, 12))
+    fixed = {"input": QFormat(8, 4), "0.0": QFormat(8, 3, signed=False), "2.2": QFormat(8, 2).to_dict()}
+    im = compile_integer(model, x, width=8, out_formats=fixed)
+    by = {r.name: r.out_fmt for r in im.records}
+    assert by["input"] == QFormat(8, 4) and by["0.0"] == by["0.1"] == QFormat(8, 3, signed=False)
+    assert by["2.2"] == QFormat(8, 2)
+    with pytest.raises(ValueError, match="no records"):
+        compile_integer(model, x, width=8, out_formats={"9.9": QFormat(8, 2)})
+
+
+def test_per_channel_export_is_format_version_2_and_round_trips(tmp_path):
+    import h5py
+
+    from exporters import hdf5
+    rng = np.random.default_rng(26)
+    model = L.Sequential(L.Sequential(L.Dense(6, 5, rng=rng), L.ReLU()), L.Sequential(L.Dense(5, 3, rng=rng)))
+    model[0][0].params["W"][:, 0] *= 1e-2
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    plain, pc = tmp_path / "plain.h5", tmp_path / "pc.h5"
+    hdf5.export(model, plain, x)
+    e = hdf5.export(model, pc, x, per_channel=True, calibration="mse")
+    assert hdf5.verify(plain)["format_version"] == 1
+    rep = hdf5.verify(pc)
+    assert rep["ok"] and rep["format_version"] == 2 and rep["options"]["per_channel"] is True
+    back = hdf5.read(pc)
+    np.testing.assert_array_equal(back.records[1].w_frac, e.records[1].w_frac)
+    assert len(set(back.records[1].w_frac.tolist())) > 1
+    with h5py.File(pc, "r+") as f:                 # a v1 file cannot hold per-channel records
+        f.attrs["format_version"] = 1
+    with pytest.raises(hdf5.ExportFormatError, match="format_version 2"):
+        hdf5.read(pc)

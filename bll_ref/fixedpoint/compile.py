@@ -204,7 +204,8 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
 
     Formats use every bit (``unsigned=True``): a tensor that cannot be negative gets an unsigned
     format: the output of a Dense / Conv2d / BatchNorm / add whose only consumer is a ReLU (through
-    MaxPool2d / Flatten), the ReLU output itself, the sigmoid table (frac = width), and the input
+    MaxPool2d / Flatten) and so the ReLU output (which keeps its input's format), the sigmoid table
+    (frac = width), and the input
     when every calibration value is >= 0.  Only with ``overflow="saturate"`` for all but the
     sigmoid table: wrapping a negative value into an unsigned format would not make it 0.
 
