@@ -83,7 +83,8 @@ def conv2d_int(x, W, stride, padding):
                          f"{(x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)}")
     cols, (ho, wo) = im2col(x.astype(dt), (kh, kw), stride, padding)
     y = W.reshape(W.shape[0], -1).astype(dt) @ cols
-    return y.reshape(W.shape[0], x.shape[0], ho, wo).transpose(1, 0, 2, 3).astype(np.int64)
+    # C order (N, O, Ho, Wo) in the same pass as the cast: the records after it read it that way
+    return np.ascontiguousarray(y.reshape(W.shape[0], x.shape[0], ho, wo).transpose(1, 0, 2, 3), dtype=np.int64)
 
 
 def windows(x, kernel, stride):
