@@ -98,8 +98,8 @@ def test_fit_names_the_block_and_checks_parameters_once_per_epoch_not_every_step
     d = {"x_train": rng.standard_normal((256, 20)).astype(np.float32), "y_train": rng.integers(0, 4, 256),
          "x_test": rng.standard_normal((32, 20)).astype(np.float32), "y_test": rng.integers(0, 4, 32)}
     calls = []
-    real = common._finite_params
-    monkeypatch.setattr(common, "_finite_params", lambda layers: calls.append(1) or real(layers))
+    real = common._finite_state
+    monkeypatch.setattr(common, "_finite_state", lambda method: calls.append(1) or real(method))
     m = make("bp", models.mlp((20, 16, 4), rng=0), sample_input=d["x_train"][:8], lr=1e-3)
     fit(m, d, epochs=3, batch_size=16, log=None)   # 16 steps per epoch
     assert len(calls) == 3

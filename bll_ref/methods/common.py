@@ -92,19 +92,25 @@ def _finite_params(layers) -> bool:
     return all(np.isfinite(v).all() for layer in layers for v in layer.params.values())
 
 
+def _finite_state(method) -> bool:
+    """Parameters of every block and the auxiliary arrays a checkpoint keeps (heads, feedback)."""
+    return _finite_params(method.model.layers) and all(np.isfinite(v).all() for v in method.aux_state().values())
+
+
+def _finite_loss(learner) -> bool:
+    """One scalar per BLL block: the sum of its running local-loss statistics."""
+    return bool(np.isfinite(sum(learner.stats.values())))
+
+
 def _bad_block(method):
     """1-based index of the first block whose running local loss or parameters are non-finite."""
-    for k, learner in enumerate(getattr(method, "learners", ())):  # BLL: one scalar per block
-        if not np.isfinite(sum(v for v in learner.stats.values())):
+    for k, learner in enumerate(getattr(method, "learners", ())):
+        if not _finite_loss(learner):
             return k + 1
     for k, block in enumerate(method.model.layers):
         if not _finite_params([block]):
             return k + 1
     return None
-
-
-def _bad_block_loss(method) -> bool:
-    return not all(np.isfinite(sum(v for v in l.stats.values())) for l in method.learners)
 
 
 def _diverged(method, epoch, step, what):
@@ -163,7 +169,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         def on_step(step, loss):
             # divergence check per step: one scalar per block (the loss; BLL: each block's running
             # local loss sum), never a scan of the parameters
-            if not np.isfinite(loss) or (getattr(method, "learners", None) and _bad_block_loss(method)):
+            if not np.isfinite(loss) or not all(_finite_loss(l) for l in getattr(method, "learners", ())):
                 raise _diverged(method, epoch + 1, step, f"the loss became {loss}")
             recent.append(loss)
             if log and (step % every == 0 or step == steps):
@@ -184,7 +190,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         schedule.gather(method)
         if not schedule.is_root:
             continue
-        if not _finite_params(method.model.layers):  # once per epoch, before anything is saved
+        if not _finite_state(method):  # once per epoch, before anything is saved
             raise _diverged(method, epoch + 1, steps, "parameters became NaN or inf")
         logits = predict(method.model, data["x_test"], eval_batch)
         acc = accuracy(logits, data["y_test"])
