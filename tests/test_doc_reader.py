@@ -79,21 +79,35 @@ def windows(x, k, s):
     return [x[:, :, u:u + sh * (ho - 1) + 1:sh, v:v + sw * (wo - 1) + 1:sw] for u in range(kh) for v in range(kw)]
 
 
+def requantize_channels(acc, rec, A, q, axis):
+    """Section 12: with per-channel weight formats (dataset w_frac), channel o's accumulator has
+    acc_frac + w_frac[o] - w_fmt.frac fractional bits; else every channel has acc_frac."""
+    if "w_frac" not in A:
+        return requantize(acc, rec["acc_frac"], q)
+    fr = rec["acc_frac"] + A["w_frac"].astype(np.int64) - rec["w_fmt"]["frac"]
+    y = np.zeros(acc.shape, np.int64)
+    for f in np.unique(fr):
+        sel = [slice(None)] * acc.ndim
+        sel[axis] = fr == f
+        y[tuple(sel)] = requantize(acc[tuple(sel)], int(f), q)
+    return y
+
+
 def run_record(rec, A, xs, in_q):
     """Section 10's table, one row per branch."""
     q, x, kind = rec["out_fmt"], xs[0], rec["kind"]
     if kind == "dense":
-        return requantize(x @ A["W"].astype(np.int64) + A["c"], rec["acc_frac"], q)
+        return requantize_channels(x @ A["W"].astype(np.int64) + A["c"], rec, A, q, 1)
     if kind == "conv2d":
         W, (ph, pw) = A["W"].astype(np.int64), rec["padding"]
         xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
         kw = W.shape[3]
         acc = sum(np.einsum("nkhw,ok->nohw", p, W[:, :, t // kw, t % kw])
                   for t, p in enumerate(windows(xp, W.shape[2:], rec["stride"])))
-        return requantize(acc + A["c"][None, :, None, None], rec["acc_frac"], q)
+        return requantize_channels(acc + A["c"][None, :, None, None], rec, A, q, 1)
     if kind == "scale":
         shp = (1, -1) + (1,) * (x.ndim - 2)
-        return requantize(x * A["W"].astype(np.int64).reshape(shp) + A["c"].reshape(shp), rec["acc_frac"], q)
+        return requantize_channels(x * A["W"].astype(np.int64).reshape(shp) + A["c"].reshape(shp), rec, A, q, 1)
     if kind == "relu":
         return np.maximum(x, 0)
     if kind == "leaky_relu":
@@ -155,7 +169,7 @@ def read_and_check(path):
     """Rerun every record from the file; returns (per-record equality with the stored trace,
     x_codes == quantised x, float twins == rebuilt from /model)."""
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] <= 1
+        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] <= 2
         g = f["integer/records"]
         names = sorted(g, key=lambda s: int(s.split("_")[0]))
         assert len(names) == f["integer"].attrs["n_records"]
@@ -273,6 +287,24 @@ def test_doc_reader_agrees_with_verify_over_the_matrix(tmp_path):
         assert same == [r["n_diff"] == 0 for r in rep["records"]], where
         assert all(same) and rep["ok"], where
         path.unlink()
+
+
+def test_doc_reader_agrees_with_verify_on_per_channel_and_mse_exports(tmp_path):
+    """Section 12: per-channel weight formats (format version 2) and MSE-calibrated formats."""
+    for net in sorted(NETS):
+        build, shape = NETS[net]
+        for width, rounding, calibration in ((3, "floor", "mse"), (6, "nearest_even", "percentile"),
+                                             (8, "nearest", "mse"), (12, "nearest", "percentile")):
+            g = np.random.default_rng(width)
+            model = build(g)
+            x = (g.normal(size=(24,) + shape) * 1.5).astype(np.float32)
+            path = tmp_path / f"{net}-{width}.h5"
+            e = hdf5.export(model, path, x, width=width, rounding=rounding, per_channel=True,
+                            calibration=calibration, percentile=99.0, n_traces=6)
+            assert any(len(set(r.w_frac.tolist())) > 1 for r in e.records if getattr(r, "w_frac", None) is not None)
+            same, inputs_ok, _ = read_and_check(path)
+            rep = hdf5.verify(path)
+            assert rep["format_version"] == 2 and inputs_ok and all(same) and rep["ok"], (net, width)
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
