@@ -52,28 +52,38 @@ __all__ = ["fake_quant", "fake_quant_model", "finetune_q", "quantized_loss", "OB
 OBJECTIVES = ("bll", "reconstruct")
 
 
+def _fq(v, frac, lo, hi, rounding):
+    """Q(v) at ``frac`` fractional bits (scalar or broadcastable array), saturated to codes
+    [lo, hi], in v's float dtype: the scaling by 2**frac is exact and ``_round_float`` rounds
+    exactly, so this equals dequantize(quantize(v)) (a test pins it) at a fraction of its cost."""
+    scale = np.ldexp(np.ones((), v.dtype), frac).astype(v.dtype, copy=False)
+    r = _round_float(v * scale, rounding)
+    return np.clip(r, lo, hi, out=r) / scale
+
+
 def fake_quant(x, fmt):
     """(Q(x), mask): x rounded to ``fmt``'s grid and saturated, in x's dtype, and the STE mask
     (True where x lies inside the format's range [min_code, max_code] * 2**-frac)."""
     x = np.asarray(x)
-    xq = dequantize(quantize(x, fmt), fmt).astype(x.dtype, copy=False)
+    if fmt.overflow != "saturate":
+        raise ValueError("fake-quantised training needs overflow='saturate' (a wrapped value has no gradient)")
+    xq = _fq(x, fmt.frac, fmt.min_code, fmt.max_code, fmt.rounding).astype(x.dtype, copy=False)
     lo, hi = np.ldexp(float(fmt.min_code), -fmt.frac), np.ldexp(float(fmt.max_code), -fmt.frac)
     return xq, (x >= lo) & (x <= hi)
 
 
 def _fq_weights(W, out_axis, width, rounding, per_channel):
-    """Q(W) with the weight format(s) compile_integer would choose; returns (Wq, w_frac (out,))."""
-    W64 = np.asarray(W, dtype=np.float64)
+    """Q(W) with the weight format(s) compile_integer would choose; returns (Wq in W's dtype,
+    w_frac (out,))."""
+    W = np.asarray(W)
     if per_channel:
-        fmt, fracs = calibrate_weight_per_channel(W64, width, out_axis, rounding=rounding)
+        fmt, fracs = calibrate_weight_per_channel(W, width, out_axis, rounding=rounding)
     else:
-        fmt = calibrate_weight(W64, width, rounding=rounding)
-        fracs = np.full(W64.shape[out_axis], fmt.frac, dtype=np.int64)
-    shape = [1] * W64.ndim
+        fmt = calibrate_weight(W, width, rounding=rounding)
+        fracs = np.full(W.shape[out_axis], fmt.frac, dtype=np.int64)
+    shape = [1] * W.ndim
     shape[out_axis] = -1
-    d = (fracs - fmt.frac).reshape(shape)
-    Wq = np.ldexp(dequantize(quantize(np.ldexp(W64, d), fmt), fmt), -d)
-    return Wq, fracs
+    return _fq(W, fracs.reshape(shape), fmt.min_code, fmt.max_code, rounding), fracs
 
 
 class _FQAffine(Layer):

@@ -212,3 +212,16 @@ def test_cli_finetune_q_then_export_verifies(tmp_path, capsys):
     assert "OK: integer inference" in capsys.readouterr().out
     assert main(["finetune-q", str(run / "checkpoint.npz"), "--width", "1", "--out", str(out)]) == 2
     assert "width" in capsys.readouterr().err
+
+
+def test_fast_fake_quant_equals_quantize_then_dequantize():
+    from bll_ref.fixedpoint import quantize
+    rng = np.random.default_rng(9)
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_t(3, size=2000) * 4).astype(dtype)
+        x[:6] = [0.125, -0.125, 0.375, -0.375, 1e9, -1e9]          # halves and saturation
+        for rounding in ("floor", "nearest", "nearest_even"):
+            for fmt in (QFormat(4, 2, rounding=rounding), QFormat(8, 5, False, rounding), QFormat(6, -2, rounding=rounding)):
+                xq, _ = fake_quant(x, fmt)
+                assert xq.dtype == dtype
+                np.testing.assert_array_equal(xq, dequantize(quantize(x, fmt), fmt).astype(dtype))
