@@ -223,10 +223,11 @@ def curves(runs, order, path, eval_set):
             vals = [[np.nan if v is None else v for v in x[key][:n]] for x in hs]
             v = 100 * np.asarray(vals, float)
             mean, std = v.mean(0), v.std(0)
-            line, = ax.plot(range(1, n + 1), mean, "o-", ms=3, label=f"{spec} ({len(hs)} seeds)")
+            line, = ax.plot(range(1, n + 1), mean, "o-", ms=3, label=f"{spec} ({len(hs)} seed{'s' * (len(hs) > 1)})")
             ax.fill_between(range(1, n + 1), mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)")
             ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize="small")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
