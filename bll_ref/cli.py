@@ -382,6 +382,8 @@ def _add_finetune_q(sub):
     p.add_argument("--calibration-method", choices=("percentile", "mse"), default="percentile",
                    help="activation calibration the export will use (default percentile)")
     p.add_argument("--percentile", type=float, default=99.9, help="with percentile calibration (default 99.9)")
+    p.add_argument("--output-width", type=int, default=None, metavar="BITS",
+                   help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
     p.add_argument("--calibration", type=int, default=256, metavar="N",
                    help="training examples that calibrate the activation formats, as export's (default 256)")
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
@@ -403,12 +405,12 @@ def cmd_finetune_q(args):
     s = finetune_checkpoint(args.checkpoint, args.out, width=args.width, epochs=args.epochs, lr=args.lr,
                             objective=args.objective, data=args.data, n_calibration=args.calibration,
                             percentile=args.percentile, calibration=args.calibration_method,
-                            per_channel=args.per_channel, limit_train=args.limit_train, seed=args.seed)
+                            per_channel=args.per_channel, output_width=args.output_width,
+                            limit_train=args.limit_train, seed=args.seed)
     print(f"integer model ({args.width} bits) test accuracy {100 * s['test_acc_before']:.2f}% -> "
           f"{100 * s['test_acc_after']:.2f}% ({s['objective']} objective, {args.epochs} epoch(s)); wrote {args.out}")
-    print(f"export it with: bll-ref export {args.out} --width {args.width}"
-          + (" --per-channel" if args.per_channel else "")
-          + (" --calibration-method mse" if args.calibration_method == "mse" else f" --percentile {args.percentile:g}"))
+    print(f"export it with: bll-ref export {args.out} --width {args.width} (the formats it was trained for "
+          "are in the checkpoint and used)")
     return 0
 
 

@@ -328,7 +328,7 @@ def _load_bll_aux(method, aux):
 
 def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=1e-4, batch_size=128, objective="reconstruct",
                bll_options=None, aux=None, start_epoch=0, rounding="nearest", percentile=99.9,
-               calibration="percentile", per_channel=False, rng=0, log=print):
+               calibration="percentile", per_channel=False, output_width=None, rng=0, log=print):
     """Fine-tune ``model`` (Sequential of blocks, float weights updated in place) block by block
     with fake-quantised weights and activations.
 
@@ -339,7 +339,8 @@ def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=1e-4, batch_si
     x, y : training inputs (N, ...) float and labels (N,) int
     calibration_x : the batch that calibrates the activation formats, as ``bll-ref export`` will
         (its first ``--calibration`` training examples)
-    width, rounding, percentile, calibration, per_channel : the export settings to train for
+    width, rounding, percentile, calibration, per_channel, output_width : the export settings to
+        train for (see :func:`~bll_ref.fixedpoint.compile_integer`)
     epochs, lr, batch_size : Adam steps over shuffled x
     objective : "bll" (needs ``bll_options`` and the checkpoint ``aux``) or "reconstruct"
     bll_options : BLL keywords of the checkpoint's training run (``bll_ref.cli.method_options``)
@@ -359,7 +360,7 @@ def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=1e-4, batch_si
         raise ValueError(f"finetune-q: epochs must be >= 1, got {epochs}")
     blocks = list(model)
     comp = dict(width=int(width), rounding=rounding, percentile=percentile, calibration=calibration,
-                per_channel=per_channel)
+                per_channel=per_channel, output_width=output_width)
     fq = FakeQuantModel(blocks, int(width), rounding, per_channel)
     # The activation formats are calibrated once and kept: the weights learn to live with them and
     # the export uses them (meta["finetune_q"]["formats"]); recalibrating after training would
@@ -437,8 +438,8 @@ def bll_options(meta) -> dict:
 
 
 def finetune_checkpoint(path, out, *, width, epochs=1, lr=1e-4, objective="auto", data="auto", n_calibration=256,
-                        percentile=99.9, calibration="percentile", per_channel=False, limit_train=None,
-                        batch_size=128, seed=0, log=print) -> dict:
+                        percentile=99.9, calibration="percentile", per_channel=False, output_width=None,
+                        limit_train=None, batch_size=128, seed=0, log=print) -> dict:
     """``bll-ref finetune-q``: load a checkpoint, fine-tune it with :func:`finetune_q` on its
     training data (calibration batch = the first ``n_calibration`` training examples, as
     ``bll-ref export --calibration N`` takes them), write the fine-tuned checkpoint to ``out``
@@ -455,16 +456,19 @@ def finetune_checkpoint(path, out, *, width, epochs=1, lr=1e-4, objective="auto"
         raise ValueError(f"finetune-q: {n_calibration} calibration examples asked, the training set has "
                          f"{len(d['x_train'])}")
     cal = d["x_train"][:n_calibration]
-    comp = dict(width=int(width), percentile=percentile, calibration=calibration, per_channel=per_channel)
+    comp = dict(width=int(width), percentile=percentile, calibration=calibration, per_channel=per_channel,
+                output_width=output_width)
     before = quantized_loss(compile_integer(model, cal, **comp), d["x_test"], d["y_test"])
     opts = bll_options(meta) if objective == "bll" else None
     res = finetune_q(model, d["x_train"], d["y_train"], cal, width=width, epochs=epochs, lr=lr,
                      batch_size=batch_size, objective=objective, bll_options=opts, aux=aux,
                      start_epoch=int((meta.get("options") or {}).get("epochs") or 0), percentile=percentile,
-                     calibration=calibration, per_channel=per_channel, rng=seed, log=log)
+                     calibration=calibration, per_channel=per_channel, output_width=output_width, rng=seed,
+                     log=log)
     after = quantized_loss(compile_integer(model, cal, out_formats=res["formats"], **comp), d["x_test"], d["y_test"])
     settings = {"width": int(width), "epochs": int(epochs), "lr": float(lr), "objective": objective,
                 "percentile": float(percentile), "calibration": calibration, "per_channel": bool(per_channel),
+                "output_width": int(output_width or width),
                 "n_calibration": int(n_calibration), "data": source, "from": os.path.basename(os.fspath(path)),
                 "test_acc_before": before[1], "test_acc_after": after[1], "history": res["history"],
                 "formats": {k: f.to_dict() for k, f in res["formats"].items()}}

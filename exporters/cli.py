@@ -47,6 +47,8 @@ def add_commands(subparsers):
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="one power-of-two weight format per output channel (file format version 2); "
                    "default off, or what finetune-q trained the checkpoint for")
+    p.add_argument("--output-width", type=int, default=None, metavar="BITS",
+                   help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
     p.add_argument("--traces", type=int, default=16, metavar="N",
                    help="calibration examples whose per-layer output codes are stored (default 16)")
     p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
@@ -112,6 +114,7 @@ def cmd_export(args):
                     calibration=args.calibration_method or ft.get("calibration", "percentile"),
                     per_channel=ft.get("per_channel", False) if args.per_channel is None else args.per_channel,
                     out_formats=ft.get("formats") if ft.get("width") == args.width else None,
+                    output_width=args.output_width,
                     meta=hdf5.portable_meta(meta, args.checkpoint), labels=y)   # no local paths
     im = e.integer_model()
     agree = float(np.mean(np.argmax(im.infer(x), 1) == np.argmax(model.forward(x, train=False), 1)))

@@ -42,7 +42,7 @@ _PATH_OPTIONS = ("out", "resume")
 # ------------------------------------------------------------------------------------------------
 def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow="saturate",
            percentile=100.0, n_traces=None, aux=None, meta=None, labels=None, calibration="percentile",
-           per_channel=False, out_formats=None) -> ExportedModel:
+           per_channel=False, out_formats=None, output_width=None) -> ExportedModel:
     """Compile ``model`` to integer inference and write one HDF5 file (atomically).
 
     Parameters
@@ -50,7 +50,7 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
     model : Sequential of blocks, or a list of blocks (eval-mode BN statistics are used)
     path : str or PathLike, the file to write (replaced atomically; no half file on failure)
     calibration_x : (N, *input_shape) float array; all N samples calibrate the activation formats
-    width, rounding, overflow, percentile, calibration, per_channel, out_formats : see
+    width, rounding, overflow, percentile, calibration, per_channel, out_formats, output_width : see
         :func:`bll_ref.fixedpoint.compile_integer` (per_channel files are format version 2)
     n_traces : int or None, store inputs and traces of the first ``n_traces`` samples (None: all N)
     aux : dict name -> array or None (feedback weights, heads; from ``checkpoint.load``)
@@ -76,7 +76,8 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
                              f"got {labels.shape} {labels.dtype}")
         labels = labels[:n].astype(np.int64)
     im = compile_integer(model, x, width=width, rounding=rounding, overflow=overflow, percentile=percentile,
-                         calibration=calibration, per_channel=per_channel, out_formats=out_formats)
+                         calibration=calibration, per_channel=per_channel, out_formats=out_formats,
+                         output_width=output_width)
     traces = im.run(im.quantize_input(x[:n]))
     e = ExportedModel(
         records=im.records, traces=traces, calibration_x=x[:n].copy(), model_config=model.config(),
@@ -86,7 +87,8 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
                  "percentile": float(percentile), "n_calibration": int(x.shape[0]),
                  **({"calibration": calibration} if calibration != "percentile" else {}),
                  **({"per_channel": True} if per_channel else {}),
-                 **({"out_formats": "given"} if out_formats else {})})
+                 **({"out_formats": "given"} if out_formats else {}),
+                 **({"output_width": int(output_width)} if output_width not in (None, width) else {})})
     write(e, path)
     return e
 

@@ -720,3 +720,17 @@ def test_per_channel_export_is_format_version_2_and_round_trips(tmp_path):
         f.attrs["format_version"] = 1
     with pytest.raises(hdf5.ExportFormatError, match="format_version 2"):
         hdf5.read(pc)
+
+
+def test_output_width_widens_only_the_last_record():
+    rng = np.random.default_rng(27)
+    model = L.Sequential(L.Sequential(L.Dense(6, 8, rng=rng, dtype=np.float64), L.ReLU()),
+                         L.Sequential(L.Dense(8, 4, rng=rng, dtype=np.float64)))
+    x = rng.normal(size=(32, 6))
+    a, b = compile_integer(model, x, width=4), compile_integer(model, x, width=4, output_width=16)
+    assert [f.width for f in b.formats] == [4, 4, 4, 16] and a.formats[:3] == b.formats[:3]
+    assert b.formats[-1].frac == calibrate_activation(model.forward(x, train=False), 16).frac
+    ref = model.forward(x, train=False)
+    assert np.abs(b.infer(x) - ref).mean() < np.abs(a.infer(x) - ref).mean()
+    with pytest.raises(ValueError, match="output_width"):
+        compile_integer(L.Sequential(L.Dense(6, 8, rng=rng, dtype=np.float64), L.ReLU()), x, width=4, output_width=16)

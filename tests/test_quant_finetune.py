@@ -225,3 +225,13 @@ def test_fast_fake_quant_equals_quantize_then_dequantize():
                 xq, _ = fake_quant(x, fmt)
                 assert xq.dtype == dtype
                 np.testing.assert_array_equal(xq, dequantize(quantize(x, fmt), fmt).astype(dtype))
+
+
+def test_finetuning_for_wide_logits_keeps_their_format():
+    rng = np.random.default_rng(10)
+    x, y, _, _ = _blobs(rng, 300)
+    model = _mlp(np.random.default_rng(11), "relu", (12, 16, 5))
+    res = finetune_q(model, x, y, x[:64], width=4, output_width=16, epochs=1, lr=1e-3, log=None)
+    assert res["formats"]["1.0"].width == 16 and res["formats"]["0.0"].width == 4
+    im = compile_integer(model, x[:64], width=4, out_formats=res["formats"])
+    assert im.output_fmt == res["formats"]["1.0"]

@@ -1,6 +1,8 @@
 """The compiler: float model -> layer records -> :class:`~bll_ref.fixedpoint.IntegerModel`."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import layers as L
@@ -190,9 +192,27 @@ def _unsigned_records(model) -> frozenset:
                      if isinstance(st, (Affine, ChannelAffine, Junction)) and reaches_relu(s + 1))
 
 
+def _widen_output(comp, output_width):
+    """Recalibrate the last record's out_fmt at ``output_width`` bits (nothing reads it)."""
+    last = comp.records[-1]
+    if not 2 <= output_width <= 16:
+        raise ValueError(f"compile_integer: output_width must be in 2..16, got {output_width}")
+    if not isinstance(last, (R.Affine, R.Add)):
+        raise ValueError(f"compile_integer: output_width needs a model that ends in Dense / Conv2d / "
+                         f"BatchNorm / Residual, not in {last.kind} {last.name!r}")
+    if last.name in comp.out_formats:
+        return
+    width, comp.width = comp.width, output_width
+    try:
+        fmt = comp.calibrate(comp.acts[-1])
+    finally:
+        comp.width = width
+    comp.records[-1] = dataclasses.replace(last, out_fmt=fmt)
+
+
 def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overflow="saturate",
                     percentile=100.0, input_fmt=None, check=True, calibration="percentile",
-                    per_channel=False, unsigned=True, out_formats=None) -> IntegerModel:
+                    per_channel=False, unsigned=True, out_formats=None, output_width=None) -> IntegerModel:
     """Compile a float model into integer-only reference inference.
 
     Follows the model walk (:func:`bll_ref.fixedpoint.walk.walk`: nested Sequentials flattened,
@@ -242,6 +262,9 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
     out_formats : dict record name -> QFormat (or its dict) or None: output formats to use instead
         of calibrating (the formats ``bll_ref.quant_finetune`` trained for; "input" = the input
         format when ``input_fmt`` is None); records not named are calibrated
+    output_width : int 2..16 or None (= width): width of the model's output (the last record, a
+        dense / conv2d / scale / add), e.g. 16-bit logits after 4-bit layers, as hls4ml lets the
+        last layer's result type differ; weights and every other activation keep ``width``
     check : bool, compare the compiler's float64 twin with ``model.forward(x, train=False)``
         (catches a layer convention the compiler misreads)
 
@@ -268,6 +291,8 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
     comp.emit(R.Input, "input", [], x, out_fmt=input_fmt, shape=x.shape[1:])
     for st in walk(model):
         comp.step(st)
+    if output_width is not None and int(output_width) != int(width):
+        _widen_output(comp, int(output_width))
     unknown = sorted(set(comp.out_formats) - {r.name for r in comp.records})
     if unknown:
         raise ValueError(f"compile_integer: out_formats names {unknown[:4]}, which are no records of this model")
