@@ -92,7 +92,7 @@ class BLL(Method):
     n_classes : int
     variational : one of VARIATIONAL ("sim": Pred-Sim, see the module docstring)
     feedback : "closed" (ridge LS per batch, default), "trained" (linear, gradient-trained by g_b)
-        or "twin" (the paper's deep backward network); not with variational="none"
+        or "twin" (the paper's deep backward network); not with variational="none" or "sim"
     var_weight : weight of the variational term (default 1; 99 for "sim")
     tau : mixing schedule m(epoch) = 1 / (1 + tau epoch) (default 2; supplement: tau = 0.5)
     m : constant mixing instead of the schedule — e.g. 0.01 for the transformer of Sec. 4.2
