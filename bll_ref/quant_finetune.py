@@ -41,7 +41,7 @@ import os
 import numpy as np
 
 from . import layers as L
-from .fixedpoint import compile_integer, dequantize, quantize
+from .fixedpoint import compile_integer
 from .fixedpoint.qformat import _round_float, calibrate_weight, calibrate_weight_per_channel
 from .layers.base import Layer, load_state_dict, state_dict
 from .losses.output import softmax_cross_entropy

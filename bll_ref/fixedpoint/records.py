@@ -263,7 +263,8 @@ class Affine(Record):
 
     def link(self, in_fmts):
         if self.acc_frac != in_fmts[0].frac + self.w_fmt.frac:
-            raise ValueError(f"acc_frac {self.acc_frac} != input frac {in_fmts[0].frac} + weight frac {self.w_fmt.frac}")
+            raise ValueError(f"acc_frac {self.acc_frac} != input frac {in_fmts[0].frac} + weight frac "
+                             f"{self.w_fmt.frac}")
 
     def channel_acc_fracs(self) -> np.ndarray:
         """(n_out,) fractional bits of each output channel's accumulator and bias."""
