@@ -378,9 +378,11 @@ def _add_finetune_q(sub):
                    help="auto (default): a BLL checkpoint's own local losses (heads, feedback), else block "
                    "reconstruction of the float block outputs (BP/FA checkpoints have no local heads)")
     p.add_argument("--per-channel", action="store_true",
-                   help="per-output-channel weight formats (export with --per-channel too; default off)")
+                   help="per-output-channel weight formats (default off; recorded in the checkpoint, which "
+                   "bll-ref export then follows)")
     p.add_argument("--calibration-method", choices=("percentile", "mse"), default="percentile",
-                   help="activation calibration the export will use (default percentile)")
+                   help="activation calibration (default percentile; the formats are stored in the "
+                   "checkpoint and bll-ref export --width W uses them)")
     p.add_argument("--percentile", type=float, default=99.9, help="with percentile calibration (default 99.9)")
     p.add_argument("--output-width", type=int, default=None, metavar="BITS",
                    help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
