@@ -224,9 +224,12 @@ def _report_accuracy(args):
         return
     model, im = e.float_model(), e.integer_model()
     pf, pq = [], []
-    for i in range(0, len(x), 1000):
-        pf.append(np.argmax(model.forward(x[i:i + 1000], train=False), 1))
-        pq.append(np.argmax(im.infer(x[i:i + 1000]), 1))
+    # batches of 100: the int64 temporaries of a conv layer's output stay in cache (at 1000 the CNN's
+    # integer path ran 2.5x slower, benchmarks/inference_speed.py)
+    step = 100
+    for i in range(0, len(x), step):
+        pf.append(np.argmax(model.forward(x[i:i + step], train=False), 1))
+        pq.append(np.argmax(im.infer(x[i:i + step]), 1))
     pf, pq = np.concatenate(pf), np.concatenate(pq)
     print(f"accuracy on {len(x)} test examples: float {100 * np.mean(pf == y):.2f}%, fixed point "
           f"{100 * np.mean(pq == y):.2f}% (argmax agreement {100 * np.mean(pf == pq):.2f}%)")
