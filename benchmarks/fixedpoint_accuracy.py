@@ -53,7 +53,7 @@ def main():
                     help="W or WoO: W-bit weights and activations, O-bit output (logits; default O = W)")
     ap.add_argument("--ft-widths", default="8,6,4,4o16", help="the same, to fine-tune for ('' = none)")
     ap.add_argument("--ft-epochs", type=int, default=1)
-    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-limit", type=int, default=None, help="fine-tune on the first N training images")
     args = ap.parse_args()
     d, _ = data.load("fashion-mnist")

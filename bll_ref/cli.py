@@ -373,7 +373,7 @@ def _add_finetune_q(sub):
     p.add_argument("--width", type=int, required=True, help="bits of the export to train for (2..16; 4, 6 or 8)")
     p.add_argument("--out", required=True, help="fine-tuned checkpoint to write (.npz)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--objective", choices=("auto", "bll", "reconstruct"), default="auto",
                    help="auto (default): a BLL checkpoint's own local losses (heads, feedback), else block "
                    "reconstruction of the float block outputs (BP/FA checkpoints have no local heads)")

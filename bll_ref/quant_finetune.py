@@ -326,7 +326,7 @@ def _load_bll_aux(method, aux):
             learner.feedback.load_state_dict(got)
 
 
-def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=1e-4, batch_size=128, objective="reconstruct",
+def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=3e-4, batch_size=128, objective="reconstruct",
                bll_options=None, aux=None, start_epoch=0, rounding="nearest", percentile=99.9,
                calibration="percentile", per_channel=False, output_width=None, rng=0, log=print):
     """Fine-tune ``model`` (Sequential of blocks, float weights updated in place) block by block
@@ -437,7 +437,7 @@ def bll_options(meta) -> dict:
                          "use --objective reconstruct") from None
 
 
-def finetune_checkpoint(path, out, *, width, epochs=1, lr=1e-4, objective="auto", data="auto", n_calibration=256,
+def finetune_checkpoint(path, out, *, width, epochs=1, lr=3e-4, objective="auto", data="auto", n_calibration=256,
                         percentile=99.9, calibration="percentile", per_channel=False, output_width=None,
                         limit_train=None, batch_size=128, seed=0, log=print) -> dict:
     """``bll-ref finetune-q``: load a checkpoint, fine-tune it with :func:`finetune_q` on its
