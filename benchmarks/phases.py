@@ -10,7 +10,7 @@ that sets the phase's limit:
 - memory-bound phases (element-wise layers, local losses, optimiser): bytes of the arrays passed in
   and returned (the compulsory traffic: every input read once, every output written once; the
   optimiser's 7 words per Adam parameter, 5 per SGD-momentum parameter); limit = bytes / the
-  measured triad bandwidth;
+  bandwidth of an in-place a += s*b measured in the same run;
 - feedback solves: FLOPs of the normal equations and the solve (small, latency-bound: a GEMM-rate
   limit says how far from it they are).
 
@@ -70,7 +70,7 @@ def _feedback_flops(fb, args, fit):
 
 
 class PhaseClock:
-    """Exclusive time and work per phase while active (see module docstring)."""
+    """Exclusive time and work per phase while active (see module docstring); ``reset`` between steps."""
 
     def __init__(self):
         self.seconds = dict.fromkeys(PHASES, 0.0)
@@ -191,45 +191,54 @@ def _rebind_imported_names(patches):
 
 
 @njit(cache=True, error_model="numpy")
-def _triad(a, b, c, s):
+def _axpy(a, b, s):
     for i in range(a.size):
-        a[i] = b[i] + s * c[i]
+        a[i] += s * b[i]
 
 
-def triad_bandwidth(n=1 << 20, repeats=30):
-    """Bytes/s of the STREAM triad a = b + s*c on float32 arrays of ``n`` elements (12 bytes per
-    element; 1M elements = 4 MB, the size of a 1024x1024 weight matrix), one thread, median."""
+def update_bandwidth(n=1 << 20, repeats=30):
+    """Bytes/s of the in-place update a += s*b on float32 arrays of ``n`` elements (12 bytes per
+    element, all of them moved: read a and b, write a; 1M elements = 4 MB, a 1024x1024 weight
+    matrix), one thread, median. In place like the optimisers, so no write-allocate traffic goes
+    uncounted (STREAM's a = b + s*c reads a's lines too but counts only 12 of its 16 bytes)."""
     b = np.ones(n, np.float32)
-    c = np.full(n, 2.0, np.float32)
-    a = np.empty_like(b)
-    s = np.float32(3.0)
+    a = np.full(n, 2.0, np.float32)
+    s = np.float32(1e-3)
     times = []
     for _ in range(repeats + 2):
         t = time.perf_counter()
-        _triad(a, b, c, s)
+        _axpy(a, b, s)
         times.append(time.perf_counter() - t)
     return 12 * n / float(np.median(times[2:]))
 
 
 def phase_table(step, repeats, gemm_rate, bandwidth, warmup=3):
-    """Run ``step`` under a PhaseClock; per phase: ms per step, limit ms, fraction of the limit."""
+    """Run ``step`` under a PhaseClock; per phase: ms per step (median over the steps, so one
+    descheduled step does not skew a phase), limit ms, fraction of the limit; and per call."""
     for _ in range(warmup):
         step()
     clock = PhaseClock()
+    per_step = {ph: [] for ph in PHASES}
+    totals, names = [], {}
     with clock.active():
         step()
-        clock.reset()
-        t0 = time.perf_counter()
         for _ in range(repeats):
+            clock.reset()
+            t0 = time.perf_counter()
             step()
-        total = (time.perf_counter() - t0) / repeats
+            total = time.perf_counter() - t0
+            totals.append(total)
+            inner = sum(clock.seconds[p] for p in PHASES if p != "other")
+            for ph in PHASES:
+                per_step[ph].append(max(total - inner, 0.0) if ph == "other" else clock.seconds[ph])
+            for k, v in clock.by_name.items():
+                names.setdefault(k, []).append(v)
+            work_flops, work_bytes = dict(clock.flops), dict(clock.bytes)
     rows = {}
     for ph in PHASES:
-        s = clock.seconds[ph] / repeats
-        if ph == "other":
-            s = max(total - sum(clock.seconds[p] for p in PHASES if p != "other") / repeats, 0.0)
-        limit = clock.flops[ph] / repeats / gemm_rate + clock.bytes[ph] / repeats / bandwidth
+        s = float(np.median(per_step[ph]))
+        limit = work_flops[ph] / gemm_rate + work_bytes[ph] / bandwidth
         rows[ph] = {"ms": 1e3 * s, "limit_ms": 1e3 * limit, "fraction": (limit / s) if s > 0 and limit else None,
-                    "gflop": clock.flops[ph] / repeats / 1e9, "mbytes": clock.bytes[ph] / repeats / 1e6}
-    by_name = {k: 1e3 * v / repeats for k, v in sorted(clock.by_name.items(), key=lambda kv: -kv[1])}
-    return total, rows, by_name
+                    "gflop": work_flops[ph] / 1e9, "mbytes": work_bytes[ph] / 1e6}
+    by_name = {k: 1e3 * float(np.median(v)) for k, v in sorted(names.items(), key=lambda kv: -np.median(kv[1]))}
+    return float(np.median(totals)), rows, by_name

@@ -7,7 +7,7 @@ measured side by side are reported):
   (default recipe and variants) and, where torch is importable, PyTorch's BP step with its default
   Adam and with ``Adam(fused=True)``; then a per-phase table (forward GEMMs, backward GEMMs,
   element-wise, local losses, feedback solves, optimiser, other) for BP and the BLL default step,
-  each phase against its own limit measured in the same run (GEMM rate, triad bandwidth);
+  each phase against its own limit measured in the same run (GEMM rate, in-place update bandwidth);
 - conv: one Conv2d forward + backward, batch 128, 32 -> 64 channels, 14x14, 3x3, padding 1;
 - cnn: one BP step and one BLL step of ``models.cnn()`` (3 conv blocks 32-64-128 + linear) at
   batch 128 on 28x28 inputs, against PyTorch's BP step of the same network.
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gemm_gflops, interleaved, machine, write  # noqa: E402
-from phases import PHASES, phase_table, triad_bandwidth  # noqa: E402
+from phases import PHASES, phase_table, update_bandwidth  # noqa: E402
 
 from bll_ref import models  # noqa: E402
 from bll_ref.layers import Conv2d  # noqa: E402
@@ -37,6 +37,7 @@ from bll_ref.methods import make  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 N = 128
+POOL = 16  # distinct random batches per contender (see batches())
 CONV = dict(n=128, cin=32, cout=64, size=14, k=3, padding=1)
 
 
@@ -64,13 +65,13 @@ def import_torch(site_dirs):
     return torch
 
 
-def torch_mlp_step(torch, x, y, fused):
+def torch_mlp_step(torch, pool, fused):
     torch.manual_seed(0)
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
     layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
-    return _torch_step(torch, torch.nn.Sequential(*layers), x, y, fused)
+    return _torch_step(torch, torch.nn.Sequential(*layers), pool, fused)
 
 
 def torch_cnn(torch, channels=(32, 64, 128), size=28):
@@ -83,29 +84,47 @@ def torch_cnn(torch, channels=(32, 64, 128), size=28):
     return torch.nn.Sequential(*layers)
 
 
-def _torch_step(torch, net, x, y, fused):
-    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+def batches(shape, n=POOL, seed=0):
+    """A pool of random batches with random labels, cycled through by every contender alike.
+    Repeating one batch lets BP fit it: the loss gradient then underflows into float32
+    denormals, whose arithmetic is microcode-slow (a 4x slower BP step was measured)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((N, *shape)).astype(np.float32), rng.integers(0, 10, N)) for _ in range(n)]
 
-    def step():
+
+def cycling(step, pool):
+    """A no-argument callable running step(x, y) on the pool's next batch."""
+    state = {"i": 0}
+
+    def run():
+        x, y = pool[state["i"] % len(pool)]
+        state["i"] += 1
+        return step(x, y)
+    return run
+
+
+def _torch_step(torch, net, pool, fused):
+    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
+    tpool = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))) for x, y in pool]
+
+    def step(xt, yt):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(xt), yt).backward()
         opt.step()
-    return step
+    return cycling(step, tpool)
 
 
 def section_mlp(args, torch, gf, bw):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((N, SIZES[0])).astype(np.float32)
-    y = rng.integers(0, 10, N)
+    pool = batches((SIZES[0],))
+    x = pool[0][0]
     variants = {"bp": ("bp", {}), "fa": ("fa", {}), "bll_default": ("bll", {}),
                 "bll_head_only": ("bll", {"variational": "none"}),
                 "bll_eq8_trained": ("bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5, "head": False})}
     methods = {k: make(kind, models.mlp(SIZES, rng=0), sample_input=x, **opts) for k, (kind, opts) in variants.items()}
-    fns = {k: (lambda m=m: m.train_step(x, y)) for k, m in methods.items()}
+    fns = {k: cycling(m.train_step, pool) for k, m in methods.items()}
     if torch is not None:
-        fns["torch_bp"] = torch_mlp_step(torch, x, y, fused=False)
-        fns["torch_bp_fused_adam"] = torch_mlp_step(torch, x, y, fused=True)
+        fns["torch_bp"] = torch_mlp_step(torch, pool, fused=False)
+        fns["torch_bp_fused_adam"] = torch_mlp_step(torch, pool, fused=True)
     med, _ = interleaved(fns, repeats=args.repeats)
     fl = {k: mlp_flops(SIZES, N, {0}) for k in ("bp", "fa", "torch_bp", "torch_bp_fused_adam")}
     for k in methods:
@@ -124,7 +143,7 @@ def section_mlp(args, torch, gf, bw):
           "", *rows, ""]
     for k, ph in phases.items():
         md += [f"Phases of the {k} step ({ph['total_ms']:.1f} ms under the phase clock; limits: GEMM "
-               f"{gf / 1e9:.0f} GFLOP/s, triad {bw / 1e9:.1f} GB/s):", "",
+               f"{gf / 1e9:.0f} GFLOP/s, update bandwidth {bw / 1e9:.1f} GB/s):", "",
                "| phase | ms | share | limit ms | fraction of limit |", "|---|---|---|---|---|"]
         for name in PHASES:
             r = ph["phases"][name]
@@ -180,14 +199,12 @@ def section_conv(args, torch, gf):
 
 
 def section_cnn(args, torch):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((N, 1, 28, 28)).astype(np.float32)
-    y = rng.integers(0, 10, N)
-    ours = {k: make(k, models.cnn(rng=0), sample_input=x) for k in ("bp", "bll")}
-    fns = {f"ours_{k}": (lambda m=m: m.train_step(x, y)) for k, m in ours.items()}
+    pool = batches((1, 28, 28))
+    ours = {k: make(k, models.cnn(rng=0), sample_input=pool[0][0]) for k in ("bp", "bll")}
+    fns = {f"ours_{k}": cycling(m.train_step, pool) for k, m in ours.items()}
     if torch is not None:
         torch.manual_seed(0)
-        fns["torch_bp"] = _torch_step(torch, torch_cnn(torch), x, y, fused=False)
+        fns["torch_bp"] = _torch_step(torch, torch_cnn(torch), pool, fused=False)
     med, _ = interleaved(fns, repeats=args.repeats)
     md = [f"### CNN step (models.cnn(): conv 32-64-128 + BN + maxpool + ReLU, linear), batch {N}, 28x28", "",
           "| step | ms | ratio to PyTorch BP |", "|---|---|---|"]
@@ -213,7 +230,7 @@ def main():
     if unknown or args.repeats < 1:
         ap.error(f"unknown sections {unknown}" if unknown else "--repeats must be >= 1")
     torch = None if args.no_torch else import_torch(args.torch_site)
-    gf_before, bw = gemm_gflops() * 1e9, triad_bandwidth()
+    gf_before, bw = gemm_gflops() * 1e9, update_bandwidth()
     payload = {"machine": machine(), "torch": getattr(torch, "__version__", None)}
     parts = []
     if "mlp" in sections:
@@ -228,9 +245,9 @@ def main():
     gf_after = gemm_gflops() * 1e9
     threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
     payload.update({"threads": threads, "gemm_gflops_before": gf_before / 1e9, "gemm_gflops_after": gf_after / 1e9,
-                    "triad_gb_s": bw / 1e9})
+                    "update_bandwidth_gb_s": bw / 1e9})
     head = (f"float32 1024^3 GEMM {gf_before / 1e9:.0f} GFLOP/s before, {gf_after / 1e9:.0f} after; "
-            f"triad {bw / 1e9:.1f} GB/s (4 MB arrays); torch {payload['torch'] or 'not importable'}; "
+            f"in-place update a += s*b {bw / 1e9:.1f} GB/s (4 MB arrays); torch {payload['torch'] or 'not importable'}; "
             f"threads {threads}")
     write("step_time", payload, head + "\n\n" + "\n\n".join(parts))
 
