@@ -33,7 +33,7 @@ test: install data
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: install data
-	$(BIN)/python benchmarks/step_time.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/step_time.py
 
 # The C golden model on an emulated Cortex-M4 (docs/firmware.md).  firmware-toolchain installs the
 # ARM cross compiler, newlib and QEMU (Debian packages; as root with apt-get) unless present;
