@@ -19,16 +19,22 @@ def _fill_grads(model, seed):
         g[...] = rng.standard_normal(g.shape)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_adam_equals_numpy_reference(dtype):
+def _step_twins(dtype, make_opt, steps=5):
+    """Two equal models, the fused optimiser on one and its NumPy twin on the other, the same
+    random gradients for ``steps`` steps -> (model, optimiser) pairs and the tolerance."""
     a, b = _model(dtype), _model(dtype)
-    oa, ob = Adam(a, lr=1e-2, weight_decay=1e-3), Adam(b, lr=1e-2, weight_decay=1e-3, fused=False)
-    for step in range(5):
+    oa, ob = make_opt(a, True), make_opt(b, False)
+    for step in range(steps):
         _fill_grads(a, step)
         _fill_grads(b, step)
         oa.step()
         ob.step()
-    tol = 1e-12 if dtype == np.float64 else 1e-6
+    return (a, oa), (b, ob), (1e-12 if dtype == np.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adam_equals_numpy_reference(dtype):
+    (a, _), (b, _), tol = _step_twins(dtype, lambda m, fused: Adam(m, lr=1e-2, weight_decay=1e-3, fused=fused))
     for k in a.params:
         np.testing.assert_allclose(a.params[k], b.params[k], rtol=tol, atol=tol)
 
@@ -36,15 +42,8 @@ def test_fused_adam_equals_numpy_reference(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.0, 1e-2), (0.9, 0.0), (0.9, 1e-2)])
 def test_fused_sgd_equals_numpy_reference(dtype, momentum, weight_decay):
-    a, b = _model(dtype), _model(dtype)
-    oa = SGD(a, lr=0.05, momentum=momentum, weight_decay=weight_decay)
-    ob = SGD(b, lr=0.05, momentum=momentum, weight_decay=weight_decay, fused=False)
-    for step in range(5):
-        _fill_grads(a, step)
-        _fill_grads(b, step)
-        oa.step()
-        ob.step()
-    tol = 1e-12 if dtype == np.float64 else 1e-6
+    (a, oa), (b, ob), tol = _step_twins(
+        dtype, lambda m, fused: SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay, fused=fused))
     for k in a.params:
         assert a.params[k].dtype == dtype
         np.testing.assert_allclose(a.params[k], b.params[k], rtol=tol, atol=tol)

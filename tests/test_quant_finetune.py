@@ -6,6 +6,7 @@ import pytest
 
 from bll_ref import layers as L
 from bll_ref.fixedpoint import QFormat, compile_integer, dequantize
+from bll_ref.gradcheck import numeric_gradient
 from bll_ref.quant_finetune import _FQAffine, _FQLeakyReLU, _FQReLU, fake_quant, fake_quant_model, finetune_q, \
     quantized_loss
 
@@ -66,19 +67,6 @@ def test_fake_quant_by_hand():
     assert mask.tolist() == [False, True, True, True, True, False]
 
 
-def _fd(f, v, eps=1e-6):
-    g = np.zeros_like(v)
-    for i in np.ndindex(v.shape):
-        old = v[i]
-        v[i] = old + eps
-        up = f()
-        v[i] = old - eps
-        dn = f()
-        v[i] = old
-        g[i] = (up - dn) / (2 * eps)
-    return g
-
-
 def test_ste_gradients_of_a_dense_are_those_of_the_clipped_surrogate():
     """STE: Q(v) is replaced by clip(v, lo, hi) in the backward pass (clipped STE) and Q(W) by W.
     The wrapper's dx and dW equal central finite differences of that surrogate, in float64."""
@@ -101,9 +89,9 @@ def test_ste_gradients_of_a_dense_are_those_of_the_clipped_surrogate():
     def surrogate():
         return float(np.sum(dy * np.clip(xs @ V + c, lo, hi)))
 
-    np.testing.assert_allclose(dx, _fd(surrogate, xs), atol=1e-7)
-    np.testing.assert_allclose(dW, _fd(surrogate, V), atol=1e-7)
-    np.testing.assert_allclose(dc, _fd(surrogate, c), atol=1e-7)
+    np.testing.assert_allclose(dx, numeric_gradient(surrogate, xs), atol=1e-7)
+    np.testing.assert_allclose(dW, numeric_gradient(surrogate, V), atol=1e-7)
+    np.testing.assert_allclose(dc, numeric_gradient(surrogate, c), atol=1e-7)
 
 
 def test_ste_gradients_of_the_activations():
@@ -114,7 +102,7 @@ def test_ste_gradients_of_the_activations():
     relu = _FQReLU(in_fmt=fmt)
     relu.forward(x, train=True)
     xs = x.copy()
-    np.testing.assert_allclose(relu.backward(dy), _fd(lambda: float(np.sum(dy * np.clip(xs, 0, 3.875))), xs),
+    np.testing.assert_allclose(relu.backward(dy), numeric_gradient(lambda: float(np.sum(dy * np.clip(xs, 0, 3.875))), xs),
                                atol=1e-7)
     sfmt = QFormat(6, 3)                              # [-4, 3.875]
     leaky = _FQLeakyReLU(0.1, fmt=sfmt, slope_q=0.1015625, quant_in=True)
@@ -124,7 +112,7 @@ def test_ste_gradients_of_the_activations():
         c = np.clip(xs, -4, 3.875)
         return float(np.sum(dy * np.where(c > 0, c, 0.1015625 * c)))
 
-    np.testing.assert_allclose(leaky.backward(dy), _fd(surrogate, xs), atol=1e-7)
+    np.testing.assert_allclose(leaky.backward(dy), numeric_gradient(surrogate, xs), atol=1e-7)
 
 
 def _blobs(rng, n, d=12, k=5):
