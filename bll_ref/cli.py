@@ -369,7 +369,8 @@ def cmd_report(args):
 def _add_finetune_q(sub):
     p = sub.add_parser("finetune-q", help="block-local quantisation-aware fine-tuning: every block trained on "
                        "its own with fake-quantised weights and activations (straight-through estimator)")
-    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train (MLP or CNN without BatchNorm)")
+    p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train (MLP or CNN; each BatchNorm is "
+                   "folded into the Conv2d / Dense before it, and the fine-tuned checkpoint holds the folded model)")
     p.add_argument("--width", type=int, required=True, help="bits of the export to train for (2..16; 4, 6 or 8)")
     p.add_argument("--out", required=True, help="fine-tuned checkpoint to write (.npz)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")

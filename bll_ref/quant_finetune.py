@@ -33,6 +33,11 @@ Objectives, each block on its own (no gradient crosses a block boundary):
     reconstruction, as in BRECQ, Li et al. 2021); the last block: cross-entropy.  Random fresh
     heads would first have to be trained and would pull the blocks away from what the next block
     expects; the float block is a target that every block already agrees with.
+
+BatchNorm: a BatchNorm right after a Dense / Conv2d in the same block is folded into it first
+(:func:`fold_batchnorms`, eval-mode running statistics, the exporter's own folding
+``fixedpoint.walk.fold_batchnorm``), so fine-tuning trains, and the checkpoint holds, the layer the
+integer model computes; the block outputs, and so the BLL heads and feedback, are unchanged.
 """
 from __future__ import annotations
 
@@ -43,11 +48,12 @@ import numpy as np
 from . import layers as L
 from .fixedpoint import compile_integer
 from .fixedpoint.qformat import _round_float, calibrate_weight, calibrate_weight_per_channel
-from .layers.base import Layer, load_state_dict, state_dict
+from .fixedpoint.walk import Affine, walk
+from .layers.base import Layer, layer_from_config, load_state_dict, state_dict
 from .losses.output import softmax_cross_entropy
 from .optim import make_optimizer
 
-__all__ = ["fake_quant", "fake_quant_model", "finetune_q", "quantized_loss", "OBJECTIVES"]
+__all__ = ["fake_quant", "fake_quant_model", "finetune_q", "fold_batchnorms", "quantized_loss", "OBJECTIVES"]
 
 OBJECTIVES = ("bll", "reconstruct")
 
@@ -228,9 +234,8 @@ class FakeQuantModel:
             name = f"{k}.{j}"
             if isinstance(layer, (L.Dense, L.Conv2d)):
                 if j < last and isinstance(layers[j + 1], L.BatchNorm):
-                    raise ValueError(f"finetune-q: layer {name} is followed by a BatchNorm; fake-quantised "
-                                     "training of folded BatchNorm is not implemented (MLPs and CNNs without "
-                                     "BatchNorm are)")
+                    raise ValueError(f"finetune-q: layer {name} is followed by a BatchNorm; fold it first "
+                                     "with quant_finetune.fold_batchnorms(model) (bll-ref finetune-q does)")
                 w = _FQAffine(layer, self.width, self.rounding, self.per_channel)
                 rest = layers[j + 1:]
                 defer = (bool(rest) and isinstance(rest[-1], (L.ReLU, L.LeakyReLU))
@@ -307,6 +312,57 @@ def _copy_model(model):
     return twin
 
 
+def fold_batchnorms(model) -> tuple:
+    """A copy of ``model`` with every BatchNorm that follows a Dense / Conv2d in the same
+    Sequential folded into it: W' = W s, c' = (c - running_mean) s + beta, s = gamma /
+    sqrt(running_var + eps) (eval mode), computed by the exporter's walk
+    (``fixedpoint.walk.fold_batchnorm``, float64) and stored in the layer's dtype; the layer
+    gains a bias when it had none.  ``model`` itself is unchanged.
+
+    Parameters
+    ----------
+    model : Sequential of blocks (or list of blocks)
+
+    Returns
+    -------
+    (folded Sequential, names) : names of the folds as the exporter's records had them
+        ("0.0+0.1" = layer 0.0 with BatchNorm 0.1 folded), [] when there was nothing to fold.
+        A Residual is copied as it is (fake-quantised training refuses it later).
+    """
+    twin = _copy_model(model if isinstance(model, L.Sequential) else L.Sequential(*model))
+    steps = [s for s in walk(twin) if isinstance(s, Affine) and s.bn is not None]
+    folds = {id(s.layer): s for s in steps}
+
+    def fold(seq):
+        kept, j = [], 0
+        while j < len(seq.layers):
+            layer = seq.layers[j]
+            if isinstance(layer, L.Sequential):
+                fold(layer)
+            elif id(layer) in folds:
+                s = folds[id(layer)]
+                # the walk flattens nested Sequentials, so it may pair a Dense / Conv2d closing one
+                # block with a BatchNorm opening the next; folding that would change the block's
+                # output, which the next block and the BLL heads expect
+                if j + 1 == len(seq.layers) or seq.layers[j + 1] is not s.bn:
+                    raise ValueError(f"finetune-q: {s.name}: the BatchNorm after the last layer of a Sequential "
+                                     "(block) opens the next one; only a BatchNorm right after a Dense / Conv2d "
+                                     "in the same Sequential can be folded")
+                cfg = {**layer.config(), "bias": True}
+                new = layer_from_config(cfg)
+                new.params["W"][...] = s.W
+                new.params["c"][...] = s.c
+                kept.append(new)
+                j += 2
+                continue
+            kept.append(layer)
+            j += 1
+        seq.layers = kept
+
+    fold(twin)
+    return twin, [s.name for s in steps]
+
+
 def _load_bll_aux(method, aux):
     """Heads and feedback of a fresh BLL method from a checkpoint's aux arrays."""
     for learner in method.learners[:-1]:
@@ -334,8 +390,8 @@ def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=3e-4, batch_si
 
     Parameters
     ----------
-    model : Sequential of blocks (Dense / Conv2d without BatchNorm, ReLU / LeakyReLU, MaxPool2d,
-        Flatten)
+    model : Sequential of blocks (Dense / Conv2d, ReLU / LeakyReLU, MaxPool2d, Flatten); a BatchNorm
+        must be folded first (:func:`fold_batchnorms`)
     x, y : training inputs (N, ...) float and labels (N,) int
     calibration_x : the batch that calibrates the activation formats, as ``bll-ref export`` will
         (its first ``--calibration`` training examples)
@@ -448,6 +504,10 @@ def finetune_checkpoint(path, out, *, width, epochs=1, lr=3e-4, objective="auto"
     model's test accuracy before and after."""
     from . import checkpoint
     model, meta, aux = checkpoint.load(path)
+    model, folded = fold_batchnorms(model)     # the checkpoint written holds the folded model
+    if folded and log:
+        log(f"finetune-q: folded {len(folded)} BatchNorm(s) into the layer before (eval-mode statistics): "
+            + ", ".join(folded))
     if objective == "auto":
         objective = "bll" if meta.get("method") == "bll" else "reconstruct"
     images = meta.get("model") in ("cnn", "resnet", "resnet18")
@@ -470,6 +530,7 @@ def finetune_checkpoint(path, out, *, width, epochs=1, lr=3e-4, objective="auto"
                 "percentile": float(percentile), "calibration": calibration, "per_channel": bool(per_channel),
                 "output_width": int(output_width or width),
                 "n_calibration": int(n_calibration), "data": source, "from": os.path.basename(os.fspath(path)),
+                "folded_batchnorm": folded,
                 "test_acc_before": before[1], "test_acc_after": after[1], "history": res["history"],
                 "formats": {k: f.to_dict() for k, f in res["formats"].items()}}
     checkpoint.save(out, model, {**meta, "finetune_q": settings}, res["aux"])

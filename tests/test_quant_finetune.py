@@ -8,7 +8,7 @@ from bll_ref import layers as L
 from bll_ref.fixedpoint import QFormat, compile_integer, dequantize
 from bll_ref.gradcheck import numeric_gradient
 from bll_ref.quant_finetune import _FQAffine, _FQLeakyReLU, _FQReLU, fake_quant, fake_quant_model, finetune_q, \
-    quantized_loss
+    fold_batchnorms, quantized_loss
 
 F64 = np.float64
 
@@ -223,3 +223,91 @@ def test_finetuning_for_wide_logits_keeps_their_format():
     assert res["formats"]["1.0"].width == 16 and res["formats"]["0.0"].width == 4
     im = compile_integer(model, x[:64], width=4, out_formats=res["formats"])
     assert im.output_fmt == res["formats"]["1.0"]
+
+
+def _cnn_bn(rng):
+    """Conv2d (no bias) + BatchNorm + MaxPool2d + ReLU, Flatten + Dense + BatchNorm + ReLU, Dense; the
+    BatchNorms with running statistics and affine parameters far from their initial values."""
+    model = L.Sequential(
+        L.Sequential(L.Conv2d(2, 4, 3, padding=1, bias=False, rng=rng, dtype=F64), L.BatchNorm(4, dtype=F64),
+                     L.MaxPool2d(2), L.ReLU()),
+        L.Sequential(L.Flatten(), L.Dense(16, 6, rng=rng, dtype=F64), L.BatchNorm(6, dtype=F64), L.ReLU()),
+        L.Sequential(L.Dense(6, 3, rng=rng, dtype=F64)))
+    for bn in (model[0][1], model[1][2]):
+        n = bn.buffers["running_mean"].shape[0]
+        bn.buffers["running_mean"][...] = rng.normal(size=n)
+        bn.buffers["running_var"][...] = rng.uniform(0.2, 3.0, size=n)
+        bn.params["gamma"][...] = rng.normal(size=n)
+        bn.params["beta"][...] = rng.normal(size=n)
+    return model
+
+
+def test_folding_batchnorm_preserves_the_eval_outputs_and_the_integer_model():
+    """float64: the folded model's eval outputs are the BatchNorm model's (to rounding), its config
+    has no BatchNorm and reloads, the original is untouched, and its integer compilation is the
+    original's bit for bit (the same folding as the exporter's)."""
+    from bll_ref.layers import layer_from_config, load_state_dict, state_dict
+    rng = np.random.default_rng(12)
+    model = _cnn_bn(rng)
+    before = {k: v.copy() for k, v in state_dict(model).items()}
+    x = rng.normal(size=(20, 2, 4, 4))
+    folded, names = fold_batchnorms(model)
+    assert names == ["0.0+0.1", "1.1+1.2"]
+    assert "BatchNorm" not in repr(folded.config())
+    assert [type(l).__name__ for l in folded[0]] == ["Conv2d", "MaxPool2d", "ReLU"]
+    assert folded[0][0].config()["bias"] is True
+    want = model.forward(x, train=False)
+    np.testing.assert_allclose(folded.forward(x, train=False), want, rtol=1e-12, atol=1e-12)
+    assert np.abs(want).max() > 0.1                             # not a trivially small output
+    twin = layer_from_config(folded.config())
+    load_state_dict(twin, state_dict(folded))
+    np.testing.assert_array_equal(twin.forward(x, train=False), folded.forward(x, train=False))
+    for k, v in state_dict(model).items():
+        np.testing.assert_array_equal(v, before[k])
+    for per_channel in (False, True):
+        im0 = compile_integer(model, x, width=6, per_channel=per_channel)
+        im1 = compile_integer(folded, x, width=6, per_channel=per_channel)
+        np.testing.assert_array_equal(im1.run(im1.quantize_input(x))[-1], im0.run(im0.quantize_input(x))[-1])
+        trace = im1.run(im1.quantize_input(x))      # and the fake-quantised folded model is that trace
+        outs = fake_quant_model(folded, im1, per_channel=per_channel).forward(x)
+        for o, e in zip(outs, _block_ends(im1, folded)):
+            np.testing.assert_array_equal(o.reshape(trace[e].shape), dequantize(trace[e], im1.formats[e]))
+
+
+def test_finetuning_a_folded_model_runs_and_a_batchnorm_across_blocks_is_refused():
+    rng = np.random.default_rng(13)
+    model = _cnn_bn(rng)
+    x, y = rng.normal(size=(64, 2, 4, 4)), rng.integers(0, 3, 64)
+    with pytest.raises(ValueError, match="fold_batchnorms"):
+        finetune_q(model, x, y, x[:32], width=4, log=None)
+    folded, _ = fold_batchnorms(model)
+    res = finetune_q(folded, x, y, x[:32], width=4, epochs=1, lr=1e-3, log=None)
+    assert set(res["formats"]) >= {"0.0", "1.1", "2.0"} and np.isfinite(res["history"][0]["train_loss"])
+    split = L.Sequential(L.Sequential(L.Dense(4, 3, rng=rng, dtype=F64)),
+                         L.Sequential(L.BatchNorm(3, dtype=F64), L.ReLU()))
+    with pytest.raises(ValueError, match="opens the next"):
+        fold_batchnorms(split)
+
+
+def test_cli_finetune_q_of_a_batchnorm_cnn_then_export_verifies(tmp_path, capsys):
+    """bll-ref train --model cnn (Conv2d + BatchNorm blocks, BLL) -> finetune-q folds the BatchNorms and
+    fine-tunes with the checkpoint's own heads and feedback -> export --width 8 -> verify (exit 0)."""
+    from bll_ref import checkpoint
+    from bll_ref.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--model", "cnn", "--method", "bll", "--data", "synthetic", "--activation", "relu",
+                 "--epochs", "1", "--limit-train", "256", "--limit-test", "64", "--out", str(run)]) == 0
+    trained, _, _ = checkpoint.load(run / "checkpoint.npz")
+    assert "BatchNorm" in repr(trained.config())
+    out = tmp_path / "ft.npz"
+    assert main(["finetune-q", str(run / "checkpoint.npz"), "--width", "8", "--epochs", "1", "--calibration", "64",
+                 "--out", str(out)]) == 0
+    model, meta, aux = checkpoint.load(out)
+    assert "BatchNorm" not in repr(model.config())
+    ft = meta["finetune_q"]
+    assert ft["objective"] == "bll" and ft["folded_batchnorm"] == ["0.0+0.1", "1.0+1.1", "2.0+2.1"]
+    assert any(k.startswith("head0/") for k in aux)
+    h5 = str(tmp_path / "ft.h5")
+    assert main(["export", str(out), "--out", h5, "--width", "8", "--calibration", "64", "--traces", "4"]) == 0
+    assert main(["verify", h5, "--limit-test", "32"]) == 0
+    assert "OK: integer inference" in capsys.readouterr().out
