@@ -1,8 +1,10 @@
-"""Float vs fixed-point test accuracy of trained Fashion-MNIST MLPs at 8, 6 and 4 bits, with and
+"""Float vs fixed-point test accuracy of trained Fashion-MNIST MLPs and CNNs at 8, 6 and 4 bits, with and
 without block-local quantisation-aware fine-tuning (issue 12.2; bar: 8-bit loss < 0.5 points,
 4-bit after fine-tuning < 2 points, BP and BLL), every exported file verified bit-exact.
 
     python benchmarks/fixedpoint_accuracy.py --checkpoints runs/h12b/bp-relu/checkpoint.npz,runs/h12b/bll-relu/checkpoint.npz
+    python benchmarks/fixedpoint_accuracy.py --checkpoints runs/cnnq/bp/checkpoint.npz --widths 8,4 \
+        --ft-widths 8,4 --ft-limit 10000 --limit-test 5000 --name fixedpoint_accuracy_cnn
 
 Per checkpoint and width, three exports (256 calibration examples from the training set, nearest
 rounding, saturation), each written to HDF5, verified (integer inference rerun from the file must
@@ -14,8 +16,9 @@ reproduce its traces bit for bit) and run on the 10k test images:
   fine-tuned         bll-ref finetune-q (per-channel, mse; BLL checkpoints with their own local
                      losses, BP checkpoints by block reconstruction) for --ft-epochs over the
                      first --ft-limit training images, exported with the formats it trained for
+                     (a BatchNorm is folded into the Conv2d / Dense before it first, as finetune-q does)
 
-Writes benchmarks/results/fixedpoint_accuracy.{json,md}.
+Writes benchmarks/results/NAME.{json,md} (--name, default fixedpoint_accuracy).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from common import machine, write  # noqa: E402
 
 from bll_ref import checkpoint, data  # noqa: E402
 from bll_ref.methods import evaluate  # noqa: E402
-from bll_ref.quant_finetune import bll_options, finetune_q  # noqa: E402
+from bll_ref.quant_finetune import bll_options, finetune_q, fold_batchnorms  # noqa: E402
 from exporters import export, verify  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,11 +58,9 @@ def main():
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-limit", type=int, default=None, help="fine-tune on the first N training images")
+    ap.add_argument("--limit-test", type=int, default=None, help="measure on the first N test images (default all)")
+    ap.add_argument("--name", default="fixedpoint_accuracy", help="results/NAME.{json,md} (default %(default)s)")
     args = ap.parse_args()
-    d, _ = data.load("fashion-mnist")
-    xt, yt = d["x_test"], d["y_test"]
-    calib, ycal = d["x_train"][:256], d["y_train"][:256]
-    xf, yf = d["x_train"][:args.ft_limit], d["y_train"][:args.ft_limit]
     widths = [w for w in args.widths.split(",") if w]
     ft_widths = [w for w in args.ft_widths.split(",") if w]
 
@@ -71,6 +72,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for p in args.checkpoints.split(","):
             model, meta, aux = checkpoint.load(p)
+            images = meta.get("model") in ("cnn", "resnet", "resnet18")
+            d, _ = data.load("fashion-mnist", images=images, limit_test=args.limit_test)
+            xt, yt = d["x_test"], d["y_test"]
+            calib, ycal = d["x_train"][:256], d["y_train"][:256]
+            xf, yf = d["x_train"][:args.ft_limit], d["y_train"][:args.ft_limit]
             name = f"{meta.get('method', '?')} {os.path.basename(os.path.dirname(os.path.abspath(p)))}"
             float_acc = evaluate(model, xt, yt)
             best = {}
@@ -97,6 +103,7 @@ def main():
             for label in ft_widths:
                 width, ow = spec(label)
                 ft_model, _, ft_aux = checkpoint.load(p)        # a fresh copy for every width
+                ft_model, _ = fold_batchnorms(ft_model)
                 objective = "bll" if meta.get("method") == "bll" else "reconstruct"
                 t = time.perf_counter()
                 res = finetune_q(ft_model, xf, yf, calib, width=width, epochs=args.ft_epochs, lr=args.ft_lr,
@@ -117,14 +124,15 @@ def main():
                 cells.append(f"{100 * ft['fixed_acc']:.2f} ({ft['loss_points']:+.2f})" if ft else "-")
             summary.append(f"| {name} | {100 * float_acc:.2f} | " + " | ".join(cells) + " |")
     head = " | ".join(f"{w} | {w} fine-tuned" for w in widths)
-    table = ("Test accuracy % on the 10k Fashion-MNIST test images (loss in points vs float); plain = the "
+    n_test = "10k" if args.limit_test is None else f"first {args.limit_test}"
+    table = (f"Test accuracy % on the {n_test} Fashion-MNIST test images (loss in points vs float); plain = the "
              "better of the two export configurations below; `4o16` = 4-bit weights and activations, 16-bit "
              "output (logits); every file verified bit-exact.\n\n"
              f"| checkpoint | float | {head} |\n|---|---|" + "---|" * (2 * len(widths)) + "\n"
              + "\n".join(summary)
              + "\n\nEvery export:\n\n| checkpoint | bits | export | float acc % | fixed acc % | loss (points) | verify |\n"
              "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
-    write("fixedpoint_accuracy", payload, table)
+    write(args.name, payload, table)
 
 
 if __name__ == "__main__":
