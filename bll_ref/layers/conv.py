@@ -146,7 +146,7 @@ class Conv2d(Layer):
         check_array(x, "Conv2d", ndim=4, tail=(self.in_channels, None, None), dtype=self.dtype)
         out = _out_size("Conv2d", x.shape, self.kernel_size, self.stride, self.padding)
         W2 = self.params["W"].reshape(self.out_channels, -1)
-        bias = self.params["c"] if self.bias else self._no_bias
+        bias = self.params["c"] if self.bias else np.zeros(0, self.dtype)  # length 0: no bias
         y = np.empty((x.shape[0], self.out_channels, out[0] * out[1]), self.dtype)
         for s, e in self._chunks(x.shape[0], out):
             # one GEMM per chunk: (out, C*kh*kw) @ (C*kh*kw, B*Ho*Wo), then NCHW + bias in one pass
@@ -182,10 +182,6 @@ class Conv2d(Layer):
         if self.bias:
             self.grads["c"] = dc.astype(self.dtype)
         return dx
-
-    @property
-    def _no_bias(self):
-        return np.zeros(0, self.dtype)
 
     def hyperparameters(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

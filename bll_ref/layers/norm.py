@@ -58,8 +58,6 @@ class BatchNorm(Layer):
         if x.shape[1] != self.num_features:
             want = "(N, {0}) or (N, {0}, H, W)".format(self.num_features)
             raise ValueError(f"BatchNorm expects shape {want}, got {x.shape}")
-        # statistics axes and the per-channel broadcast shape
-        return ((0,), (1, -1)) if x.ndim == 2 else ((0, 2, 3), (1, -1, 1, 1))
 
     def forward(self, x, train=True, use_batch_stats=None):
         self._check(x)
