@@ -39,6 +39,27 @@ def interleaved(fns: dict, repeats=30, warmup=3):
     return {k: float(np.median(v)) for k, v in times.items()}, times
 
 
+def interleaved_bursts(fns: dict, repeats=30, burst=4, warmup=3):
+    """Round-robin like :func:`interleaved`, but each contender runs ``burst`` steps in a row per
+    round. The first step of a burst follows another contender's work, which has evicted this
+    one's weights and optimiser state from the caches ("cold"); the others follow a step of the
+    same model, as in training ("warm"). Returns (warm medians, cold medians) in seconds."""
+    if burst < 2:
+        raise ValueError(f"burst must be >= 2 (one cold and at least one warm step), got {burst}")
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    warm, cold = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            for i in range(burst):
+                t = time.perf_counter()
+                f()
+                (cold if i == 0 else warm)[k].append(time.perf_counter() - t)
+    return ({k: float(np.median(v)) for k, v in warm.items()},
+            {k: float(np.median(v)) for k, v in cold.items()})
+
+
 def machine():
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

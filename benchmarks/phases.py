@@ -10,7 +10,11 @@ that sets the phase's limit:
 - memory-bound phases (element-wise layers, local losses, optimiser): bytes of the arrays passed in
   and returned (the compulsory traffic: every input read once, every output written once; the
   optimiser's 7 words per Adam parameter, 5 per SGD-momentum parameter); limit = bytes / the
-  bandwidth of an in-place a += s*b measured in the same run;
+  bandwidth of an in-place a += s*b measured in the same run. Two bandwidths: element-wise layers
+  and local losses work on activations (0.5 MB at batch 128 x 1024) that stay in cache, so their
+  limit uses arrays of 4 MB; the optimiser streams every parameter and its state (46 MB for the
+  MLP), which the rest of the step evicts from cache between two updates, so its limit uses the
+  memory bandwidth (arrays of 64 MB, beyond any cache share of one core; STREAM's rule);
 - feedback solves: FLOPs of the normal equations and the solve (small, latency-bound: a GEMM-rate
   limit says how far from it they are).
 
@@ -196,6 +200,9 @@ def _axpy(a, b, s):
         a[i] += s * b[i]
 
 
+MEMORY_ELEMENTS = 1 << 24  # 64 MB float32 arrays: the memory (not cache) bandwidth
+
+
 def update_bandwidth(n=1 << 20, repeats=30):
     """Bytes/s of the in-place update a += s*b on float32 arrays of ``n`` elements (12 bytes per
     element, all of them moved: read a and b, write a; 1M elements = 4 MB, a 1024x1024 weight
@@ -214,7 +221,10 @@ def update_bandwidth(n=1 << 20, repeats=30):
 
 def phase_table(step, repeats, gemm_rate, bandwidth, warmup=3):
     """Run ``step`` under a PhaseClock; per phase: ms per step (median over the steps, so one
-    descheduled step does not skew a phase), limit ms, fraction of the limit; and per call."""
+    descheduled step does not skew a phase), limit ms, fraction of the limit; and per call.
+    ``bandwidth``: bytes/s for every memory-bound phase, or a dict phase -> bytes/s."""
+    if not isinstance(bandwidth, dict):
+        bandwidth = dict.fromkeys(PHASES, bandwidth)
     for _ in range(warmup):
         step()
     clock = PhaseClock()
@@ -237,7 +247,7 @@ def phase_table(step, repeats, gemm_rate, bandwidth, warmup=3):
     rows = {}
     for ph in PHASES:
         s = float(np.median(per_step[ph]))
-        limit = work_flops[ph] / gemm_rate + work_bytes[ph] / bandwidth
+        limit = work_flops[ph] / gemm_rate + work_bytes[ph] / bandwidth[ph]
         rows[ph] = {"ms": 1e3 * s, "limit_ms": 1e3 * limit, "fraction": (limit / s) if s > 0 and limit else None,
                     "gflop": work_flops[ph] / 1e9, "mbytes": work_bytes[ph] / 1e6}
     by_name = {k: 1e3 * float(np.median(v)) for k, v in sorted(names.items(), key=lambda kv: -np.median(kv[1]))}

@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import gemm_gflops, interleaved, machine, write  # noqa: E402
-from phases import PHASES, phase_table, update_bandwidth  # noqa: E402
+from common import gemm_gflops, interleaved, interleaved_bursts, machine, write  # noqa: E402
+from phases import MEMORY_ELEMENTS, PHASES, phase_table, update_bandwidth  # noqa: E402
 
 from bll_ref import models  # noqa: E402
 from bll_ref.layers import Conv2d  # noqa: E402
@@ -38,6 +38,7 @@ from bll_ref.methods import make  # noqa: E402
 SIZES = (784, 1024, 1024, 1024, 10)
 N = 128
 POOL = 16  # distinct random batches per contender (see batches())
+BURST = 4  # steps per contender per round: 1 cold (after another contender) + 3 warm (see interleaved_bursts)
 CONV = dict(n=128, cin=32, cout=64, size=14, k=3, padding=1)
 
 
@@ -46,6 +47,45 @@ def mlp_flops(sizes, n, skip_dx_blocks):
     mm = [2 * n * i * o for i, o in zip(sizes[:-1], sizes[1:])]
     dx = [0 if k in skip_dx_blocks else f for k, f in enumerate(mm)]
     return sum(mm) * 2 + sum(dx)
+
+
+def gemm_time_at_shapes(sizes, n, skip_dx_blocks, repeats=20, copies=4):
+    """Seconds the step's own GEMMs take alone: per layer x @ W, x.T @ dy and (unless skipped)
+    dy @ W.T at batch n, each timed over ``copies`` distinct operand sets in turn (so a weight is
+    not reused from cache, as in a step), median, summed. The roofline of the issue: FLOPs at the
+    rate BLAS reaches for these shapes (M = 128 runs below the 1024^3 rate)."""
+    rng = np.random.default_rng(1)
+    total = 0.0
+    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        ops = [(rng.standard_normal((n, i)).astype(np.float32), rng.standard_normal((i, o)).astype(np.float32),
+                rng.standard_normal((n, o)).astype(np.float32)) for _ in range(copies)]
+        calls = [lambda x, W, dy: x @ W, lambda x, W, dy: x.T @ dy]
+        if k not in skip_dx_blocks:
+            calls.append(lambda x, W, dy: dy @ W.T)
+        for call in calls:
+            med, _ = interleaved({j: (lambda a=a: call(*a)) for j, a in enumerate(ops)}, repeats=repeats)
+            total += float(np.median(list(med.values())))
+    return total
+
+
+def torch_optimizer_ms(torch, pool, fused, steps=30):
+    """Median ms of PyTorch's Adam ``step()`` inside its own MLP training loop (same model)."""
+    import time
+    torch.manual_seed(0)
+    layers = []
+    for i, o in zip(SIZES[:-2], SIZES[1:-1]):
+        layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
+    times = []
+    for j in range(steps + 3):
+        x, y = pool[j % len(pool)]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y.astype(np.int64))).backward()
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times[3:]))
 
 
 def _threads():
@@ -114,7 +154,7 @@ def _torch_step(torch, net, pool, fused):
     return cycling(step, tpool)
 
 
-def section_mlp(args, torch, gf, bw):
+def section_mlp(args, torch, gf, bw, bw_mem):
     pool = batches((SIZES[0],))
     x = pool[0][0]
     variants = {"bp": ("bp", {}), "fa": ("fa", {}), "bll_default": ("bll", {}),
@@ -125,25 +165,36 @@ def section_mlp(args, torch, gf, bw):
     if torch is not None:
         fns["torch_bp"] = torch_mlp_step(torch, pool, fused=False)
         fns["torch_bp_fused_adam"] = torch_mlp_step(torch, pool, fused=True)
-    med, _ = interleaved(fns, repeats=args.repeats)
+    med, cold = interleaved_bursts(fns, repeats=args.repeats, burst=BURST)
     fl = {k: mlp_flops(SIZES, N, {0}) for k in ("bp", "fa", "torch_bp", "torch_bp_fused_adam")}
     for k in methods:
         fl.setdefault(k, mlp_flops(SIZES, N, {0, 1, 2, 3}))  # BLL: no input gradient at any block
-    rows = ["| step | ms | ratio to our BP | ratio to PyTorch BP | GFLOP | fraction of GEMM roofline |",
-            "|---|---|---|---|---|---|"]
+    gemm_s = {"bp": gemm_time_at_shapes(SIZES, N, {0}), "bll": gemm_time_at_shapes(SIZES, N, {0, 1, 2, 3})}
+    rows = ["| step | ms | ms after another contender | ratio to our BP | ratio to PyTorch BP | GFLOP | "
+            "fraction of GEMM roofline (1024^3 rate) | fraction of GEMM roofline (its GEMMs alone) |",
+            "|---|---|---|---|---|---|---|---|"]
     for k, t in med.items():
         vs_torch = f"{t / med['torch_bp']:.2f}" if "torch_bp" in med else "-"
-        rows.append(f"| {k} | {1e3 * t:.2f} | {t / med['bp']:.2f} | {vs_torch} | {fl[k] / 1e9:.2f} | "
-                    f"{fl[k] / t / gf:.2f} |")
+        alone = gemm_s["bll" if k.startswith("bll") else "bp"]
+        rows.append(f"| {k} | {1e3 * t:.2f} | {1e3 * cold[k]:.2f} | {t / med['bp']:.2f} | {vs_torch} | "
+                    f"{fl[k] / 1e9:.2f} | {fl[k] / t / gf:.2f} | {alone / t:.2f} |")
     phases = {}
+    bws = dict.fromkeys(PHASES, bw)
+    bws["optimiser"] = bw_mem
     for k in ("bp", "bll_default"):
-        total, table, by_name = phase_table(fns[k], args.repeats, gf, bw)
+        total, table, by_name = phase_table(fns[k], args.repeats, gf, bws)
         phases[k] = {"total_ms": 1e3 * total, "phases": table, "by_call_ms": by_name}
-    md = [f"### MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, median of {args.repeats} interleaved steps",
-          "", *rows, ""]
+    md = [f"### MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, median of {args.repeats} rounds",
+          "",
+          f"Each round runs every contender {BURST} steps in a row: \"ms\" is the median of the steps that "
+          "follow a step of the same model (as in training); \"after another contender\" is the first "
+          "step of each burst, whose weights and optimiser state the other contenders' steps evicted "
+          f"from cache. GEMMs alone: the step's own GEMM shapes timed by themselves, {1e3 * gemm_s['bp']:.1f} ms "
+          f"for BP/FA, {1e3 * gemm_s['bll']:.1f} ms for BLL (no input gradients).", "", *rows, ""]
     for k, ph in phases.items():
         md += [f"Phases of the {k} step ({ph['total_ms']:.1f} ms under the phase clock; limits: GEMM "
-               f"{gf / 1e9:.0f} GFLOP/s, update bandwidth {bw / 1e9:.1f} GB/s):", "",
+               f"{gf / 1e9:.0f} GFLOP/s, element-wise and losses at the cache bandwidth {bw / 1e9:.1f} GB/s, "
+               f"optimiser at the memory bandwidth {bw_mem / 1e9:.1f} GB/s):", "",
                "| phase | ms | share | limit ms | fraction of limit |", "|---|---|---|---|---|"]
         for name in PHASES:
             r = ph["phases"][name]
@@ -153,16 +204,23 @@ def section_mlp(args, torch, gf, bw):
         md.append("")
     opt = phases["bll_default"]["phases"]["optimiser"]
     summary = {"bll_over_bp": med["bll_default"] / med["bp"],
-               "bll_gemm_roofline": fl["bll_default"] / med["bll_default"] / gf,
+               "bll_gemm_roofline_1024": fl["bll_default"] / med["bll_default"] / gf,
+               "bll_gemm_roofline_own_shapes": gemm_s["bll"] / med["bll_default"],
                "optimiser_share_of_bll": opt["ms"] / phases["bll_default"]["total_ms"],
-               "optimiser_fraction_of_bandwidth": opt["fraction"]}
+               "optimiser_fraction_of_memory_bandwidth": opt["fraction"],
+               "optimiser_fraction_of_cache_bandwidth": opt["mbytes"] * 1e6 / bw / (opt["ms"] / 1e3)}
     if "torch_bp" in med:
         summary.update({"bp_over_torch_bp": med["bp"] / med["torch_bp"],
                         "bll_over_torch_bp": med["bll_default"] / med["torch_bp"],
                         "bp_over_torch_bp_fused_adam": med["bp"] / med["torch_bp_fused_adam"],
-                        "bll_over_torch_bp_fused_adam": med["bll_default"] / med["torch_bp_fused_adam"]})
+                        "bll_over_torch_bp_fused_adam": med["bll_default"] / med["torch_bp_fused_adam"],
+                        "bp_over_torch_bp_cold": cold["bp"] / cold["torch_bp"],
+                        "bll_over_torch_bp_cold": cold["bll_default"] / cold["torch_bp"],
+                        "torch_adam_step_ms": torch_optimizer_ms(torch, pool, fused=False),
+                        "torch_fused_adam_step_ms": torch_optimizer_ms(torch, pool, fused=True)})
     md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
-    return {"median_s": med, "flop": fl, "phases": phases, "summary": summary}, "\n".join(md)
+    return {"median_s": med, "cold_median_s": cold, "flop": fl, "gemm_alone_s": gemm_s, "phases": phases,
+            "summary": summary}, "\n".join(md)
 
 
 def section_conv(args, torch, gf):
@@ -186,16 +244,17 @@ def section_conv(args, torch, gf):
             tl.zero_grad()
             tl(xt).backward(dyt)
         fns["torch"] = theirs
-    med, _ = interleaved(fns, repeats=args.repeats)
+    med, cold = interleaved_bursts(fns, repeats=args.repeats, burst=BURST)
     flop = 3 * 2 * c["n"] * c["size"] ** 2 * c["cout"] * c["cin"] * c["k"] ** 2  # fwd, dW, dx
     md = [f"### Conv2d forward + backward: batch {c['n']}, {c['cin']} -> {c['cout']} channels, "
           f"{c['size']}x{c['size']}, {c['k']}x{c['k']}, padding {c['padding']}", "",
-          "| | ms | GFLOP/s | fraction of GEMM rate |", "|---|---|---|---|"]
+          "| | ms | ms after another contender | GFLOP/s | fraction of GEMM rate |", "|---|---|---|---|---|"]
     for k, t in med.items():
-        md.append(f"| {k} | {1e3 * t:.2f} | {flop / t / 1e9:.0f} | {flop / t / gf:.2f} |")
-    summary = {"conv_over_torch": med["ours"] / med["torch"]} if "torch" in med else {}
+        md.append(f"| {k} | {1e3 * t:.2f} | {1e3 * cold[k]:.2f} | {flop / t / 1e9:.0f} | {flop / t / gf:.2f} |")
+    summary = ({"conv_over_torch": med["ours"] / med["torch"], "conv_over_torch_cold": cold["ours"] / cold["torch"]}
+               if "torch" in med else {})
     md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
-    return {"median_s": med, "flop": flop, "summary": summary}, "\n".join(md)
+    return {"median_s": med, "cold_median_s": cold, "flop": flop, "summary": summary}, "\n".join(md)
 
 
 def section_cnn(args, torch):
@@ -205,16 +264,18 @@ def section_cnn(args, torch):
     if torch is not None:
         torch.manual_seed(0)
         fns["torch_bp"] = _torch_step(torch, torch_cnn(torch), pool, fused=False)
-    med, _ = interleaved(fns, repeats=args.repeats)
+    med, cold = interleaved_bursts(fns, repeats=args.repeats, burst=BURST)
     md = [f"### CNN step (models.cnn(): conv 32-64-128 + BN + maxpool + ReLU, linear), batch {N}, 28x28", "",
-          "| step | ms | ratio to PyTorch BP |", "|---|---|---|"]
+          "| step | ms | ms after another contender | ratio to PyTorch BP |", "|---|---|---|---|"]
     for k, t in med.items():
-        md.append(f"| {k} | {1e3 * t:.2f} | {t / med['torch_bp']:.2f} |" if "torch_bp" in med
-                  else f"| {k} | {1e3 * t:.2f} | - |")
+        ratio = f"{t / med['torch_bp']:.2f}" if "torch_bp" in med else "-"
+        md.append(f"| {k} | {1e3 * t:.2f} | {1e3 * cold[k]:.2f} | {ratio} |")
     summary = ({"cnn_bp_over_torch_bp": med["ours_bp"] / med["torch_bp"],
-                "cnn_bll_over_torch_bp": med["ours_bll"] / med["torch_bp"]} if "torch_bp" in med else {})
+                "cnn_bll_over_torch_bp": med["ours_bll"] / med["torch_bp"],
+                "cnn_bp_over_torch_bp_cold": cold["ours_bp"] / cold["torch_bp"],
+                "cnn_bll_over_torch_bp_cold": cold["ours_bll"] / cold["torch_bp"]} if "torch_bp" in med else {})
     md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
-    return {"median_s": med, "summary": summary}, "\n".join(md)
+    return {"median_s": med, "cold_median_s": cold, "summary": summary}, "\n".join(md)
 
 
 def main():
@@ -231,10 +292,11 @@ def main():
         ap.error(f"unknown sections {unknown}" if unknown else "--repeats must be >= 1")
     torch = None if args.no_torch else import_torch(args.torch_site)
     gf_before, bw = gemm_gflops() * 1e9, update_bandwidth()
+    bw_mem = update_bandwidth(MEMORY_ELEMENTS, repeats=10)
     payload = {"machine": machine(), "torch": getattr(torch, "__version__", None)}
     parts = []
     if "mlp" in sections:
-        payload["mlp"], md = section_mlp(args, torch, gf_before, bw)
+        payload["mlp"], md = section_mlp(args, torch, gf_before, bw, bw_mem)
         parts.append(md)
     if "conv" in sections:
         payload["conv"], md = section_conv(args, torch, gf_before)
@@ -245,9 +307,10 @@ def main():
     gf_after = gemm_gflops() * 1e9
     threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
     payload.update({"threads": threads, "gemm_gflops_before": gf_before / 1e9, "gemm_gflops_after": gf_after / 1e9,
-                    "update_bandwidth_gb_s": bw / 1e9})
+                    "update_bandwidth_gb_s": bw / 1e9, "memory_bandwidth_gb_s": bw_mem / 1e9})
     head = (f"float32 1024^3 GEMM {gf_before / 1e9:.0f} GFLOP/s before, {gf_after / 1e9:.0f} after; "
-            f"in-place update a += s*b {bw / 1e9:.1f} GB/s (4 MB arrays); torch {payload['torch'] or 'not importable'}; "
+            f"in-place update a += s*b {bw / 1e9:.1f} GB/s on 4 MB arrays (cache), {bw_mem / 1e9:.1f} GB/s on "
+            f"64 MB arrays (memory); torch {payload['torch'] or 'not importable'}; "
             f"threads {threads}")
     write("step_time", payload, head + "\n\n" + "\n\n".join(parts))
 

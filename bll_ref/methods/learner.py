@@ -234,7 +234,8 @@ class HiddenLearner(_Learner):
 
     def variational(self, a, Y, b_fb):
         """Local variational term -> (loss, g_a, g_b, mean |b|); (0, None, None, 0) without one.
-        g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback is solved.
+        g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback is solved, so
+        there g_b is None (not scaled: a pass over the block's units saved per step).
         ("sim" is no variational term: its similarity loss acts on h, in ``_similarity``.)"""
         rule = self.rule
         if rule.variational in ("none", "sim"):
@@ -254,7 +255,8 @@ class HiddenLearner(_Learner):
             g_A = g_z * scale
             if rule.variational == "gauss_ln":
                 g_A = self.norm.backward(g_A)
-            return w * loss / D, g_A.reshape(a.shape), g_b * scale, float(np.abs(b).mean())
+            g_b = None if rule.feedback == "closed" else g_b * scale
+            return w * loss / D, g_A.reshape(a.shape), g_b, float(np.abs(b).mean())
         m = self.mixing()
         b = self.feedback.fit(Y, A).predict(Y) if rule.feedback == "closed" else b_fb
         if rule.variational == "eq8":
@@ -268,7 +270,8 @@ class HiddenLearner(_Learner):
             loss, g_phi, g_gamma = self._kl_ef("bernoulli", A, A + m * b)
             g_a, g_b = g_phi + g_gamma, m * g_gamma
         scale = self.dtype.type(w)
-        return w * loss, (g_a * scale).reshape(a.shape), g_b * scale, float(np.abs(b).mean())
+        g_b = None if rule.feedback == "closed" else g_b * scale
+        return w * loss, (g_a * scale).reshape(a.shape), g_b, float(np.abs(b).mean())
 
     def _kl_ef(self, family, phi, gamma):
         """KL(rho || alpha) (Eq. S7) and its gradients (Eq. 7 / S8), fused kernel or reference."""
