@@ -5,7 +5,8 @@ BLL default >= BP - 1.0).
     python benchmarks/accuracy_mlp.py [--runs bp,bll_default,...] [--seeds 0,1,2] [--epochs 10]
 
 Every finished run is stored in benchmarks/results/accuracy_mlp/<run>-seed<s>.json (a rerun skips
-finished runs, so an interrupted benchmark resumes) with its checkpoint in
+finished runs, so an interrupted benchmark resumes; ``--name NAME`` uses results/NAME/ instead, to
+re-measure beside the stored runs after a kernel change) with its checkpoint in
 runs/bench/<run>-seed<s>.npz (not committed; benchmarks/fixedpoint_accuracy.py exports them); the
 table goes to benchmarks/results/accuracy_mlp.{json,md}.
 """
@@ -57,12 +58,17 @@ def main():
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from stored runs")
+    ap.add_argument("--name", default="accuracy_mlp",
+                    help="results/NAME/ for the runs and results/NAME.{json,md} for the table (default "
+                         "accuracy_mlp; another name re-measures beside the stored runs)")
     args = ap.parse_args()
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
-    out_dir = os.path.join(RESULTS, "accuracy_mlp")
+    if not args.name.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--name must be letters, digits, - or _, got {args.name!r}")
+    out_dir = os.path.join(RESULTS, args.name)
     os.makedirs(out_dir, exist_ok=True)
     d, _ = data.load("fashion-mnist", limit_train=args.limit_train, limit_test=100 if args.table_only else None)
     print(f"GEMM {gemm_gflops():.0f} GFLOP/s; {len(d['x_train'])} train / {len(d['x_test'])} test")
@@ -83,7 +89,8 @@ def main():
             hist.update(name=name, seed=seed, description=desc, seconds=time.perf_counter() - t,
                         epochs_run=args.epochs, n_train=len(d["x_train"]))
             os.makedirs(CKPT_DIR, exist_ok=True)
-            checkpoint.save(os.path.join(CKPT_DIR, f"{name}-seed{seed}.npz"), method.model,
+            ckpt = f"{name}-seed{seed}.npz" if args.name == "accuracy_mlp" else f"{args.name}-{name}-seed{seed}.npz"
+            checkpoint.save(os.path.join(CKPT_DIR, ckpt), method.model,
                             {"method": name, "model": "mlp", "data": "fashion-mnist", "activation": act,
                              "test_acc": hist["test_acc"]},
                             method.aux_state())
@@ -106,7 +113,7 @@ def main():
                     f"{np.mean(accs):.2f}{spread} | {per_epoch[0]} |")
     table = ("| run | what | final test acc % (per seed) | mean | per-epoch (first seed) |\n|---|---|---|---|---|\n"
              + "\n".join(rows))
-    write("accuracy_mlp", payload, table)
+    write(args.name, payload, table)
 
 
 if __name__ == "__main__":
