@@ -151,7 +151,7 @@ def run_one(args, spec, seed, d, source, eval_set, log):
                   **({"n_classes": 10, **opts} if method_name == "bll" else {}))
     t0 = time.perf_counter()
     hist = fit(method, d, epochs=args.epochs, batch_size=args.batch_size, rng=seed, log=log,
-               train_eval=args.train_eval, eval_batch=args.eval_batch)
+               train_eval=args.train_eval, eval_batch=args.eval_batch, eval_name=eval_set)
     rec = {"spec": spec, "method": method_name, "options": opts, "seed": seed, "settings": settings(args),
            "settings_key": settings_key(settings(args)), "data": source, "eval_set": eval_set,
            "n_train": len(d["x_train"]), "n_eval": len(d["x_test"]), "seconds": time.perf_counter() - t0,

@@ -122,7 +122,7 @@ def _diverged(method, epoch, step, what):
 
 def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=None,
         eval_batch=1000, diag_samples=2000, schedule=None, state_dir=None, resume=False, options=None,
-        train_eval=5000):
+        train_eval=5000, eval_name="test"):
     """Train ``method`` on ``data`` (dict x_train, y_train, x_test, y_test) for ``epochs``.
 
     Prints a progress line ~10 times per epoch (epoch, step, loss, samples/s) and the test
@@ -136,6 +136,8 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
 
     schedule : a ``bll_ref.parallel`` schedule (default: the sequential loop); only its root
         process evaluates, logs epoch results and writes files.
+    eval_name : what the progress line calls ``x_test`` (``"val"`` when it holds held-out
+        training images; the history keys stay ``test_*``).
     state_dir : write the resumable state there after every epoch (``bll_ref.runstate``);
         ``resume=True`` first loads the last complete epoch from it and continues, making the
         same updates as an uninterrupted run. ``options`` are stored with the state.
@@ -209,7 +211,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         history["diagnostics"].append(diag)
         if log:
             log(f"epoch {epoch + 1}/{epochs} done in {seconds:.1f}s: train loss {np.mean(losses):.4f}, "
-                f"test accuracy {100 * acc:.2f}%")
+                f"{eval_name} accuracy {100 * acc:.2f}%")
         if history_path:
             write_json_atomic(history_path, history)
         if state_dir:
