@@ -71,11 +71,7 @@ def gemm_time_at_shapes(sizes, n, skip_dx_blocks, repeats=20, copies=4):
 def torch_optimizer_ms(torch, pool, fused, steps=30):
     """Median ms of PyTorch's Adam ``step()`` inside its own MLP training loop (same model)."""
     import time
-    torch.manual_seed(0)
-    layers = []
-    for i, o in zip(SIZES[:-2], SIZES[1:-1]):
-        layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    net = torch_mlp(torch)
     opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
     times = []
     for j in range(steps + 3):
@@ -105,13 +101,17 @@ def import_torch(site_dirs):
     return torch
 
 
-def torch_mlp_step(torch, pool, fused):
+def torch_mlp(torch):
     torch.manual_seed(0)
     layers = []
     for i, o in zip(SIZES[:-2], SIZES[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
     layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
-    return _torch_step(torch, torch.nn.Sequential(*layers), pool, fused)
+    return torch.nn.Sequential(*layers)
+
+
+def torch_mlp_step(torch, pool, fused):
+    return _torch_step(torch, torch_mlp(torch), pool, fused)
 
 
 def torch_cnn(torch, channels=(32, 64, 128), size=28):
