@@ -187,9 +187,11 @@ def _ms(values):
 def table(runs, eval_set, order):
     """Markdown (paper 001 Table 1 layout) and the rows as data."""
     ev = "val" if eval_set == "val" else "test"
-    lines = [f"| method | {ev}-1 % | {ev}-3 % | train-1 % | seeds | epochs | s / epoch | paper test-1 / test-3 / train-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | {ev}-1 % | {ev}-3 % | train-1 % | seeds | epochs | s / epoch | paper test-1 / test-3 / train-1 "
+             f"| {ev}-1 minus bll's, same seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = []
+    base = runs.get("bll", {})
     for spec in [s for s in order if s in runs] + sorted(set(runs) - set(order)):
         recs = [runs[spec][s] for s in sorted(runs[spec])]
         h = [r["history"] for r in recs]
@@ -197,12 +199,17 @@ def table(runs, eval_set, order):
         train = _ms([x["train_acc"][-1] for x in h if x["train_acc"][-1] is not None])
         sec = float(np.mean([np.mean(x["epoch_seconds"]) for x in h]))
         paper = PAPER.get(spec)
+        # paired by seed (same initial weights and batch order): far less noisy than two means
+        shared = [k for k in sorted(runs[spec]) if k in base] if spec != "bll" else []
+        delta = [100 * (runs[spec][k]["history"]["test_acc"][-1] - base[k]["history"]["test_acc"][-1])
+                 for k in shared]
         rows.append({"spec": spec, "seeds": sorted(runs[spec]), "epochs": h[0]["epochs"][-1],
                      f"{ev}_top1": top1, f"{ev}_top3": top3, "train_top1": train, "seconds_per_epoch": sec,
-                     "paper": paper})
-        cell = lambda m: f"{m[0]:.2f} ± {m[1]:.2f}"
+                     "paper": paper, "minus_bll": (float(np.mean(delta)), shared) if delta else None})
+        cell = lambda m: f"{m[0]:.2f} ± {m[1]:.2f}" if len(recs) > 1 else f"{m[0]:.2f}"  # no std of one seed
+        minus = f"{np.mean(delta):+.2f} ({', '.join(f'{d:+.2f}' for d in delta)})" if delta else ""
         lines.append(f"| {spec} | {cell(top1)} | {cell(top3)} | {cell(train)} | {len(recs)} | "
-                     f"{h[0]['epochs'][-1]} | {sec:.0f} | {' / '.join(map(str, paper)) if paper else ''} |")
+                     f"{h[0]['epochs'][-1]} | {sec:.0f} | {' / '.join(map(str, paper)) if paper else ''} | {minus} |")
     return "\n".join(lines), rows
 
 

@@ -35,6 +35,11 @@ def test_five_methods_two_seeds_table_and_resume(tmp_path, capsys):
         assert row["test_top1"][1] == pytest.approx(np.std(top1, ddof=1))
         assert row["seeds"] == [0, 1] and recs[0]["settings"]["model"] == {"name": "resnet18", "width": 2}
     assert recs[0]["options"] == {"variational": "sim"} and recs[0]["eval_set"] == "test"
+    # predsim minus bll, paired by seed
+    bll = [json.loads((out / "runs" / f"bll-seed{k}.json").read_text()) for k in (0, 1)]
+    paired = [100 * (p["history"]["test_acc"][-1] - b["history"]["test_acc"][-1]) for p, b in zip(recs, bll)]
+    assert res["rows"][-1]["minus_bll"][0] == pytest.approx(np.mean(paired)) and res["rows"][-1]["minus_bll"][1] == [0, 1]
+    assert res["rows"][2]["spec"] == "bll" and res["rows"][2]["minus_bll"] is None
     md = (out / "table.md").read_text()
     assert "| predsim |" in md and "test-3 %" in md and "train-1 %" in md and "92.7 / 99.3 / 96.0" in md
     assert json.loads((out / "table.json").read_text())["rows"][0]["spec"] == "bp"
