@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -70,17 +71,10 @@ def gemm_time_at_shapes(sizes, n, skip_dx_blocks, repeats=20, copies=4):
 
 def torch_optimizer_ms(torch, pool, fused, steps=30):
     """Median ms of PyTorch's Adam ``step()`` inside its own MLP training loop (same model)."""
-    import time
-    net = torch_mlp(torch)
-    opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
     times = []
-    for j in range(steps + 3):
-        x, y = pool[j % len(pool)]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y.astype(np.int64))).backward()
-        t = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t)
+    step = _torch_step(torch, torch_mlp(torch), pool, fused, opt_times=times)
+    for _ in range(steps + 3):
+        step()
     return 1e3 * float(np.median(times[3:]))
 
 
@@ -143,14 +137,19 @@ def cycling(step, pool):
     return run
 
 
-def _torch_step(torch, net, pool, fused):
+def _torch_step(torch, net, pool, fused, opt_times=None):
+    """A no-argument PyTorch training step cycling through the pool; with ``opt_times`` (a list)
+    the seconds of each ``opt.step()`` are appended to it."""
     opt = torch.optim.Adam(net.parameters(), 1e-3, fused=fused or None)
     tpool = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))) for x, y in pool]
 
     def step(xt, yt):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        t = time.perf_counter()
         opt.step()
+        if opt_times is not None:
+            opt_times.append(time.perf_counter() - t)
     return cycling(step, tpool)
 
 
