@@ -43,6 +43,18 @@ def test_bp_seeded_runs_are_bitwise_reproducible():
             assert np.array_equal(a[k], b[k])
 
 
+def test_fit_names_the_evaluation_set_in_its_epoch_line():
+    """eval_name says what x_test holds (e.g. held-out training images); the default stays "test"."""
+    d = _task()
+    for name, want in ((None, "test accuracy"), ("val", "val accuracy")):
+        lines = []
+        fit(Backprop(_mlp(seed=3)), d, epochs=1, batch_size=32, rng=7, log=lines.append,
+            **({} if name is None else {"eval_name": name}))
+        done = [line for line in lines if "done in" in line]
+        assert len(done) == 1 and want in done[0]
+        assert name is None or "test accuracy" not in done[0]
+
+
 def test_bll_seeded_runs_are_bitwise_reproducible():
     d = _task()
     runs = []
