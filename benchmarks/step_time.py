@@ -8,16 +8,18 @@ measured side by side are reported):
   Adam and with ``Adam(fused=True)``; then a per-phase table (forward GEMMs, backward GEMMs,
   element-wise, local losses, feedback solves, optimiser, other) for BP and the BLL default step,
   each phase against its own limit measured in the same run (GEMM rate, in-place update bandwidth);
-- conv: one Conv2d forward + backward, batch 128, 32 -> 64 channels, 14x14, 3x3, padding 1;
+- conv: one Conv2d forward + backward, batch 128, 32 -> 64 channels, 14x14, 3x3, padding 1: the
+  default (Winograd at this shape) and the im2col path;
 - cnn: one BP step and one BLL step of ``models.cnn()`` (3 conv blocks 32-64-128 + linear) at
   batch 128 on 28x28 inputs, against PyTorch's BP step of the same network.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/step_time.py [--repeats 30] [--sections mlp,conv,cnn]
         [--torch-site DIR ...]   # directories that hold torch, appended to sys.path, if it is not importable
+        [--name NAME]            # results/NAME.{json,md} instead of results/step_time.{json,md}
 
 On a 2-core machine that other work shares, multi-threaded BLAS collapses (one GEMM waits for a
 descheduled thread); single-threaded BLAS gives stable numbers. torch gets the same thread count.
-Writes benchmarks/results/step_time.{json,md}.
+Writes benchmarks/results/step_time.{json,md} (or NAME.{json,md} with --name).
 """
 from __future__ import annotations
 
@@ -226,13 +228,17 @@ def section_conv(args, torch, gf):
     c = CONV
     rng = np.random.default_rng(0)
     x = rng.standard_normal((c["n"], c["cin"], c["size"], c["size"])).astype(np.float32)
-    layer = Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"], rng=0)
     dy = rng.standard_normal((c["n"], c["cout"], c["size"], c["size"])).astype(np.float32)
 
-    def ours():
-        layer.forward(x)
-        layer.backward(dy)
-    fns = {"ours": ours}
+    def step(layer):
+        def run():
+            layer.forward(x)
+            layer.backward(dy)
+        return run
+    # "ours": the default (algorithm="auto", Winograd at this shape); the im2col path beside it
+    auto = Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"], rng=0)
+    fns = {"ours": step(auto),
+           "ours_im2col": step(Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"], algorithm="im2col", rng=0))}
     if torch is not None:
         tl = torch.nn.Conv2d(c["cin"], c["cout"], c["k"], padding=c["padding"])
         xt = torch.from_numpy(x).requires_grad_(True)
@@ -247,11 +253,15 @@ def section_conv(args, torch, gf):
     flop = 3 * 2 * c["n"] * c["size"] ** 2 * c["cout"] * c["cin"] * c["k"] ** 2  # fwd, dW, dx
     md = [f"### Conv2d forward + backward: batch {c['n']}, {c['cin']} -> {c['cout']} channels, "
           f"{c['size']}x{c['size']}, {c['k']}x{c['k']}, padding {c['padding']}", "",
+          f"\"ours\" is Conv2d's default (algorithm=\"auto\": {'Winograd F(2x2, 3x3)' if auto.winograd else 'im2col'} "
+          "here); GFLOP/s count the direct convolution's multiply-adds for every contender.", "",
           "| | ms | ms after another contender | GFLOP/s | fraction of GEMM rate |", "|---|---|---|---|---|"]
     for k, t in med.items():
         md.append(f"| {k} | {1e3 * t:.2f} | {1e3 * cold[k]:.2f} | {flop / t / 1e9:.0f} | {flop / t / gf:.2f} |")
-    summary = ({"conv_over_torch": med["ours"] / med["torch"], "conv_over_torch_cold": cold["ours"] / cold["torch"]}
-               if "torch" in med else {})
+    summary = {"winograd_over_im2col": med["ours"] / med["ours_im2col"]}
+    if "torch" in med:
+        summary.update({"conv_over_torch": med["ours"] / med["torch"], "conv_over_torch_cold": cold["ours"] / cold["torch"],
+                        "conv_im2col_over_torch": med["ours_im2col"] / med["torch"]})
     md += [f"- {k}: {v:.2f}" for k, v in summary.items()]
     return {"median_s": med, "cold_median_s": cold, "flop": flop, "summary": summary}, "\n".join(md)
 
@@ -284,7 +294,11 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-site", nargs="*", default=[],
                     help="directories appended to sys.path to find torch (e.g. another venv's site-packages)")
+    ap.add_argument("--name", default="step_time",
+                    help="results/NAME.{json,md} (default %(default)s; another name keeps the stored table)")
     args = ap.parse_args()
+    if not args.name.replace("_", "").replace("-", "").isalnum():
+        ap.error(f"--name must be letters, digits, - or _, got {args.name!r}")
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - {"mlp", "conv", "cnn"})
     if unknown or args.repeats < 1:
@@ -311,7 +325,7 @@ def main():
             f"in-place update a += s*b {bw / 1e9:.1f} GB/s on 4 MB arrays (cache), {bw_mem / 1e9:.1f} GB/s on "
             f"64 MB arrays (memory); torch {payload['torch'] or 'not importable'}; "
             f"threads {threads}")
-    write("step_time", payload, head + "\n\n" + "\n\n".join(parts))
+    write(args.name, payload, head + "\n\n" + "\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -108,8 +108,8 @@ def scatter_tiles_reference(rows, L, shape, padding, th, tw, bias):
 # ------------------------------------------------------------------------------------------------
 @njit(inline="always", **_jit)
 def _at(row, col, half_width, C):
-    """Flat offset of (row, col, channel 0) in a plane stored (rows, 2, half_width, C)."""
-    return np.uint64(((row * 2 + col % 2) * half_width + col // 2) * C)
+    """Flat offset of (row, col, channel 0) in a plane stored (rows, 2, half_width, C); row, col >= 0."""
+    return np.uint64(((row * 2 + (col & 1)) * half_width + (col >> 1)) * C)
 
 
 @njit(**_jit_sums)
@@ -138,15 +138,16 @@ def gather_tiles(x, L, ph, pw, th, tw, out, sums):
             idx[i, 1] = idx[i, 0]
     run = tw * C
     for n in range(N):
-        for c in range(C):
-            s = 0.0
-            for h in range(H):
-                for w in range(W):
-                    v = x[n, c, h, w]
-                    plane[_at(h + ph, w + pw, Wh, C) + np.uint64(c)] = v
-                    s += v
-            if want_sums:
-                acc[c] += s
+        # pixel by pixel, channels innermost: strided reads, contiguous writes (3-4x faster than
+        # the other order, whose writes stride by C)
+        for h in range(H):
+            for w in range(W):
+                dst = _at(h + ph, w + pw, Wh, C)
+                for c in range(C):
+                    plane[dst + np.uint64(c)] = x[n, c, h, w]
+                if want_sums:
+                    for c in range(C):
+                        acc[c] += x[n, c, h, w]
         for ty in range(th):
             t0 = (n * th + ty) * tw
             for i in range(4):
@@ -192,8 +193,12 @@ def scatter_tiles(rows, L, ph, pw, th, tw, bias, out):
                             for q in range(run):
                                 k = np.uint64(q)
                                 plane[dst + k] += coef * rf[src + k]
-        for c in range(C):
-            b0 = bias[c] if has_bias else out.dtype.type(0)
-            for h in range(H):
-                for w in range(W):
-                    out[n, c, h, w] = plane[_at(h + ph, w + pw, Wh, C) + np.uint64(c)] + b0
+        for h in range(H):
+            for w in range(W):
+                src = _at(h + ph, w + pw, Wh, C)
+                if has_bias:
+                    for c in range(C):
+                        out[n, c, h, w] = plane[src + np.uint64(c)] + bias[c]
+                else:
+                    for c in range(C):
+                        out[n, c, h, w] = plane[src + np.uint64(c)]
