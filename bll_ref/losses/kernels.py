@@ -22,8 +22,7 @@ Gradients whose magnitude is below the smallest normal number of their dtype (fl
 are written as 0 (``_ftz``): a saturated sigmoid makes rho (1 - rho) b underflow into subnormals,
 and the weight-gradient GEMM that consumes them then runs many times slower (microcode assists on
 x86: on random labels, 25-step windows of the Eq. 8 MLP step averaged up to 330 ms instead of
-25-30 ms). That differs from ``local`` by
-less than ``tiny``, which the tests allow.
+25-30 ms). That differs from ``local`` by less than ``tiny``, which the tests allow.
 
 Kernels are pure (arrays in, preallocated outputs, no globals, no randomness) and plain Python
 under ``NUMBA_DISABLE_JIT=1``. Each has a serial and a ``prange`` (rows in parallel) driver; the
