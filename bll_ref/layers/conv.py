@@ -226,7 +226,9 @@ class Conv2d(Layer):
         """y = scatter(A^T, gather(B^T, x) @ U^T) per chunk: see ``bll_ref.layers.winograd``."""
         n = x.shape[0]
         th, tw = winograd.tiles(out)
-        Ut = winograd.weight_transform(self.params["W"]).transpose(0, 2, 1)  # (16, C, O) view
+        # (16, C, O), contiguous: NumPy's stacked matmul with transposed views ran at 85 instead
+        # of 148 GFLOP/s at these shapes
+        Ut = np.ascontiguousarray(winograd.weight_transform(self.params["W"]).transpose(0, 2, 1))
         BT, AT = winograd.BT.astype(self.dtype), winograd.AT.astype(self.dtype)
         y = np.empty((n, self.out_channels, *out), self.dtype)
         no_sums = np.zeros(0, self.dtype)
