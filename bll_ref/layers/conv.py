@@ -243,7 +243,7 @@ class Conv2d(Layer):
         dx = scatter(B, dM U); V is rebuilt from x per chunk (as im2col's columns are)."""
         n = x.shape[0]
         th, tw = winograd.tiles(out)
-        U = winograd.weight_transform(Wdx)                                     # (16, O, C)
+        U = winograd.weight_transform(Wdx) if need_dx else None                # (16, O, C)
         BT, A = winograd.BT.astype(self.dtype), np.ascontiguousarray(winograd.AT.T, self.dtype)
         B = np.ascontiguousarray(BT.T)
         dUt = np.zeros((16, self.in_channels, self.out_channels), self.dtype)

@@ -51,17 +51,21 @@ def tiles(out):
 
 
 def weight_transform(W):
-    """W (O, C, 3, 3) -> U (16, O, C), U[4i+j] = (G W G^T)[i, j]."""
+    """W (O, C, 3, 3) -> U (16, O, C), U[4i+j] = (G W G^T)[i, j]. Two tensordots (one GEMM each
+    with K = 3), not a stacked matmul of O*C tiny products (~1 ms for 64 x 64 channels)."""
     g = G.astype(W.dtype)
-    u = np.matmul(np.matmul(g, W), g.T)                        # (O, C, 4, 4)
-    return np.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, *W.shape[:2]))
+    wg = np.tensordot(W, g, axes=([3], [1]))                   # (O, C, 3, 4): W G^T
+    u = np.tensordot(g, wg, axes=([1], [2]))                   # (4, O, C, 4): G W G^T
+    return np.ascontiguousarray(u.transpose(0, 3, 1, 2).reshape(16, *W.shape[:2]))
 
 
 def weight_adjoint(dU):
     """dU (16, O, C) -> dW (O, C, 3, 3) = G^T dU G per channel pair: the adjoint of weight_transform."""
     g = G.astype(dU.dtype)
-    du = dU.reshape(4, 4, *dU.shape[1:]).transpose(2, 3, 0, 1)  # (O, C, 4, 4)
-    return np.ascontiguousarray(np.matmul(np.matmul(g.T, du), g))
+    du = dU.reshape(4, 4, *dU.shape[1:])                      # (i, j, O, C)
+    t = np.tensordot(g, du, axes=([0], [0]))                   # (3, 4, O, C): G^T dU
+    dw = np.tensordot(t, g, axes=([1], [0]))                   # (3, O, C, 3): G^T dU G
+    return np.ascontiguousarray(dw.transpose(1, 2, 0, 3))
 
 
 # ------------------------------------------------------------------------------------------------
