@@ -107,7 +107,9 @@ def _task(images=False):
 
 def _method(kind, **opts):
     if kind == "cnn":
-        blocks = models.cnn(image_size=12, channels=(4, 8, 8), n_classes=4, rng=1)
+        # the last conv (16 -> 16) runs Winograd, the others im2col
+        blocks = models.cnn(image_size=12, channels=(4, 16, 16), n_classes=4, rng=1)
+        assert blocks[2][0].winograd and not blocks[1][0].winograd
         return make("bll", blocks, sample_input=_task(True)["x_train"][:4], n_classes=4, **opts)
     blocks = models.mlp((32, 24, 20, 16, 4), rng=1)
     return make("bll", blocks, sample_input=_task()["x_train"][:4], n_classes=4, **opts)

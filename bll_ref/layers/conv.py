@@ -116,10 +116,11 @@ class Conv2d(Layer):
     """
 
     ALGORITHMS = ("auto", "im2col", "winograd")
-    # Below 8 channels Winograd's tile transforms cost more than the GEMM work they save: fwd + bwd
-    # at batch 128, one thread, Winograd / im2col time 3.9 for 1 -> 32 channels at 28x28, 1.6 for
-    # 3 -> 8, 0.96 for 8 -> 8, 0.73 for 16 -> 16 at 14x14, 0.75 for 32 -> 64 at 14x14 (2026-11-30).
-    WINOGRAD_MIN_CHANNELS = 8
+    # With few channels Winograd's tile transforms cost more than the GEMM work they save. Fwd + bwd,
+    # batch 128, one thread, Winograd / im2col time: 3.7 at 1 -> 32 channels (28x28), 1.5 at 4 -> 8,
+    # 1.09 at 8 -> 8, 0.74 at 16 -> 16 (14x14), 0.49-0.78 from 16 channels up
+    # (benchmarks/conv_algorithms.py, 2026-11-30).
+    WINOGRAD_MIN_CHANNELS = 16
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, bias=True,
                  algorithm="auto", rng=None, dtype=np.float32):
