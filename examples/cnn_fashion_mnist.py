@@ -13,9 +13,11 @@ initial weights, optimiser (Adam 1e-3), batch size (128) and shuffling:
 
 The model is ``bll_ref.models.cnn(channels=(16, 32, 64))``: three blocks of
 Conv3x3(+bias) -> BatchNorm -> MaxPool2 -> ReLU (28x28 -> 14 -> 7 -> 3) and a linear classifier
-block (576 -> 10), 29k parameters. Conv layers are im2col NumPy, so the width is chosen for 2 CPU
-cores: ~0.1 s per batch of 128 for each method, 0.8-1.2 min per Fashion-MNIST epoch. (Widths
-(32, 64, 128) cost 2.5x as much per step and do not fit three methods x 8 epochs into 45 min.)
+block (576 -> 10), 29k parameters. Convolutions run on the CPU (im2col + BLAS for the first layer,
+Winograd F(2x2, 3x3) for the others: ``Conv2d(algorithm="auto")``), so the width is chosen for 2
+CPU cores: ~0.1 s per batch of 128 for each method, 0.8-1.2 min per Fashion-MNIST epoch (measured
+with im2col everywhere; Winograd made it faster). (Widths (32, 64, 128) cost 2.5x as much per step
+and do not fit three methods x 8 epochs into 45 min.)
 
 For the five-method table over several seeds (BP, FA, BLL, head-only, Pred-Sim; test top-1/top-3,
 train top-1, mean +- std, one JSON per run, resumable, ``--val`` for tuning), run
