@@ -190,11 +190,11 @@ class Conv2d(Layer):
         x, out = self._cached()
         n = x.shape[0]
         self._check_dy(dy, (n, self.out_channels, *out))
-        dy = dy.astype(self.dtype, copy=False).reshape(n, self.out_channels, -1)  # grads keep the params' dtype
+        dy = dy.astype(self.dtype, copy=False)  # grads keep the params' dtype
         W = self.params["W"]
         if self.winograd:
-            return self._winograd_backward(x, out, dy.reshape(n, self.out_channels, *out), need_dx,
-                                           W if dx_weight is None else dx_weight)
+            return self._winograd_backward(x, out, dy, need_dx, W if dx_weight is None else dx_weight)
+        dy = dy.reshape(n, self.out_channels, -1)
         Wdx = (W if dx_weight is None else dx_weight).reshape(self.out_channels, -1)
         dWt = np.zeros((Wdx.shape[1], self.out_channels), self.dtype)  # dW transposed: see below
         dc = np.zeros(self.out_channels if self.bias else 0, np.float64)
@@ -223,6 +223,13 @@ class Conv2d(Layer):
         b = max(1, self._WINOGRAD_CHUNK_BYTES // per_sample)
         return [(s, min(s + b, n)) for s in range(0, n, b)]
 
+    def _input_tiles(self, x, th, tw):
+        """V (16, tiles, C) = B^T d B of every input tile of the samples x (a chunk)."""
+        V = np.empty((16, x.shape[0] * th * tw, self.in_channels), self.dtype)
+        winograd.gather_tiles(x, winograd.BT.astype(self.dtype), *self.padding, th, tw, V,
+                              np.zeros(0, self.dtype))
+        return V
+
     def _winograd_forward(self, x, out, bias):
         """y = scatter(A^T, gather(B^T, x) @ U^T) per chunk: see ``bll_ref.layers.winograd``."""
         n = x.shape[0]
@@ -230,12 +237,10 @@ class Conv2d(Layer):
         # (16, C, O), contiguous: NumPy's stacked matmul with transposed views ran at 85 instead
         # of 148 GFLOP/s at these shapes
         Ut = np.ascontiguousarray(winograd.weight_transform(self.params["W"]).transpose(0, 2, 1))
-        BT, AT = winograd.BT.astype(self.dtype), winograd.AT.astype(self.dtype)
+        AT = winograd.AT.astype(self.dtype)
         y = np.empty((n, self.out_channels, *out), self.dtype)
-        no_sums = np.zeros(0, self.dtype)
         for s, e in self._winograd_chunks(n, th, tw):
-            V = np.empty((16, (e - s) * th * tw, self.in_channels), self.dtype)
-            winograd.gather_tiles(x[s:e], BT, *self.padding, th, tw, V, no_sums)
+            V = self._input_tiles(x[s:e], th, tw)
             winograd.scatter_tiles(np.matmul(V, Ut), AT, 0, 0, th, tw, bias, y[s:e])
         return y
 
@@ -245,18 +250,15 @@ class Conv2d(Layer):
         n = x.shape[0]
         th, tw = winograd.tiles(out)
         U = winograd.weight_transform(Wdx) if need_dx else None                # (16, O, C)
-        BT, A = winograd.BT.astype(self.dtype), np.ascontiguousarray(winograd.AT.T, self.dtype)
-        B = np.ascontiguousarray(BT.T)
+        A, B = (np.ascontiguousarray(m.T, self.dtype) for m in (winograd.AT, winograd.BT))
         dUt = np.zeros((16, self.in_channels, self.out_channels), self.dtype)
         dc = np.zeros(self.out_channels if self.bias else 0, np.float64)
         dc_chunk = np.empty_like(dc, dtype=self.dtype)
         no_sums = np.zeros(0, self.dtype)
         dx = np.empty(x.shape, self.dtype) if need_dx else None
         for s, e in self._winograd_chunks(n, th, tw):
-            t = (e - s) * th * tw
-            V = np.empty((16, t, self.in_channels), self.dtype)
-            winograd.gather_tiles(x[s:e], BT, *self.padding, th, tw, V, no_sums)
-            dM = np.empty((16, t, self.out_channels), self.dtype)
+            V = self._input_tiles(x[s:e], th, tw)
+            dM = np.empty((16, V.shape[1], self.out_channels), self.dtype)
             winograd.gather_tiles(dy[s:e], A, 0, 0, th, tw, dM, dc_chunk)        # + bias sum
             dc += dc_chunk
             dUt += np.matmul(V.transpose(0, 2, 1), dM)
