@@ -234,8 +234,7 @@ class Conv2d(Layer):
         """y = scatter(A^T, gather(B^T, x) @ U^T) per chunk: see ``bll_ref.layers.winograd``."""
         n = x.shape[0]
         th, tw = winograd.tiles(out)
-        # (16, C, O), contiguous: NumPy's stacked matmul with transposed views ran at 85 instead
-        # of 148 GFLOP/s at these shapes
+        # (16, C, O), contiguous: NumPy's stacked matmul ran transposed views far slower here
         Ut = np.ascontiguousarray(winograd.weight_transform(self.params["W"]).transpose(0, 2, 1))
         AT = winograd.AT.astype(self.dtype)
         y = np.empty((n, self.out_channels, *out), self.dtype)

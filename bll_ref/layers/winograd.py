@@ -52,7 +52,7 @@ def tiles(out):
 
 def weight_transform(W):
     """W (O, C, 3, 3) -> U (16, O, C), U[4i+j] = (G W G^T)[i, j]. Two tensordots (one GEMM each
-    with K = 3), not a stacked matmul of O*C tiny products (~1 ms for 64 x 64 channels)."""
+    with K = 3), not a stacked matmul of O*C tiny products (much slower at 64 x 64 channels)."""
     g = G.astype(W.dtype)
     wg = np.tensordot(W, g, axes=([3], [1]))                   # (O, C, 3, 4): W G^T
     u = np.tensordot(g, wg, axes=([1], [2]))                   # (4, O, C, 4): G W G^T

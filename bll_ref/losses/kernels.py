@@ -21,8 +21,8 @@ results must not depend on the compiler's choice of reassociation or FMA contrac
 Bernoulli and Poisson gradients whose magnitude is below the smallest normal number of their dtype
 (float32: 1.2e-38) are written as 0 (``_ftz``): a saturated sigmoid makes rho (1 - rho) b underflow
 into subnormals, and the weight-gradient GEMM that consumes them then runs many times slower
-(microcode assists on x86: on random labels, 25-step windows of the Eq. 8 MLP step averaged up to
-330 ms instead of 25-30 ms). That differs from ``local`` by less than ``tiny``, which the tests
+(microcode assists on x86; the Eq. 8 row of benchmarks/step_time.py, random labels, went from 67.8
+to 27.4 ms). That differs from ``local`` by less than ``tiny``, which the tests
 allow. Gaussian gradients are linear in their inputs, subnormal only where those already are, and
 are left alone (the select would only add work to that lean loop).
 
