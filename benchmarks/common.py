@@ -65,10 +65,11 @@ def machine():
             "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write(name, payload, table_md):
-    """Write results/<name>.json and results/<name>.md; print the markdown."""
-    os.makedirs(RESULTS, exist_ok=True)
-    write_json_atomic(os.path.join(RESULTS, f"{name}.json"), payload)
-    with atomic_open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+def write(name, payload, table_md, out=None):
+    """Write <out>/<name>.json and <out>/<name>.md (default out: results/); print the markdown."""
+    out = out or RESULTS
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, f"{name}.json"), payload)
+    with atomic_open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table_md + "\n")
     print(table_md)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from . import backend
 from .layers import Dense, Sequential, Tanh
-from .layers.base import as_rng
+from .layers.base import as_rng, load_state_dict
 from .optim import make_optimizer
 
 __all__ = ["LinearFeedback", "TrainedLinearFeedback", "TwinFeedback"]
@@ -57,7 +58,8 @@ class LinearFeedback:
     def fit(self, Y, A):
         """Solve for W on this batch (or on the running statistics); returns self."""
         _check_ya(Y, A, self.n_classes, self.n_units)
-        X = Y.astype(self.dtype, copy=False)
+        xp = backend.array_module(A)
+        X = xp.asarray(Y).astype(self.dtype, copy=False)
         syy, sya = X.T.astype(np.float64) @ X, X.T @ A.astype(self.dtype, copy=False)
         if self.decay is not None:
             self._syy *= self.decay
@@ -67,8 +69,11 @@ class LinearFeedback:
             syy, sya = self._syy, self._sya
         # The system is only (k x k), k = n_classes(+1): factor it in float64 (microseconds), form
         # its inverse and apply it to the n_units-wide right-hand side with one small GEMM.
-        c = scipy.linalg.cho_factor(syy + self.l2 * np.eye(len(syy)), check_finite=False)
-        inv = scipy.linalg.cho_solve(c, np.eye(len(syy)), check_finite=False)
+        if xp is np:
+            c = scipy.linalg.cho_factor(syy + self.l2 * np.eye(len(syy)), check_finite=False)
+            inv = scipy.linalg.cho_solve(c, np.eye(len(syy)), check_finite=False)
+        else:  # cuSOLVER (getrf/getrs) through CuPy: no host round trip, no synchronisation
+            inv = xp.linalg.inv(syy + self.l2 * xp.eye(len(syy)))
         self.W = (inv.astype(self.dtype) @ sya.astype(self.dtype, copy=False))
         return self
 
@@ -79,10 +84,18 @@ class LinearFeedback:
         return Y.astype(self.dtype, copy=False) @ self.W
 
     def state_dict(self):
-        return {"W": self.W, "syy": self._syy, "sya": self._sya}
+        return {"W": backend.asnumpy(self.W), "syy": backend.asnumpy(self._syy), "sya": backend.asnumpy(self._sya)}
 
     def load_state_dict(self, s):
-        self.W, self._syy, self._sya = (np.array(s["W"], self.dtype), np.array(s["syy"]), np.array(s["sya"]))
+        device = backend.device_of(self.W)
+        self.W, self._syy, self._sya = (np.array(backend.asnumpy(s["W"]), self.dtype),
+                                        np.array(backend.asnumpy(s["syy"])), np.array(backend.asnumpy(s["sya"])))
+        self.to(device)
+
+    def to(self, device):
+        """Move W and the running statistics to ``device``; returns self."""
+        self.W, self._syy, self._sya = (backend.to_device(a, device) for a in (self.W, self._syy, self._sya))
+        return self
 
 
 class TrainedLinearFeedback:
@@ -108,11 +121,15 @@ class TrainedLinearFeedback:
         self.opt.step()
 
     def state_dict(self):
-        return {f"params/{k}": v for k, v in self.net.params.items()}
+        return {f"params/{k}": backend.asnumpy(v) for k, v in self.net.params.items()}
 
     def load_state_dict(self, s):
-        for k, v in self.net.params.items():
-            np.copyto(v, s[f"params/{k}"])
+        load_state_dict(self.net, {f"params/{k}": s[f"params/{k}"] for k in self.net.params})
+
+    def to(self, device):
+        self.net.to(device)
+        self.opt.to(device)
+        return self
 
 
 class TwinFeedback:
@@ -152,9 +169,14 @@ class TwinFeedback:
         self.opts[k].step()
 
     def state_dict(self):
-        return {f"{k}/{n}": v for k, s in enumerate(self.stages) for n, v in s.params.items()}
+        return {f"{k}/{n}": backend.asnumpy(v) for k, s in enumerate(self.stages) for n, v in s.params.items()}
 
     def load_state_dict(self, st):
         for k, s in enumerate(self.stages):
-            for n, v in s.params.items():
-                np.copyto(v, st[f"{k}/{n}"])
+            load_state_dict(s, {f"params/{n}": st[f"{k}/{n}"] for n in s.params})
+
+    def to(self, device):
+        for s, o in zip(self.stages, self.opts):
+            s.to(device)
+            o.to(device)
+        return self

@@ -12,7 +12,12 @@ import math
 import numpy as np
 from numba import njit
 
+from . import backend
+
 __all__ = ["SGD", "Adam", "make_optimizer", "adam_update_reference", "sgd_update_reference"]
+
+# On the GPU the same optimisers run numba.cuda twins of the three kernels below
+# (``bll_ref/gpu/optim_kernels.py``: adam, sgd, sgd_plain, same arguments), chosen by the array type.
 
 
 def adam_update_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
@@ -87,7 +92,19 @@ def _flat(a, name):
 
 def _flat_grad(g, p):
     """The gradient as a flat C-contiguous array of the parameter's dtype (a copy only if it is not)."""
-    return np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+    return backend.array_module(g).ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+
+
+def _copy_into(dst, src):
+    """Copy a state array (host or device) into ``dst`` in place, on dst's device."""
+    if backend.is_device_array(dst):
+        dst[...] = backend.array_module(dst).asarray(backend.asnumpy(src))
+    else:
+        np.copyto(dst, backend.asnumpy(src))
+
+
+def _zeros_like(p):
+    return backend.array_module(p).zeros_like(p)
 
 
 class _Optimizer:
@@ -115,6 +132,22 @@ class _Optimizer:
     def load_state_dict(self, state):
         self.t, self.lr = int(state["t"]), float(state["lr"])
 
+    def _kernels(self, p):
+        """The fused update kernels for ``p``: this module's Numba ones, or the GPU twins."""
+        return backend.gpu_module("optim_kernels") if backend.is_device_array(p) else None
+
+    _STATE = ()  # names of the per-parameter state dicts (moved by ``to``)
+
+    def to(self, device):
+        """Follow the layer to ``device`` (call after ``layer.to(device)``): re-read its
+        parameter arrays and move the per-parameter state. Returns self."""
+        self._params = self.layer.params
+        for name in self._STATE:
+            d = getattr(self, name)
+            for k in d:
+                d[k] = backend.to_device(d[k], device)
+        return self
+
 
 class SGD(_Optimizer):
     """p -= lr * (v = momentum v + g + wd p)  (PyTorch's SGD convention, dampening 0).
@@ -124,7 +157,9 @@ class SGD(_Optimizer):
     def __init__(self, layer, lr=0.01, momentum=0.0, weight_decay=0.0, fused=True):
         super().__init__(layer, lr)
         self.momentum, self.weight_decay, self.fused = float(momentum), float(weight_decay), bool(fused)
-        self.velocity = {k: np.zeros_like(p) for k, p in self._params.items()}
+        self.velocity = {k: _zeros_like(p) for k, p in self._params.items()}
+
+    _STATE = ("velocity",)
 
     def step(self):
         grads = self._grads()
@@ -134,19 +169,21 @@ class SGD(_Optimizer):
                 sgd_update_reference(p, grads[k], self.velocity[k], self.lr, self.momentum, self.weight_decay)
                 continue
             f = p.dtype.type  # scalars in the parameter's dtype: no float64 per element for float32
+            gpu = self._kernels(p)
             if self.momentum:
-                _sgd_kernel(_flat(p, k), _flat_grad(grads[k], p), self.velocity[k].reshape(-1),
-                            f(self.lr), f(self.momentum), f(self.weight_decay))
+                (gpu.sgd if gpu else _sgd_kernel)(_flat(p, k), _flat_grad(grads[k], p), self.velocity[k].reshape(-1),
+                                                   f(self.lr), f(self.momentum), f(self.weight_decay))
             else:
-                _sgd_plain_kernel(_flat(p, k), _flat_grad(grads[k], p), f(self.lr), f(self.weight_decay))
+                (gpu.sgd_plain if gpu else _sgd_plain_kernel)(_flat(p, k), _flat_grad(grads[k], p), f(self.lr),
+                                                               f(self.weight_decay))
 
     def state_dict(self):
-        return {**super().state_dict(), **{f"velocity/{k}": v for k, v in self.velocity.items()}}
+        return {**super().state_dict(), **{f"velocity/{k}": backend.asnumpy(v) for k, v in self.velocity.items()}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for k, v in self.velocity.items():
-            np.copyto(v, state[f"velocity/{k}"])
+            _copy_into(v, state[f"velocity/{k}"])
 
 
 class Adam(_Optimizer):
@@ -156,8 +193,10 @@ class Adam(_Optimizer):
         super().__init__(layer, lr)
         self.beta1, self.beta2 = map(float, betas)
         self.eps, self.weight_decay, self.fused = float(eps), float(weight_decay), bool(fused)
-        self.m = {k: np.zeros_like(p) for k, p in self._params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in self._params.items()}
+        self.m = {k: _zeros_like(p) for k, p in self._params.items()}
+        self.v = {k: _zeros_like(p) for k, p in self._params.items()}
+
+    _STATE = ("m", "v")
 
     def step(self):
         grads = self._grads()
@@ -169,21 +208,22 @@ class Adam(_Optimizer):
                                       self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
                 continue
             f = p.dtype.type  # scalars precomputed once per step, in the parameter's dtype
-            _adam_kernel(_flat(p, k), _flat_grad(grads[k], p), self.m[k].reshape(-1), self.v[k].reshape(-1),
+            gpu = self._kernels(p)
+            (gpu.adam if gpu else _adam_kernel)(_flat(p, k), _flat_grad(grads[k], p), self.m[k].reshape(-1), self.v[k].reshape(-1),
                          f(self.lr / c1), f(self.beta1), f(1 - self.beta1), f(self.beta2), f(1 - self.beta2),
                          f(1 / math.sqrt(c2)), f(self.eps), f(self.weight_decay))
 
     def state_dict(self):
         out = super().state_dict()
-        out.update({f"m/{k}": v for k, v in self.m.items()})
-        out.update({f"v/{k}": v for k, v in self.v.items()})
+        out.update({f"m/{k}": backend.asnumpy(v) for k, v in self.m.items()})
+        out.update({f"v/{k}": backend.asnumpy(v) for k, v in self.v.items()})
         return out
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         for k in self.m:
-            np.copyto(self.m[k], state[f"m/{k}"])
-            np.copyto(self.v[k], state[f"v/{k}"])
+            _copy_into(self.m[k], state[f"m/{k}"])
+            _copy_into(self.v[k], state[f"v/{k}"])
 
 
 def make_optimizer(name, layer, lr, **kw):

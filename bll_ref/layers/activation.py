@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
-from .base import Layer, check_array, register
+from ..backend import array_module
+from .base import Layer, check_array, kernels_for, register
 
 
 def _leaky_forward(x, slope):
-    """(y, mask) of y = x if x > 0 else slope * x, one Numba pass (``kernels``); any float dtype."""
-    x = np.ascontiguousarray(x)
-    y, mask = np.empty_like(x), np.empty(x.shape, np.bool_)
-    kernels.leaky_relu_forward_kernel(x.reshape(-1), x.dtype.type(slope), y.reshape(-1), mask.reshape(-1))
+    """(y, mask) of y = x if x > 0 else slope * x, one Numba pass (``kernels``, or its numba.cuda
+    twin for a GPU array); any float dtype."""
+    xp = array_module(x)
+    x = xp.ascontiguousarray(x)
+    y, mask = xp.empty_like(x), xp.empty(x.shape, np.bool_)
+    kernels_for(x).leaky_relu_forward_kernel(x.reshape(-1), x.dtype.type(slope), y.reshape(-1), mask.reshape(-1))
     return y, mask
 
 
 def _leaky_backward(dy, mask, slope):
-    dy = np.ascontiguousarray(dy)
-    dx = np.empty_like(dy)
-    kernels.leaky_relu_backward_kernel(dy.reshape(-1), mask.reshape(-1), dy.dtype.type(slope), dx.reshape(-1))
+    xp = array_module(dy)
+    dy = xp.ascontiguousarray(dy)
+    dx = xp.empty_like(dy)
+    kernels_for(dy).leaky_relu_backward_kernel(dy.reshape(-1), mask.reshape(-1), dy.dtype.type(slope), dx.reshape(-1))
     return dx
 
 
@@ -65,8 +68,9 @@ class LeakyReLU(Layer):
 
 def sigmoid(x):
     """Overflow-free logistic function S(x) = 1 / (1 + e^-x) (Eq. 9's S)."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
 @register
@@ -91,7 +95,7 @@ class Tanh(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "Tanh")
-        y = np.tanh(x)
+        y = array_module(x).tanh(x)
         if train:
             self._cache = y
         return y

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
+from . import kernels as cpu_kernels
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -52,7 +55,7 @@ def check_array(x, who: str, *, ndim=None, tail=None, dtype=None, floating=True)
     tail  : expected trailing shape (None entries are free), e.g. (None, 28, 28)
     dtype : exact dtype required (parametric layers); else any float when ``floating``
     """
-    if not isinstance(x, np.ndarray):
+    if not isinstance(x, np.ndarray) and not backend.is_device_array(x):
         raise ValueError(f"{who} expects a numpy array, got {type(x).__name__}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
@@ -105,8 +108,9 @@ class Layer:
         return self._cache
 
     def _check_dy(self, dy, shape):
-        if not isinstance(dy, np.ndarray) or dy.shape != tuple(shape):
-            got = dy.shape if isinstance(dy, np.ndarray) else type(dy).__name__
+        is_array = isinstance(dy, np.ndarray) or backend.is_device_array(dy)
+        if not is_array or dy.shape != tuple(shape):
+            got = dy.shape if is_array else type(dy).__name__
             raise ValueError(f"{type(self).__name__}.backward expects dy of shape {tuple(shape)}, got {got}")
         return dy
 
@@ -124,17 +128,42 @@ class Layer:
         return cls(**kw)
 
     def zero_grads(self):
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.grads = {k: backend.array_module(v).zeros_like(v) for k, v in self.params.items()}
+
+    #: False for layer types with no GPU path yet: ``to("cuda")`` refuses them by name.
+    runs_on_gpu = True
+
+    def to(self, device):
+        """Move parameters and buffers to ``device`` ('cpu' or 'cuda'), in place; returns self.
+        The dicts keep their identity, so an optimiser built before the move steps the moved
+        arrays once it is moved too (``optim.move_optimizer``). Gradients and the cache are
+        dropped (the next forward/backward makes them on the new device)."""
+        if device == "cuda" and not self.runs_on_gpu:
+            raise backend.DeviceError(f"{type(self).__name__} has no GPU path yet; train this model "
+                                      "with --device cpu")
+        for d in (self.params, self.buffers):
+            for k, v in d.items():
+                d[k] = backend.to_device(v, device)
+        self.grads, self._cache = {}, None
+        return self
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({hp})"
 
 
+def kernels_for(x):
+    """The kernel set that takes ``x``: the Numba CPU kernels (``layers/kernels.py``) for NumPy
+    arrays, their numba.cuda twins (``bll_ref/gpu/layer_kernels.py``, same names and
+    signatures) for CuPy arrays."""
+    return backend.gpu_module("layer_kernels") if backend.is_device_array(x) else cpu_kernels
+
+
 def state_dict(layer) -> dict[str, np.ndarray]:
-    """Copies of every parameter and buffer, keyed ``params/<key>`` and ``buffers/<key>``."""
-    out = {f"params/{k}": v.copy() for k, v in layer.params.items()}
-    out.update({f"buffers/{k}": v.copy() for k, v in layer.buffers.items()})
+    """Host copies of every parameter and buffer, keyed ``params/<key>`` and ``buffers/<key>``
+    (NumPy also for a model on the GPU: checkpoints are always host arrays)."""
+    out = {f"params/{k}": np.array(backend.asnumpy(v)) for k, v in layer.params.items()}
+    out.update({f"buffers/{k}": np.array(backend.asnumpy(v)) for k, v in layer.buffers.items()})
     return out
 
 
@@ -146,7 +175,10 @@ def load_state_dict(layer, state: dict):
     if missing or extra:
         raise ValueError(f"state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for k, dst in own.items():
-        src = np.asarray(state[k])
+        src = np.asarray(backend.asnumpy(state[k]))
         if src.shape != dst.shape:
             raise ValueError(f"state {k}: expected shape {dst.shape}, got {src.shape}")
-        np.copyto(dst, src.astype(dst.dtype, copy=False))
+        if backend.is_device_array(dst):
+            dst[...] = backend.array_module(dst).asarray(src.astype(dst.dtype, copy=False))
+        else:
+            np.copyto(dst, src.astype(dst.dtype, copy=False))

@@ -59,6 +59,12 @@ class Sequential(Layer):
         for l in self.layers:
             l.zero_grads()
 
+    def to(self, device):
+        """Move every child to ``device`` ('cpu' or 'cuda'); returns self."""
+        for l in self.layers:
+            l.to(device)
+        return self
+
     def config(self):
         return {"type": "Sequential", "layers": [l.config() for l in self.layers]}
 
@@ -122,6 +128,12 @@ class Residual(Layer):
     def zero_grads(self):
         for c in self._children().values():
             c.zero_grads()
+
+    def to(self, device):
+        for c in self._children().values():
+            c.to(device)
+        self._cache = None
+        return self
 
     def config(self):
         return {"type": "Residual", "body": self.body.config(),

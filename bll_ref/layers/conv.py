@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import kernels, winograd
-from .base import Layer, as_float_dtype, as_rng, check_array, register
+from ..backend import array_module
+from . import winograd
+from .base import Layer, as_float_dtype, as_rng, check_array, kernels_for, register
 
 
 def _pair(v, name, minimum):
@@ -48,8 +49,9 @@ def im2col(x, kernel_size, stride, padding, who="im2col"):
     window does not fit the padded input. One Numba pass (``kernels.im2col_kernel``);
     :func:`im2col_reference` is its NumPy twin."""
     out = _out_size(who, x.shape, kernel_size, stride, padding)
-    cols = np.empty((x.shape[1] * kernel_size[0] * kernel_size[1], x.shape[0] * out[0] * out[1]), x.dtype)
-    kernels.im2col_kernel(np.ascontiguousarray(x), *kernel_size, *stride, *padding, *out, cols)
+    xp = array_module(x)
+    cols = xp.empty((x.shape[1] * kernel_size[0] * kernel_size[1], x.shape[0] * out[0] * out[1]), x.dtype)
+    kernels_for(x).im2col_kernel(xp.ascontiguousarray(x), *kernel_size, *stride, *padding, *out, cols)
     return cols, out
 
 
@@ -71,9 +73,10 @@ def im2col_reference(x, kernel_size, stride, padding, who="im2col"):
 def col2im(dcols, shape, kernel_size, stride, padding, out=None):
     """Adjoint of :func:`im2col`: dcols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W) of ``shape``
     (written into ``out``, a C-contiguous array of that shape and dtype, when given)."""
-    dx = np.empty(shape, dcols.dtype) if out is None else out
+    xp = array_module(dcols)
+    dx = xp.empty(shape, dcols.dtype) if out is None else out
     out = _out_size("col2im", shape, kernel_size, stride, padding)
-    kernels.col2im_kernel(np.ascontiguousarray(dcols), *kernel_size, *stride, *padding, *out, dx)
+    kernels_for(dcols).col2im_kernel(xp.ascontiguousarray(dcols), *kernel_size, *stride, *padding, *out, dx)
     return dx
 
 
@@ -157,9 +160,14 @@ class Conv2d(Layer):
     # benchmark shape) than keeping them from forward (9x the input's memory, read back from L3).
     _CHUNK_BYTES = 1 << 20
 
-    def _chunks(self, n, out):
+    #: On a GPU one chunk is the whole batch up to this many column bytes (a large GEMM is what a
+    #: GPU wants; there is no core-private cache to stay in).
+    _GPU_CHUNK_BYTES = 1 << 30
+
+    def _chunks(self, n, out, device=False):
         per_sample = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * out[0] * out[1]
-        b = max(1, self._CHUNK_BYTES // (per_sample * self.dtype.itemsize))
+        limit = self._GPU_CHUNK_BYTES if device else self._CHUNK_BYTES
+        b = max(1, limit // (per_sample * self.dtype.itemsize))
         return [(s, min(s + b, n)) for s in range(0, n, b)]
 
     def _cols(self, x):
@@ -168,16 +176,20 @@ class Conv2d(Layer):
     def forward(self, x, train=True):
         check_array(x, "Conv2d", ndim=4, tail=(self.in_channels, None, None), dtype=self.dtype)
         out = _out_size("Conv2d", x.shape, self.kernel_size, self.stride, self.padding)
-        bias = self.params["c"] if self.bias else np.zeros(0, self.dtype)  # length 0: no bias
-        y = (self._winograd_forward if self.winograd else self._im2col_forward)(x, out, bias)
+        xp = array_module(x)
+        bias = self.params["c"] if self.bias else xp.zeros(0, self.dtype)  # length 0: no bias
+        # On the GPU every 3x3 layer takes im2col + cuBLAS (the Winograd transforms have no GPU twin)
+        winograd_here = self.winograd and xp is np
+        y = (self._winograd_forward if winograd_here else self._im2col_forward)(x, out, bias)
         if train:
             self._cache = (x, out)
         return y
 
     def _im2col_forward(self, x, out, bias):
         W2 = self.params["W"].reshape(self.out_channels, -1)
-        y = np.empty((x.shape[0], self.out_channels, out[0] * out[1]), self.dtype)
-        for s, e in self._chunks(x.shape[0], out):
+        xp, kernels = array_module(x), kernels_for(x)
+        y = xp.empty((x.shape[0], self.out_channels, out[0] * out[1]), self.dtype)
+        for s, e in self._chunks(x.shape[0], out, xp is not np):
             # one GEMM per chunk: (out, C*kh*kw) @ (C*kh*kw, B*Ho*Wo), then NCHW + bias in one pass
             kernels.conv_out_kernel(W2 @ self._cols(x[s:e])[0], bias, y[s:e])
         return y.reshape(x.shape[0], self.out_channels, *out)
@@ -192,23 +204,24 @@ class Conv2d(Layer):
         self._check_dy(dy, (n, self.out_channels, *out))
         dy = dy.astype(self.dtype, copy=False)  # grads keep the params' dtype
         W = self.params["W"]
-        if self.winograd:
+        xp, kernels = array_module(x), kernels_for(x)
+        if self.winograd and xp is np:
             return self._winograd_backward(x, out, dy, need_dx, W if dx_weight is None else dx_weight)
         dy = dy.reshape(n, self.out_channels, -1)
         Wdx = (W if dx_weight is None else dx_weight).reshape(self.out_channels, -1)
-        dWt = np.zeros((Wdx.shape[1], self.out_channels), self.dtype)  # dW transposed: see below
-        dc = np.zeros(self.out_channels if self.bias else 0, np.float64)
-        dc_chunk = np.empty_like(dc, dtype=self.dtype)
-        dx = np.empty(x.shape, self.dtype) if need_dx else None
-        for s, e in self._chunks(n, out):
+        dWt = xp.zeros((Wdx.shape[1], self.out_channels), self.dtype)  # dW transposed: see below
+        dc = xp.zeros(self.out_channels if self.bias else 0, np.float64)
+        dc_chunk = xp.empty_like(dc, dtype=self.dtype)
+        dx = xp.empty(x.shape, self.dtype) if need_dx else None
+        for s, e in self._chunks(n, out, xp is not np):
             cols = self._cols(x[s:e])[0]
-            dy2 = np.empty((self.out_channels, (e - s) * out[0] * out[1]), self.dtype)  # (out, B*Ho*Wo)
+            dy2 = xp.empty((self.out_channels, (e - s) * out[0] * out[1]), self.dtype)  # (out, B*Ho*Wo)
             kernels.conv_dy_kernel(dy[s:e], dy2, dc_chunk)  # GEMM layout + bias sum, one pass
             dc += dc_chunk
             dWt += cols @ dy2.T  # (K, B*P) @ (B*P, out): ~15 % faster in OpenBLAS than dy2 @ cols.T
             if need_dx:
                 col2im(Wdx.T @ dy2, x[s:e].shape, self.kernel_size, self.stride, self.padding, out=dx[s:e])
-        self.grads = {"W": np.ascontiguousarray(dWt.T).reshape(W.shape)}
+        self.grads = {"W": xp.ascontiguousarray(dWt.T).reshape(W.shape)}
         if self.bias:
             self.grads["c"] = dc.astype(self.dtype)
         return dx
@@ -309,10 +322,11 @@ class MaxPool2d(_Pool2d):
     def forward(self, x, train=True):
         out = self._check(x)
         n_off = self.kernel_size[0] * self.kernel_size[1]
-        y = np.empty((*x.shape[:2], *out), x.dtype)
-        arg = np.empty(y.shape, np.int8 if n_off < 128 else np.int32)
+        xp = array_module(x)
+        y = xp.empty((*x.shape[:2], *out), x.dtype)
+        arg = xp.empty(y.shape, np.int8 if n_off < 128 else np.int32)
         # one Numba pass (kernels.max_pool_forward_kernel); NumPy twin: max_pool_reference
-        kernels.max_pool_forward_kernel(x, *self.kernel_size, *self.stride, y, arg)
+        kernels_for(x).max_pool_forward_kernel(xp.ascontiguousarray(x), *self.kernel_size, *self.stride, y, arg)
         if train:
             self._cache = (arg, x.shape)
         return y
@@ -320,8 +334,9 @@ class MaxPool2d(_Pool2d):
     def backward(self, dy):
         arg, shape = self._cached()
         self._check_dy(dy, arg.shape)
-        dx = np.empty(shape, dy.dtype)
-        kernels.max_pool_backward_kernel(dy, arg, self.kernel_size[1], *self.stride, dx)
+        xp = array_module(dy)
+        dx = xp.empty(shape, dy.dtype)
+        kernels_for(dy).max_pool_backward_kernel(xp.ascontiguousarray(dy), arg, self.kernel_size[1], *self.stride, dx)
         return dx
 
 
@@ -359,7 +374,7 @@ class AvgPool2d(_Pool2d):
 
     def forward(self, x, train=True):
         out = self._check(x)
-        y = np.zeros((*x.shape[:2], *out), x.dtype)
+        y = array_module(x).zeros((*x.shape[:2], *out), x.dtype)
         for i, j in self._offsets():
             y += _window(x, i, j, out, self.stride)
         y *= x.dtype.type(1.0 / len(self._offsets()))
@@ -371,7 +386,7 @@ class AvgPool2d(_Pool2d):
         shape, out = self._cached()
         self._check_dy(dy, (*shape[:2], *out))
         g = dy * dy.dtype.type(1.0 / len(self._offsets()))
-        dx = np.zeros(shape, dy.dtype)
+        dx = array_module(dy).zeros(shape, dy.dtype)
         for i, j in self._offsets():
             _window(dx, i, j, out, self.stride)[...] += g
         return dx
@@ -396,7 +411,7 @@ class Upsample2d(Layer):
         s = self.scale_factor
         if train:
             self._cache = x.shape
-        y = np.empty((n, c, h, s, w, s), x.dtype)
+        y = array_module(x).empty((n, c, h, s, w, s), x.dtype)
         y[...] = x[:, :, :, None, :, None]
         return y.reshape(n, c, h * s, w * s)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
-from .base import Layer, as_float_dtype, check_array, register
+from ..backend import array_module
+from .base import Layer, as_float_dtype, check_array, kernels_for, register
 
 
 @register
@@ -63,14 +63,15 @@ class BatchNorm(Layer):
         self._check(x)
         batch = train if use_batch_stats is None else bool(use_batch_stats)
         C = self.num_features
-        x3 = np.ascontiguousarray(x).reshape(x.shape[0], C, -1)  # (N, C, H*W) or (N, C, 1)
+        xp, kernels = array_module(x), kernels_for(x)
+        x3 = xp.ascontiguousarray(x).reshape(x.shape[0], C, -1)  # (N, C, H*W) or (N, C, 1)
         if batch:
             m = x.size // C
             if m < 2:
                 raise ValueError(f"BatchNorm with batch statistics needs more than 1 value per "
                                  f"channel, got input shape {x.shape}; use train=False (running "
                                  "statistics) or a larger batch")
-            mean, var = np.empty(C), np.empty(C)
+            mean, var = xp.empty(C), xp.empty(C)
             kernels.batch_norm_stats_kernel(x3, mean, var)  # float64, two passes
             if train:
                 mom = self.momentum
@@ -82,8 +83,8 @@ class BatchNorm(Layer):
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
         # inv_std in the layer's dtype from var + eps in it, as the NumPy twin computes it
-        inv_std = 1 / np.sqrt(var.astype(self.dtype) + self.dtype.type(self.eps))
-        xhat, y = np.empty_like(x3), np.empty_like(x3)
+        inv_std = 1 / xp.sqrt(var.astype(self.dtype) + self.dtype.type(self.eps))
+        xhat, y = xp.empty_like(x3), xp.empty_like(x3)
         kernels.batch_norm_apply_kernel(x3, mean, inv_std, self.params["gamma"], self.params["beta"], xhat, y)
         if train:
             self._cache = (xhat, inv_std, x.shape, batch)
@@ -93,8 +94,9 @@ class BatchNorm(Layer):
         xhat, inv_std, shape, batch = self._cached()
         self._check_dy(dy, shape)
         C = self.num_features
-        dy3 = np.ascontiguousarray(dy, dtype=self.dtype).reshape(xhat.shape)
-        dx, dgamma, dbeta = np.empty_like(xhat), np.empty(C), np.empty(C)
+        xp, kernels = array_module(xhat), kernels_for(xhat)
+        dy3 = xp.ascontiguousarray(dy, dtype=self.dtype).reshape(xhat.shape)
+        dx, dgamma, dbeta = xp.empty_like(xhat), xp.empty(C), xp.empty(C)
         kernels.batch_norm_backward_kernel(dy3, xhat, self.params["gamma"], inv_std, batch, dx, dgamma, dbeta)
         self.grads = {"gamma": dgamma.astype(self.dtype), "beta": dbeta.astype(self.dtype)}
         return dx.reshape(shape)
@@ -135,9 +137,10 @@ class LayerNorm(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "LayerNorm", ndim=(2, 3), tail=(self.num_features,), dtype=self.dtype)
-        x2 = np.ascontiguousarray(x).reshape(-1, self.num_features)
-        xhat = np.empty_like(x2)
-        inv_std = np.empty((x2.shape[0], 1), self.dtype)
+        xp, kernels = array_module(x), kernels_for(x)
+        x2 = xp.ascontiguousarray(x).reshape(-1, self.num_features)
+        xhat = xp.empty_like(x2)
+        inv_std = xp.empty((x2.shape[0], 1), self.dtype)
         # one Numba pass per row (kernels.layer_norm_forward_kernel); NumPy twin: layer_norm_reference
         kernels.layer_norm_forward_kernel(x2, self.eps, xhat, inv_std.reshape(-1))
         xhat = xhat.reshape(x.shape)
@@ -157,8 +160,9 @@ class LayerNorm(Layer):
             self.grads = {}
             dxhat = dy
         D = self.num_features
-        dxhat2 = np.ascontiguousarray(dxhat, dtype=self.dtype).reshape(-1, D)
-        dx = np.empty_like(dxhat2)
+        xp, kernels = array_module(xhat), kernels_for(xhat)
+        dxhat2 = xp.ascontiguousarray(dxhat, dtype=self.dtype).reshape(-1, D)
+        dx = xp.empty_like(dxhat2)
         kernels.layer_norm_backward_kernel(dxhat2, xhat.reshape(-1, D), inv_std.reshape(-1), dx)
         return dx.reshape(xhat.shape)
 

@@ -23,6 +23,8 @@ class Embedding(Layer):
     (integer ids have no gradient) and scatters dy into grads["E"] (repeated ids add up).
     """
 
+    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
+
     def __init__(self, num_embeddings, dim, *, rng=None, dtype=np.float32):
         super().__init__()
         if int(num_embeddings) < 1 or int(dim) < 1:
@@ -81,6 +83,8 @@ class PositionalEncoding(Layer):
 
     Shapes: x (N, T, dim) -> y (N, T, dim); P (max_len, dim).
     """
+
+    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
 
     def __init__(self, max_len, dim, *, learned=False, rng=None, dtype=np.float32):
         super().__init__()
@@ -142,6 +146,8 @@ class SelfAttention(Layer):
 
     Shapes: x (N, T, dim) -> y (N, T, dim); params W* (dim, dim) used as x @ W, b* (dim,).
     """
+
+    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
 
     _NAMES = ("q", "k", "v", "o")
 

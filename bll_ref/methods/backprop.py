@@ -23,8 +23,11 @@ class Backprop(Method):
         super().__init__(model)
         self.optimizer = make_optimizer(optimizer, self.model, lr, **opt_kw)
 
+    def _move(self, device):
+        self.optimizer.to(device)
+
     def train_step(self, x, y):
-        logits = self.model.forward(x, train=True)
+        logits = self.model.forward(self._batch(x), train=True)
         loss, dz = softmax_cross_entropy(logits, y)
         self.model.backward(dz, need_dx=False)
         self.optimizer.step()

@@ -218,11 +218,18 @@ class BLL(Method):
         """One-hot labels (N*, n_classes) as every learner's update takes them."""
         return one_hot(y, self.n_classes, dtype=self.dtype).reshape(-1, self.n_classes)
 
+    def _move(self, device):
+        for learner in self.learners:
+            learner.to(device)
+        if self.twin is not None:
+            self.twin.to(device)
+
     def train_step(self, x, y):
         """One BLL step: every learner forwards with its pre-update weights (its input is the
         detached output of the learner below), then every learner updates from its own loss.
         With span 1 the updates are independent: any order, or a pipeline, gives the same result."""
-        Y = self.one_hot(y)
+        Y = self.one_hot(y)  # on the host: validates the labels once, before any copy to a GPU
+        x, y, Y = self._batch(x), self._batch(y), self._batch(Y)
         # twin feedback: one top-down pass of the backward network before any stage updates
         b_fb = ([b.reshape(len(Y), -1) for b in self.twin.predict_all(Y, train=True)]
                 if self.twin is not None and self.rule.variational != "none" else None)
@@ -240,12 +247,12 @@ class BLL(Method):
         """Per block: mean local losses and |a|, |b| over the epoch's steps; between-class variance
         fraction of the block output and the local head's accuracy on (x, y)."""
         out = {"epoch": self.epoch, "m": self.mixing(), "blocks": []}
-        h = x
+        h = self._batch(x)
         for learner in self.learners[:-1]:
             d, h = learner.diagnostics(h, y)
             out["blocks"].append(d)
         last = self.learners[-1].stats
-        out["out_loss"] = last["out_loss"] / max(last["steps"], 1)
+        out["out_loss"] = float(last["out_loss"]) / max(float(last["steps"]), 1)
         return out
 
     def aux_state(self) -> dict:

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from .. import backend
 from ..data import batches
 from ..fileio import write_json_atomic
 from ..layers import Sequential
@@ -20,14 +21,25 @@ def as_model(blocks) -> Sequential:
     return Sequential(*blocks)
 
 
+def model_device(model) -> str:
+    """'cuda' when the model's parameters are on the GPU, else 'cpu'."""
+    for v in model.params.values():
+        return backend.device_of(v)
+    return "cpu"
+
+
 def predict(model, x, batch_size=1000):
-    """Eval-mode forward in chunks -> output of the last block."""
-    return np.concatenate([model.forward(x[i:i + batch_size], train=False)
+    """Eval-mode forward in chunks -> output of the last block, always a host (NumPy) array;
+    host inputs are moved chunk by chunk to the model's device."""
+    device = model_device(model)
+    return np.concatenate([backend.asnumpy(model.forward(backend.to_device(x[i:i + batch_size], device),
+                                                         train=False))
                            for i in range(0, len(x), batch_size)])
 
 
 def accuracy(logits, y) -> float:
     """Fraction of positions whose argmax equals the label (works for (N,C) and (N,T,C))."""
+    logits, y = backend.asnumpy(logits), backend.asnumpy(y)
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
@@ -51,9 +63,31 @@ class Method:
 
     name = "method"
 
+    #: where the model and everything it trains with live ('cpu' or 'cuda'); see ``to``
+    device = "cpu"
+
     def __init__(self, model):
         self.model = as_model(model)
         self.epoch = 0
+
+    def to(self, device):
+        """Move the model, its optimisers and auxiliary networks to ``device`` ('cpu', 'cuda' or
+        'auto'); returns self. ``train_step`` then takes host batches and moves them itself;
+        ``state_dict`` and checkpoints stay host NumPy, so a run resumes on either device.
+        DeviceError (a ValueError) when the device is not available."""
+        device = backend.resolve_device(device)
+        self.model.to(device)
+        self._move(device)
+        self.device = device
+        return self
+
+    def _move(self, device):  # pragma: no cover - abstract
+        """Move what the method trains with besides the model (optimisers, heads, feedback)."""
+        raise NotImplementedError
+
+    def _batch(self, x):
+        """A training batch on the method's device (no copy on the CPU)."""
+        return x if self.device == "cpu" else backend.to_device(x, self.device)
 
     def on_epoch_start(self, epoch):
         self.epoch = epoch
@@ -89,7 +123,7 @@ TIMING_FIELDS = ("epoch_seconds", "samples_per_s")
 
 
 def _finite_params(layers) -> bool:
-    return all(np.isfinite(v).all() for layer in layers for v in layer.params.values())
+    return all(bool(backend.array_module(v).isfinite(v).all()) for layer in layers for v in layer.params.values())
 
 
 def _finite_state(method) -> bool:
@@ -99,7 +133,29 @@ def _finite_state(method) -> bool:
 
 def _finite_loss(learner) -> bool:
     """One scalar per BLL block: the sum of its running local-loss statistics."""
-    return bool(np.isfinite(sum(learner.stats.values())))
+    return bool(np.isfinite(float(sum(learner.stats.values()))))
+
+
+class _DeviceLosses:
+    """Per-step losses that may be GPU scalars: kept on the device and fetched in one transfer
+    every ``every`` steps (a host read per step would make the CPU wait for the GPU every step)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, loss):
+        self.pending.append(loss)
+
+    def flush(self) -> list:
+        if not self.pending:
+            return []
+        if backend.is_device_array(self.pending[0]):
+            xp = backend.array_module(self.pending[0])
+            out = [float(v) for v in xp.stack([xp.asarray(l).reshape(()) for l in self.pending]).get()]
+        else:
+            out = [float(l) for l in self.pending]
+        self.pending = []
+        return out
 
 
 def _bad_block(method):
@@ -166,14 +222,21 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
     for epoch in range(start, epochs):
         method.on_epoch_start(epoch)
         t0 = time.perf_counter()
-        recent = []
+        recent, pending = [], _DeviceLosses()
+        on_gpu = method.device != "cpu"
 
         def on_step(step, loss):
             # divergence check per step: one scalar per block (the loss; BLL: each block's running
-            # local loss sum), never a scan of the parameters
-            if not np.isfinite(loss) or not all(_finite_loss(l) for l in getattr(method, "learners", ())):
-                raise _diverged(method, epoch + 1, step, f"the loss became {loss}")
-            recent.append(loss)
+            # local loss sum), never a scan of the parameters. On a GPU every ``every`` steps.
+            pending.add(loss)
+            if on_gpu and not (step % every == 0 or step == steps):
+                return
+            for i, value in enumerate(pending.flush()):
+                recent.append(value)
+                if not np.isfinite(value):
+                    raise _diverged(method, epoch + 1, len(recent), f"the loss became {value}")
+            if not all(_finite_loss(l) for l in getattr(method, "learners", ())):
+                raise _diverged(method, epoch + 1, step, f"the loss became {recent[-1]}")
             if log and (step % every == 0 or step == steps):
                 dt = time.perf_counter() - t0
                 done = min(step * batch_size, len(x))  # the last batch may be short
@@ -183,6 +246,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # found by the checks
                 losses = schedule.run_epoch(method, batches(x, y, batch_size, rng=gen), on_step)
+            losses = recent[-len(losses):] if on_gpu else losses  # the host values of the same losses
         except (ValueError, FloatingPointError) as e:
             if isinstance(e, Diverged) or _bad_block(method) is None:
                 raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from ..layers import Conv2d, Dense, Residual, Sequential
 from ..layers.base import as_rng
 from ..losses.output import softmax_cross_entropy
@@ -69,8 +70,13 @@ class FeedbackAlignment(Backprop):
         """FA's backward through ``layer`` (default: the whole model) after its forward."""
         return fa_backward(self.model if layer is None else layer, dy, self._by_layer, need_dx)
 
+    def _move(self, device):
+        super()._move(device)
+        for i, (layer, B) in enumerate(zip(_weight_layers(self.model), self.feedback)):
+            self.feedback[i] = self._by_layer[id(layer)] = backend.to_device(B, device)
+
     def train_step(self, x, y):
-        logits = self.model.forward(x, train=True)
+        logits = self.model.forward(self._batch(x), train=True)
         loss, dz = softmax_cross_entropy(logits, y)
         self.backward(dz, need_dx=False)
         self.optimizer.step()
@@ -78,7 +84,7 @@ class FeedbackAlignment(Backprop):
 
     def aux_state(self) -> dict:
         """The fixed feedback matrices (so a checkpoint resumes the same FA run)."""
-        return {f"fa_feedback{i}": B for i, B in enumerate(self.feedback)}
+        return {f"fa_feedback{i}": backend.asnumpy(B) for i, B in enumerate(self.feedback)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), **{f"aux/{k}": v for k, v in self.aux_state().items()}}
@@ -86,4 +92,8 @@ class FeedbackAlignment(Backprop):
     def load_state_dict(self, state):
         super().load_state_dict({k: v for k, v in state.items() if not k.startswith("aux/")})
         for i, B in enumerate(self.feedback):
-            np.copyto(B, state[f"aux/fa_feedback{i}"])
+            src = backend.asnumpy(state[f"aux/fa_feedback{i}"])
+            if backend.is_device_array(B):
+                B[...] = backend.array_module(B).asarray(src)
+            else:
+                np.copyto(B, src)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend
 from ..layers import LeakyReLU, ReLU, Sigmoid, Tanh
 from ..layers.base import load_state_dict as load_layer_state
 from ..layers.base import state_dict as layer_state
@@ -77,6 +78,7 @@ def backward_block(block, dh, g_a, need_dx):
 def between_class_fraction(h, y, n_classes) -> float:
     """Between-class variance / total variance of features h (N, ...) (1 = perfectly separated,
     0 = no class information; a collapsed representation shows ~0 or NaN-free 0)."""
+    h, y = backend.asnumpy(h), backend.asnumpy(y)
     h = h.reshape(len(h), -1).astype(np.float64)
     mu = h.mean(axis=0)
     total = ((h - mu) ** 2).sum() / len(h)
@@ -88,6 +90,20 @@ def between_class_fraction(h, y, n_classes) -> float:
         if sel.any():
             between += sel.sum() * ((h[sel].mean(axis=0) - mu) ** 2).sum()
     return float(between / len(h) / total)
+
+
+def _mean_abs(x):
+    """mean |x|: a float on the CPU, a device scalar on the GPU (read once per epoch, not per step)."""
+    m = backend.array_module(x).abs(x).mean()
+    return m if backend.is_device_array(m) else float(m)
+
+
+def _loss_kernels(rule, x):
+    """The module whose local-loss functions take ``x``: the numba.cuda kernels for a GPU array,
+    else the fused Numba kernels or the NumPy reference (``rule.use_kernels``)."""
+    if backend.is_device_array(x):
+        return backend.loss_kernels_gpu()
+    return kernels if rule.use_kernels else local
 
 
 def pack_states(learners) -> dict:
@@ -130,6 +146,11 @@ class _Learner:
         self.epoch = epoch
         self.stats = {k: 0.0 for k in self.STATS}
 
+    def to(self, device):
+        """Move the optimiser's state to ``device`` (after the block moved with the model)."""
+        self.opt.to(device)
+        return self
+
     def _take_forward(self):
         if not self._fresh:
             raise RuntimeError(f"learner {self.k}: update() needs a forward(h_in, train=True) first")
@@ -145,7 +166,7 @@ class _Learner:
     def _own_state(self) -> dict:
         s = _prefixed("block", layer_state(self.block))
         s.update(_prefixed("opt", self.opt.state_dict()))
-        s.update({f"stats/{k}": np.float64(v) for k, v in self.stats.items()})
+        s.update({f"stats/{k}": np.float64(float(v)) for k, v in self.stats.items()})
         s["epoch"] = np.int64(self.epoch)
         return s
 
@@ -181,6 +202,17 @@ class HiddenLearner(_Learner):
     def mixing(self) -> float:
         return self.rule.mixing(self.epoch)
 
+    def to(self, device):
+        """Move the block's optimiser, head, norm and feedback to ``device`` (the block itself is
+        moved with the model; twin feedback is moved once by the method)."""
+        if device == "cuda" and self.rule.variational == "sim":
+            raise backend.DeviceError("Pred-Sim (variational 'sim') has no GPU path yet; use --device cpu")
+        super().to(device)
+        for part in (self.head, self.head_opt, self.norm, self.feedback):
+            if part is not None:
+                part.to(device)
+        return self
+
     def forward(self, h_in, train=True):
         """h_k = block(h_in); with ``train`` the block caches for ``update``."""
         a, h = forward_block(self.block, h_in, train)
@@ -214,7 +246,7 @@ class HiddenLearner(_Learner):
         elif g_b is not None and rule.feedback == "twin":
             self.twin.update(self.k, g_b)
         st["var_loss"] += vl
-        st["abs_a"] += float(np.abs(a).mean())
+        st["abs_a"] += _mean_abs(a)
         st["abs_b"] += abs_b
         st["steps"] += 1
         dx = backward_block(self.block, dh, g_a, need_dx=self.pass_down)
@@ -256,11 +288,11 @@ class HiddenLearner(_Learner):
             if rule.variational == "gauss_ln":
                 g_A = self.norm.backward(g_A)
             g_b = None if rule.feedback == "closed" else g_b * scale
-            return w * loss / D, g_A.reshape(a.shape), g_b, float(np.abs(b).mean())
+            return w * loss / D, g_A.reshape(a.shape), g_b, _mean_abs(b)
         m = self.mixing()
         b = self.feedback.fit(Y, A).predict(Y) if rule.feedback == "closed" else b_fb
         if rule.variational == "eq8":
-            loss, g_a, g_b = (kernels if rule.use_kernels else local).bernoulli_eq8(A, b, m)
+            loss, g_a, g_b = _loss_kernels(rule, A).bernoulli_eq8(A, b, m)
             # Eq. 8: g_a = -(rho - alpha) [forward weight] + rho(1 - rho) b [posterior weight = g_b]
             if "posterior" not in rule.eq8_terms:
                 g_a = g_a - g_b
@@ -271,16 +303,17 @@ class HiddenLearner(_Learner):
             g_a, g_b = g_phi + g_gamma, m * g_gamma
         scale = self.dtype.type(w)
         g_b = None if rule.feedback == "closed" else g_b * scale
-        return w * loss, (g_a * scale).reshape(a.shape), g_b, float(np.abs(b).mean())
+        return w * loss, (g_a * scale).reshape(a.shape), g_b, _mean_abs(b)
 
     def _kl_ef(self, family, phi, gamma):
         """KL(rho || alpha) (Eq. S7) and its gradients (Eq. 7 / S8), fused kernel or reference."""
-        return (kernels if self.rule.use_kernels else local).kl_ef_gradients(family, phi, gamma)
+        return _loss_kernels(self.rule, phi).kl_ef_gradients(family, phi, gamma)
 
     def diagnostics(self, h_in, y):
         """(dict, h_out): the epoch's mean local losses and |a|, |b|; between-class variance
         fraction of the block output and the head's accuracy on (h_in, y)."""
-        st, n = self.stats, max(self.stats["steps"], 1)
+        st = {k: float(v) for k, v in self.stats.items()}
+        n = max(st["steps"], 1)
         a, h = forward_block(self.block, h_in, train=False)
         feats = h.reshape(-1, h.shape[-1]) if self.tokenwise else h
         d = {"block": self.k + 1, "var_loss": st["var_loss"] / n, "head_loss": st["head_loss"] / n,
@@ -293,12 +326,13 @@ class HiddenLearner(_Learner):
     # --- state ----------------------------------------------------------------------------------
     def head_aux(self) -> dict:
         """Head weights under the checkpoint's ``aux`` names."""
-        return {f"head{self.k}/{n}": v for n, v in self.head.params.items()} if self.head is not None else {}
+        return ({f"head{self.k}/{n}": backend.asnumpy(v) for n, v in self.head.params.items()}
+                if self.head is not None else {})
 
     def feedback_aux(self) -> dict:
         """Feedback weights under the checkpoint's ``aux`` names."""
         if self.twin is not None:
-            return {f"feedback/{self.k}/{n}": v for n, v in self.twin.stages[self.k].params.items()}
+            return {f"feedback/{self.k}/{n}": backend.asnumpy(v) for n, v in self.twin.stages[self.k].params.items()}
         if self.feedback is not None:
             return {f"feedback{self.k}/{n}": v for n, v in self.feedback.state_dict().items()}
         return {}

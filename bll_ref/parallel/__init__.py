@@ -1,4 +1,4 @@
-"""Schedules that run BLL's block learners: sequential (one loop), threads, MPI ranks.
+"""Schedules that run BLL's block learners: sequential (one loop), threads, MPI ranks, CUDA streams.
 
 A schedule runs one epoch with ``run_epoch(method, batches, on_step) -> losses`` and, after it,
 ``gather(method)`` leaves the whole trained state in the root process (``is_root``), which
@@ -20,7 +20,7 @@ from .plan import balanced_groups, blocks_label, describe, measure_learner_secon
 __all__ = ["SCHEDULES", "SequentialSchedule", "blas_threads", "WorkerError", "check_pipelinable", "plan_groups",
            "balanced_groups", "blocks_label", "describe", "measure_learner_seconds", "pipeline_seconds_per_step"]
 
-SCHEDULES = ("none", "threads", "mpi")
+SCHEDULES = ("none", "threads", "mpi", "streams")  # streams: one CUDA stream per block (--device cuda)
 
 
 class WorkerError(RuntimeError):
