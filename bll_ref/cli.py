@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from . import __version__, checkpoint, data, models
-from .fileio import sigterm_as_exit
+from .backend import DEVICES, device_info, resolve_device
+from .fileio import RunLock, check_output, raise_if_signalled, sigterm_as_exit
 from .methods.common import evaluate
 from .parallel import SCHEDULES, SequentialSchedule, WorkerError
 
@@ -106,6 +107,9 @@ def _add_train_options(p):
                    help="use only the first N test examples (default: all)")
     p.add_argument("--out", default=None, help="run directory (checkpoint.npz, history.json, state/); "
                    "default runs/METHOD-MODEL-seedSEED")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where to train: cpu (NumPy), cuda (CuPy + numba.cuda, the [cuda] extra), auto (the GPU "
+                        "when one works); checkpoints are host arrays either way")
     g = p.add_argument_group("parallel training and resume (BLL, span 1, closed or trained feedback)")
     g.add_argument("--parallel", choices=SCHEDULES, default="none",
                    help="none: one loop; threads: one thread per group of blocks; mpi: one rank per group "
@@ -138,7 +142,7 @@ def _add_train_options(p):
 
 # train options a resumed run takes from its state (the rest may change: the schedule gives the
 # same updates whichever it is, and --epochs may extend the run)
-_RESUME_KEEPS_NEW = {"epochs", "parallel", "workers", "blas_threads", "resume"}
+_RESUME_KEEPS_NEW = {"epochs", "parallel", "workers", "blas_threads", "resume", "device"}
 # train options added after runs were saved without them: absent there means "not given"
 _ADDED_OPTIONS = {"width": None}
 
@@ -208,6 +212,12 @@ def validate_train(args):
     _number("feedback-decay", args.feedback_decay, low=0, high=1)
     for name in ("var_weight", "tau", "head_weight", "l2"):
         _number(name.replace("_", "-"), getattr(args, name), low=0, dtype=args.dtype)
+    args.device = resolve_device(args.device)  # DeviceError (exit 2, one line) before any work
+    if args.parallel == "streams" and args.device != "cuda":
+        raise ValueError("--parallel streams runs each block on its own CUDA stream; it needs --device cuda")
+    if args.parallel in ("threads", "mpi") and args.device != "cpu":
+        raise ValueError(f"--parallel {args.parallel} runs on CPU cores; with --device cuda use --parallel "
+                         "streams (one CUDA stream per block) or none")
 
 
 def _check_writable(out, create=True):
@@ -240,6 +250,9 @@ def _schedule(args, method, d, log):
             raise ValueError("--workers needs --parallel threads or mpi")
         return SequentialSchedule(blas=args.blas_threads)
     check_pipelinable(method)
+    if args.parallel == "streams":
+        from .parallel.streams import StreamSchedule
+        return StreamSchedule(method)
     x, y = d["x_train"][:args.batch_size], d["y_train"][:args.batch_size]
     if args.parallel == "threads":
         from .parallel.threads import ThreadPipeline
@@ -257,6 +270,18 @@ def _schedule(args, method, d, log):
 
 
 def cmd_train(args):
+    with RunLock() as lock:  # one run per run directory; released (its file removed) however it ends
+        return _train(args, lock)
+
+
+def _check_run_outputs(out):
+    """The run's fixed output files, where present, must be regular files (before any work)."""
+    for name in ("checkpoint.npz", "history.json", os.path.join("state", "trainer.json")):
+        if os.path.lexists(os.path.join(out, name)):
+            check_output(os.path.join(out, name))
+
+
+def _train(args, lock):
     from .methods import make
     from .methods.common import Diverged, fit
     if args.resume:
@@ -267,16 +292,22 @@ def cmd_train(args):
     out = args.out or os.path.join("runs", f"{args.method}-{args.model}-seed{args.seed}")
     if rank == 0:
         _check_writable(out, create=False)  # before loading data; created only once all checks pass
+        _check_run_outputs(out)
+        if os.path.isdir(out):
+            lock.acquire(out)
     log = print if rank == 0 else None
     blocks, images = _build_model(args)
     d, source = load_data(args, images, log=log)
     if args.dtype == "float64":
         d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
     method = make(args.method, blocks, sample_input=d["x_train"][:8], rng=args.seed, **method_options(args))
+    if args.device != "cpu":
+        method.to(args.device)  # built on the host (same initial weights as a CPU run), then moved
     schedule = _schedule(args, method, d, log)
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
+        lock.acquire(out)
     if log:
         log(f"training {args.method} on {args.model} for {args.epochs} epochs "
             f"(schedule {schedule.name}, {schedule.workers} worker{'s' * (schedule.workers > 1)}) -> {out}")
@@ -293,6 +324,7 @@ def cmd_train(args):
     except BaseException as e:
         if schedule.name == "mpi" and isinstance(e, Exception):
             schedule.abort(e)
+        lock.release()
         if rank == 0 and created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # nothing of the run was kept: leave no empty directory behind
         if isinstance(e, Diverged):
@@ -444,6 +476,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory for curves.png, blocks-<run>.png, report.md")
     p.add_argument("--dpi", type=int, default=100, help="figure resolution (dots per inch)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("doctor", help="what this machine offers for --device cuda (GPU, driver, CUDA, CuPy, numba-cuda)")
+    p.set_defaults(func=cmd_doctor)
     _add_finetune_q(sub)
     from exporters.cli import add_commands  # export, verify, nir, c-header
     add_commands(sub)
@@ -452,7 +486,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         with sigterm_as_exit():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
-            return args.func(args)
+            rc = args.func(args)
+            raise_if_signalled()  # a signal that a library's cleanup swallowed still ends the command
+            return rc
     except ValueError as e:
         print(f"bll-ref {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -469,6 +505,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"bll-ref {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_doctor(args):
+    """Print what the GPU stack looks like here; exit 0 when --device cuda works, else 2."""
+    rows = device_info()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0 if rows[-1][1] == "works" else 2
 
 
 def _os_message(e: OSError) -> str:

@@ -1,7 +1,14 @@
 """The one way bll_ref writes files: through a temporary file beside the target + ``os.replace``.
 
 An interrupted or failed write leaves the old file (or none), never half a file; the temporary
-file is removed on every error, KeyboardInterrupt included. Also the one JSON encoder.
+file is removed on every error, KeyboardInterrupt included. Also the one JSON encoder, the
+run-directory lock and the signal handling of the command line.
+
+Targets: an output that exists must be a regular file. A device node, FIFO, socket or directory at
+the output path is refused before anything is written (renaming over it would replace, as root,
+e.g. the system's ``/dev/null``). A symlink is followed: the file it points to is replaced (the
+link keeps pointing at the new contents), so the same rule applies to what the link points at;
+a dangling link creates the file it names.
 """
 from __future__ import annotations
 
@@ -10,13 +17,64 @@ import errno
 import json
 import os
 import signal
+import stat
+import sys
 import threading
 import zipfile
 
 import numpy as np
 
 __all__ = ["atomic_path", "atomic_open", "write_json_atomic", "write_npz", "to_json", "json_default",
-           "sigterm_as_exit"]
+           "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock"]
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _target(path):
+    """(the file a write of ``path`` replaces, its os.stat or None): symlinks resolved; OSError when
+    that is not a regular file or its directory is missing."""
+    real = os.path.realpath(path)
+    d = os.path.dirname(real)
+    if not os.path.isdir(d):
+        why = "is not a directory" if os.path.exists(d) else "does not exist"
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: {d} {why}", path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return real, None
+    _refuse_special(path, real, st)
+    return real, st
+
+
+def _refuse_special(path, real, st):
+    via = f" ({real}, through a symlink)" if os.path.abspath(path) != real else ""
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}{via}: a directory is in the way; "
+                                "give a file name", path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        raise FileExistsError(errno.EEXIST, f"cannot write {path}{via}: it is {kind}, not a regular "
+                              "file; give another output path", path)
+
+
+def check_output(path, inputs=()):
+    """Refuse now, before any work, an output that :func:`atomic_path` would refuse (its directory
+    missing; a directory, device, FIFO or socket in the way) or that is one of ``inputs`` (the same
+    file by name, through symlinks or as a hard link): ValueError / OSError naming the path."""
+    real, st = _target(path)
+    for src in inputs:
+        same = os.path.realpath(src) == real
+        if not same and st is not None:
+            try:
+                s2 = os.stat(src)
+                same = (s2.st_dev, s2.st_ino) == (st.st_dev, st.st_ino)
+            except OSError:
+                pass
+        if same:
+            raise ValueError(f"output {os.fspath(path)} is the input file {os.fspath(src)}; choose "
+                             "another output path")
+    return real
 
 
 @contextlib.contextmanager
@@ -24,22 +82,27 @@ def atomic_path(path, *, fsync=False):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     Use it for writers that want a file name (h5py, np.savez); ``fsync=True`` flushes the data to
-    disk before the rename (for exports a toolchain will read after a power cut).
+    disk before the rename (for exports a toolchain will read after a power cut). An existing
+    ``path`` must be a regular file (or a symlink to one, whose target is replaced): anything else
+    is refused before a byte is written (module docstring).
     """
     path = os.fspath(path)
-    d, name = os.path.split(os.path.abspath(path))
-    if not os.path.isdir(d):
-        why = "is not a directory" if os.path.exists(d) else "does not exist"
-        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: {d} {why}", path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: a directory is in the way", path)
+    real, _ = _target(path)
+    d, name = os.path.split(real)
     tmp = os.path.join(d, f".{name}.tmp{os.getpid()}")
+    if os.path.lexists(tmp) and not os.path.isdir(tmp):
+        os.remove(tmp)  # a leftover of a dead process with our pid (or a FIFO that open would block on)
     try:
         yield tmp
         if fsync:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        raise_if_signalled()  # a signal swallowed by a library's cleanup still stops the write
+        try:  # again at the last moment: something may have been put there while we wrote
+            _refuse_special(path, real, os.stat(real))
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, real)
     except OSError as e:
         if e.filename in (tmp, None):  # name the file the user asked for, not our temporary one
             raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}", path) from None
@@ -77,22 +140,129 @@ def write_npz(path, arrays, *, fsync=False):
     return os.fspath(path)
 
 
+# Signals received inside sigterm_as_exit. Process-wide by nature: a handler's exception can be
+# swallowed (raised inside h5py's or a finaliser's cleanup, it is only printed as "Exception
+# ignored"), so atomic_path and the command line also look here before they publish or succeed.
+_SIGNALLED = []
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def signalled():
+    """The first signal received inside :func:`sigterm_as_exit` (SIGINT included), or None."""
+    return _SIGNALLED[0] if _SIGNALLED else None
+
+
+def raise_if_signalled():
+    sig = signalled()
+    if sig == signal.SIGINT:
+        raise KeyboardInterrupt
+    if sig is not None:
+        raise SystemExit(128 + sig)
+
+
 @contextlib.contextmanager
 def sigterm_as_exit():
-    """While the block runs, SIGTERM raises SystemExit(143) in the main thread instead of killing
-    the process on the spot, so every ``atomic_path`` removes its temporary file on the way out."""
+    """While the block runs, SIGTERM (and SIGHUP) raise SystemExit(128 + signal) in the main thread
+    instead of killing the process on the spot, so every ``atomic_path`` removes its temporary file
+    on the way out; SIGINT raises KeyboardInterrupt as usual. Every signal is also recorded
+    (:func:`signalled`): once one arrived, no ``atomic_path`` publishes its file, even when the
+    exception was swallowed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    del _SIGNALLED[:]
 
     def _exit(signum, frame):
+        _SIGNALLED.append(signum)
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, _exit)
+    def _interrupt(signum, frame):
+        _SIGNALLED.append(signum)
+        raise KeyboardInterrupt
+
+    hook = sys.unraisablehook
+
+    def _quiet(u):  # our exit, swallowed in a finaliser: recorded above, not a traceback to print
+        if not (_SIGNALLED and isinstance(u.exc_value, (SystemExit, KeyboardInterrupt))):
+            hook(u)
+
+    old = {s: signal.signal(s, _exit) for s in _SIGNALS}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    sys.unraisablehook = _quiet
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        sys.unraisablehook = hook
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class RunLock:
+    """An exclusive lock on a run directory for a run's lifetime (``fcntl.flock`` on
+    ``RUN_DIR/.bll-ref.lock``, which holds the holder's pid and is removed on release).
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed run does not
+    block. Where flock is unavailable (no fcntl, a file system without locks) runs are not locked.
+    """
+
+    NAME = ".bll-ref.lock"
+
+    def __init__(self):
+        self.fd, self.path = None, None
+
+    def acquire(self, run_dir):
+        """Take the lock (a no-op when held); ValueError naming the holder's pid when another
+        process holds it."""
+        if self.fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        path = os.path.join(run_dir, self.NAME)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError(f"{path} is not a regular file; remove it")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(f"run directory {run_dir} is in use by another bll-ref train (pid {pid}); "
+                                 "wait for it to end or give another --out") from None
+            except OSError:  # no locks on this file system: run unlocked
+                os.close(fd)
+                return
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder we waited for may have removed the file: lock the one at the path
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd, self.path = fd, path
+
+    def release(self):
+        """Remove the lock file and drop the lock (a no-op when not held)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still locked, so no one locks a file about to vanish
+        os.close(self.fd)
+        self.fd, self.path = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def json_default(o):

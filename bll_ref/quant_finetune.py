@@ -501,8 +501,11 @@ def finetune_checkpoint(path, out, *, width, epochs=1, lr=3e-4, objective="auto"
     ``bll-ref export --calibration N`` takes them), write the fine-tuned checkpoint to ``out``
     with ``meta["finetune_q"]`` (the settings to export it with).  ``objective="auto"``: "bll"
     for a BLL checkpoint, "reconstruct" otherwise.  Returns a summary dict with the integer
-    model's test accuracy before and after."""
+    model's test accuracy before and after.  ``out`` may not be ``path`` (also through a symlink
+    or hard link), nor a directory, device, FIFO or socket: ValueError / OSError before any work."""
     from . import checkpoint
+    from .fileio import check_output
+    check_output(out, [path])
     model, meta, aux = checkpoint.load(path)
     model, folded = fold_batchnorms(model)     # the checkpoint written holds the folded model
     if folded and log:

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from .fileio import atomic_open
+from .fileio import atomic_open, check_output
 
 __all__ = ["make_report", "main", "ReportError", "read_run"]
 
@@ -371,6 +371,7 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
     log = log or (lambda *_: None)
     runs = [read_run(d) for d in run_dirs]  # all checked before anything is written
     rows = [_summary(run, name) for run, name in zip(runs, _run_names(run_dirs))]
+    _check_outputs(out_dir, run_dirs)
     os.makedirs(out_dir, exist_ok=True)
     mpl = _import_matplotlib()
     curves, blocks, note = None, {}, None
@@ -393,6 +394,23 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
         f.write(_markdown(rows, curves, blocks, note))
     log(f"wrote {md}")
     return {"rows": rows, "paths": {"markdown": md, "curves": curves, "blocks": blocks}}
+
+
+def _check_outputs(out_dir, run_dirs):
+    """Before anything is written: every report file already in ``out_dir`` must be a regular file
+    (not a device, FIFO, socket or directory) and none may be a run's input (links included)."""
+    if not os.path.isdir(out_dir):
+        return
+    inputs = [os.path.join(d, f) for d in run_dirs for f in ("history.json", "checkpoint.npz")]
+    names = {"curves.png", "report.md"} | {f for f in os.listdir(out_dir)
+                                           if f.startswith("blocks-") and f.endswith(".png")}
+    for name in sorted(names):
+        try:
+            check_output(os.path.join(out_dir, name), inputs)
+        except OSError as e:
+            raise ReportError(e.strerror) from None
+        except ValueError as e:
+            raise ReportError(str(e)) from None
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import stat
 
 import numpy as np
 
@@ -58,25 +60,89 @@ def save(state_dir, method, epoch, rng_state, history, options=None):
             os.remove(old)
 
 
+# The types of the stored `train` options (None: not given). Options added later and unknown here
+# are not checked here; the CLI checks every value as it checks a new run's.
+_NUM, _INT = (int, float), (int,)
+_OPTION_TYPES = {
+    **{k: (str,) for k in ("method", "model", "sizes", "activation", "optimizer", "dtype", "data", "out",
+                           "resume", "parallel", "variational", "feedback", "eq8_terms")},
+    **{k: _INT for k in ("width", "epochs", "batch_size", "seed", "limit_train", "limit_test", "workers",
+                         "blas_threads", "span")},
+    **{k: _NUM for k in ("lr", "momentum", "var_weight", "tau", "m", "head_weight", "l2", "feedback_decay",
+                         "feedback_lr")},
+    **{k: (bool,) for k in ("no_anneal", "no_head", "no_kernels")}}
+# per-epoch lists of the history that fit extends on resume, and whether their items are numbers
+_HISTORY_LISTS = {"epochs": True, "test_acc": True, "train_loss": True, "epoch_seconds": True,
+                  "samples_per_s": True, "diagnostics": False}
+_STATE_FILE = re.compile(r"[A-Za-z0-9_]+-epoch[0-9]+\.npz\Z")
+
+
+def _is(v, kinds):
+    """isinstance, where a bool is not an int or a float (JSON true is not 1)."""
+    return isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
+
+
+def _regular_file(path, what):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {what} unreadable ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: {what} is not a regular file")
+
+
 def read_trainer(state_dir) -> dict:
-    """The parsed trainer.json of a run; ValueError naming the problem for anything unusable."""
+    """The parsed trainer.json of a run; ValueError naming the file and the entry for anything
+    unusable (as strict as ``checkpoint.load`` is with a checkpoint)."""
     path = os.path.join(state_dir, TRAINER)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise ValueError(f"{state_dir} holds no resumable state ({TRAINER} missing): the run did not "
                          "finish an epoch, or it is not a bll-ref run directory")
+    _regular_file(path, "the run's trainer state")  # a FIFO would block the read
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             t = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(t, dict) or t.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
-    if t.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: version {t['version']} is newer than this bll_ref reads ({VERSION})")
+    version = t.get("version", 1)
+    if not _is(version, _INT) or version < 1:
+        raise ValueError(f"{path}: entry 'version' must be a whole number >= 1, got {version!r}")
+    if version > VERSION:
+        raise ValueError(f"{path}: version {version} is newer than this bll_ref reads ({VERSION})")
     for key, kind in (("epoch", int), ("rng", dict), ("history", dict), ("files", dict), ("method", str)):
-        if not isinstance(t.get(key), kind):
+        if not _is(t.get(key), (kind,)):
             raise ValueError(f"{path}: entry {key!r} missing or not a {kind.__name__}")
+    if t["epoch"] < 1:
+        raise ValueError(f"{path}: entry 'epoch' must be >= 1, got {t['epoch']}")
+    _check_trainer_entries(path, t)
     return t
+
+
+def _check_trainer_entries(path, t):
+    try:  # the batch-order state must be one a PCG64 takes (fit's generator)
+        np.random.default_rng(0).bit_generator.state = t["rng"]
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise ValueError(f"{path}: entry 'rng' is not the state of a PCG64 generator") from None
+    h = t["history"]
+    for key, numbers in _HISTORY_LISTS.items():
+        v = h.get(key)
+        if not isinstance(v, list) or len(v) != t["epoch"] or numbers and not all(_is(x, _NUM) for x in v):
+            raise ValueError(f"{path}: entry 'history.{key}' must be a list of {t['epoch']} "
+                             f"{'numbers' if numbers else 'entries'} (one per epoch)")
+    options = t.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: entry 'options' must be an object")
+    for k, v in options.items():
+        kinds = _OPTION_TYPES.get(k)
+        if kinds and v is not None and not _is(v, kinds):
+            raise ValueError(f"{path}: entry 'options.{k}' must be {' or '.join(x.__name__ for x in kinds)} "
+                             f"or null, got {type(v).__name__} {json.dumps(v)[:40]}")
+    for k, v in t["files"].items():
+        if not isinstance(v, str) or not _STATE_FILE.match(v):
+            raise ValueError(f"{path}: entry 'files.{k}' must name a NAME-epochE.npz file inside state/, "
+                             f"got {json.dumps(v)[:60]}")
 
 
 def load(state_dir, method) -> dict:
@@ -89,10 +155,33 @@ def load(state_dir, method) -> dict:
         raise ValueError(f"{state_dir}: state holds {sorted(t['files'])}, this model needs {sorted(want)}")
     for name, fname in t["files"].items():
         path = os.path.join(state_dir, fname)
+        _regular_file(path, "saved state")
         try:
             with np.load(path, allow_pickle=False) as z:
                 state = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
+        except Exception as e:  # truncated or foreign zip: BadZipFile, EOFError, ValueError, ...
             raise ValueError(f"{path}: cannot read the saved state ({type(e).__name__}: {e})") from None
+        _check_part(path, state, _part_state(method, name))
         _load_part(method, name, state)
     return t
+
+
+# dtype kinds a saved array may have for a current one of a kind (no silent complex/float casts)
+_SAME_KIND = {"b": "b", "i": "iu", "u": "iu", "f": "f", "U": "U"}
+
+
+def _check_part(path, saved, current):
+    """Every saved array real (no complex, object or bytes) and, where this run's method has the
+    entry, of its shape and kind: never cast or broadcast silently."""
+    for k, a in saved.items():
+        if a.dtype.kind not in "biufU":
+            raise ValueError(f"{path}: entry {k!r} has dtype {a.dtype}; the saved state is damaged")
+        if k not in current:
+            continue
+        c = np.asarray(current[k])
+        if a.shape != c.shape:
+            raise ValueError(f"{path}: entry {k!r} has shape {a.shape}, this run needs {c.shape}; the saved "
+                             "state is damaged or belongs to another run")
+        if a.dtype.kind not in _SAME_KIND.get(c.dtype.kind, c.dtype.kind):
+            raise ValueError(f"{path}: entry {k!r} has dtype {a.dtype}, this run needs {c.dtype}; the saved "
+                             "state is damaged or belongs to another run")

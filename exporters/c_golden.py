@@ -6,6 +6,7 @@ header and the test program; the file layout is described there.
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
@@ -39,11 +40,22 @@ def _array(ctype, cname, a) -> str:
 
 
 def _comment(s) -> str:
-    return str(s).replace("*/", "* /")
+    """``s`` (e.g. a record name from a file) made safe inside a ``/* */`` comment: printable ASCII
+    only (anything else as a \\xNN / \\uNNNN escape, so no newline or line splice), no comment
+    delimiter and no trigraph (``??=`` and friends, which -Wall -Werror rejects)."""
+    s = str(s).encode("ascii", "backslashreplace").decode("ascii")
+    s = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in s)
+    return re.sub(r"\?(?=\?)", "? ", s.replace("*/", "* /").replace("/*", "/ *"))
 
 
 def _cstring(s) -> str:
-    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``s`` as a C string literal: its UTF-8 bytes, printable ASCII as itself, the rest as octal
+    escapes; backslash, quote and ``?`` escaped (``\\?``: no trigraph)."""
+    out = []
+    for b in str(s).encode("utf-8", "backslashreplace"):
+        c = chr(b)
+        out.append("\\" + c if c in '\\"?' else c if 0x20 <= b < 0x7F else f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
 
 
 def _shape(s) -> str:

@@ -340,7 +340,11 @@ def find_c_compiler():
     """Path of a C compiler ($CC, cc, gcc or clang), or None."""
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand:
-            exe = shutil.which(shlex.split(cand)[0])
+            try:
+                words = shlex.split(cand)
+            except ValueError as e:
+                raise ValueError(f"$CC {cand!r} is not a command line ({e})") from None
+            exe = shutil.which(words[0]) if words else None
             if exe:
                 return cand if cand == os.environ.get("CC") else exe
     return None
@@ -348,7 +352,8 @@ def find_c_compiler():
 
 def compile_c(out_dir, *, name="bll_model", cc=None, cflags=CFLAGS) -> pathlib.Path:
     """Compile ``<name>.c`` + ``<name>_test.c`` in ``out_dir`` into the test program; returns its
-    path.  RuntimeError with the compiler's messages if it fails, or if no compiler is found."""
+    path.  RuntimeError if no compiler is found, or if it fails: the first line of the message
+    names the compiler and its first error line, the rest is everything it printed."""
     cc = cc or find_c_compiler()
     if cc is None:
         raise RuntimeError("compile_c: no C compiler found ($CC, cc, gcc, clang); install one "
@@ -358,5 +363,8 @@ def compile_c(out_dir, *, name="bll_model", cc=None, cflags=CFLAGS) -> pathlib.P
     cmd = [*shlex.split(cc), *cflags, "-o", str(exe), str(out / f"{name}.c"), str(out / f"{name}_test.c")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"compile_c: {' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr}")
+        lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "no message")
+        raise RuntimeError(f"compile_c: {cmd[0]} failed (exit {res.returncode}): {first}\n"
+                           f"{' '.join(cmd)}\n{res.stderr}")
     return exe

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from bll_ref.fileio import check_output
 from bll_ref.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
 from bll_ref.fixedpoint.qformat import CALIBRATIONS
 
@@ -101,6 +102,14 @@ def cmd_export(args):
                          f"--calibration {args.calibration} --traces {args.traces}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
     _refuse_overwrite(args.checkpoint, [out])
+    if args.tb_dir:
+        from .hls4ml_tb import INPUT_FILE, OUTPUT_FILE, PRECISION_FILE
+        if os.path.exists(args.tb_dir) and not os.path.isdir(args.tb_dir):
+            raise ValueError(f"--tb-dir {args.tb_dir} is a file, not a directory; give a directory for "
+                             "the test vectors")
+        if os.path.isdir(args.tb_dir):
+            _refuse_overwrite([args.checkpoint, out], [os.path.join(args.tb_dir, f)
+                                                       for f in (INPUT_FILE, OUTPUT_FILE, PRECISION_FILE)])
     model, meta, aux = checkpoint.load(args.checkpoint)
     images = _is_image_model(meta, model.config())
     d = _load(meta, args.data, images, limit_train=args.calibration, limit_test=1)
@@ -139,20 +148,15 @@ def _input_file(path):
 
 
 def _refuse_overwrite(source, outputs):
-    """Never write over the file a command reads (the same file after resolving links); and say
-    now, before any work, when an output cannot be written (no such directory, a directory in
-    the way)."""
+    """Never write over the file a command reads (the same file after resolving links, or a hard
+    link of it); and say now, before any work, when an output cannot be written (no such
+    directory; a directory, device, FIFO or socket in the way: ``bll_ref.fileio.check_output``)."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     for out in outputs:
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise ValueError(f"cannot write {out}: {parent} {'is not a directory' if os.path.exists(parent) else 'does not exist'}")
-        if os.path.isdir(out):
-            raise ValueError(f"cannot write {out}: a directory is in the way")
-        same = os.path.realpath(out) == os.path.realpath(source)
-        if not same and os.path.exists(out) and os.path.exists(source):
-            same = os.path.samefile(out, source)
-        if same:
-            raise ValueError(f"output {out} is the input file {source}; choose another output path")
+        try:
+            check_output(out, sources)
+        except OSError as e:
+            raise ValueError(e.strerror) from None
 
 
 def _is_image_model(meta, config):
@@ -264,7 +268,11 @@ def cmd_c_header(args):
     if args.vectors < 1:
         raise ValueError(f"--vectors must be >= 1, got {args.vectors}")
     if os.path.isdir(args.out_dir):  # (write_c creates a missing one, which cannot hold the input)
-        _refuse_overwrite(args.file, [os.path.join(args.out_dir, f"{args.name}{s}") for s in (".h", ".c", "_test.c")])
+        outs = [f"{args.name}{s}" for s in (".h", ".c", "_test.c")] + [f"{args.name}_test"] * args.compile
+        _refuse_overwrite(args.file, [os.path.join(args.out_dir, f) for f in outs])
+    if args.compile and find_c_compiler() is None:  # said before anything is written
+        raise ValueError("--compile: no C compiler found ($CC, cc, gcc, clang); install one (e.g. "
+                         "apt-get install gcc) or leave out --compile")
     e = hdf5.read(_input_file(args.file))
     n = max(1, min(args.vectors, e.traces[0].shape[0]))
     paths = write_c(e.records, args.out_dir, name=args.name, test_inputs=e.traces[0][:n],
@@ -272,10 +280,10 @@ def cmd_c_header(args):
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if not args.compile:
         return 0
-    if find_c_compiler() is None:
-        print("no C compiler found ($CC, cc, gcc, clang): not compiled")
-        return 1
-    exe = compile_c(args.out_dir, name=args.name)
+    try:
+        exe = compile_c(args.out_dir, name=args.name)
+    except RuntimeError as err:  # the compiler failed: an environment problem (exit 2), not a mismatch
+        raise ValueError(str(err).splitlines()[0]) from None
     res = subprocess.run([str(exe)], capture_output=True, text=True)
     print(res.stdout.rstrip())
     print(f"C golden model {'matches' if res.returncode == 0 else 'DOES NOT match'} the stored traces "

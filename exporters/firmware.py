@@ -219,6 +219,23 @@ def compile_and_link(sources, elf, *, tools=None) -> list:
     return objs
 
 
+def check_workdir(workdir, name="bll_model", inputs=()):
+    """Before any work: every file the build and the run write in ``workdir`` that exists already
+    must be a regular file (no device, FIFO, socket or directory) and none of ``inputs``;
+    ValueError naming the path otherwise."""
+    from bll_ref.fileio import check_output
+    if not os.path.isdir(workdir):
+        return
+    names = [f"{name}{s}" for s in (".h", ".c", "_test.c", ".o", ".su")] + [
+        "fw_inputs.h", "fw.elf", "fw.map", "build.log", "harness.o", "harness.su", "startup.o",
+        "startup.su", "qemu.out", "firmware_report.json"]
+    for n in names:
+        try:
+            check_output(os.path.join(workdir, n), inputs)
+        except OSError as e:
+            raise ValueError(e.strerror) from None
+
+
 def build(e, workdir, *, name="bll_model", samples=None, tools=None, harness_cflags=()) -> dict:
     """Write the model and the inputs into ``workdir`` and cross-compile ``fw.elf``.
 
@@ -228,6 +245,7 @@ def build(e, workdir, *, name="bll_model", samples=None, tools=None, harness_cfl
     image, stack bound.  FirmwareError if a step fails (its log is ``build.log``).
     """
     from .c_header import write_c
+    check_workdir(workdir, name)
     tools = tools or find_toolchain()
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +340,7 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
     ``workdir/firmware_report.json``); ``report["ok"]`` is True iff every code matches.
     ToolchainMissing / FirmwareError / ValueError for the exit-2 cases."""
     from . import hdf5
+    check_workdir(workdir, name, inputs=[path])
     tools = find_toolchain()
     e = hdf5.read(path)
     b = build(e, workdir, name=name, samples=samples, tools=tools, harness_cflags=harness_cflags)
