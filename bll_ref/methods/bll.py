@@ -39,13 +39,15 @@ from ..layers import AvgPool2d, Dense, Flatten, LayerNorm, Sequential
 from ..layers.base import as_rng
 from ..optim import make_optimizer
 from .common import Method
+from .messages import SOURCES, ClosedForm, Trained, TwinStage
+from .terms import TERMS
 from .learner import (HiddenLearner, LocalRule, OutputLearner, between_class_fraction, forward_block,
                       pack_states, unpack_states)
 
 __all__ = ["BLL", "VARIATIONAL", "FEEDBACK", "between_class_fraction"]
 
-VARIATIONAL = ("gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim")
-FEEDBACK = ("closed", "trained", "twin")
+VARIATIONAL = tuple(TERMS)   # "gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim"
+FEEDBACK = tuple(SOURCES)    # "closed", "trained", "twin"
 
 
 def _head_for(shape, n_classes, rng, dtype, tokenwise=False, max_features=2048):
@@ -81,6 +83,23 @@ def _refuse(options, why):
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}; "
                          "leave it out")
+
+
+def _refuse_inapplicable(options, term, source):
+    """ValueError naming every given option that neither the term nor its message source takes
+    (what each accepts is declared by its class: ``terms.py``, ``messages.py``)."""
+    takes = term.OPTIONS | (source.OPTIONS | {"feedback"} if term.uses_feedback else frozenset())
+    given = [k for k in _given(**options) if k not in takes]
+    if not given:
+        return
+    what = f"variational={term.name!r}"
+    if term.uses_feedback:
+        what += f" with feedback={source.name!r}"
+    elif term.name in ("none", "sim"):
+        what += " (no feedback network" + (", no mixing)" if term.name == "sim" else ")")
+    accepted = sorted(takes) or ["none"]
+    raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {what} "
+                     f"(it takes: {', '.join(accepted)}); leave it out")
 
 
 class BLL(Method):
@@ -127,30 +146,17 @@ class BLL(Method):
             raise ValueError("with variational='none' and head=False the hidden blocks get no signal")
         if sample_input is None:
             raise ValueError("BLL needs sample_input (a few input rows) to size heads and feedback")
-        gaussian = variational in ("gauss_ln", "gauss")
-        if variational == "none":
-            _refuse(dict(feedback=feedback, var_weight=var_weight, tau=tau, m=m, anneal=anneal, l2=l2,
-                         feedback_decay=feedback_decay, feedback_lr=feedback_lr),
-                    "with variational='none' (no variational term, no feedback network)")
-        if variational == "sim":
-            _refuse(dict(feedback=feedback, tau=tau, m=m, anneal=anneal, l2=l2, feedback_decay=feedback_decay,
-                         feedback_lr=feedback_lr),
-                    "with variational='sim' (Pred-Sim: no feedback network, no mixing)")
-            if var_weight is None:
-                var_weight = 99.0  # N&E: beta = 0.99 on sim, 0.01 on pred
+        term = TERMS[variational]()
+        if variational == "sim" and var_weight is None:
+            var_weight = 99.0  # N&E: beta = 0.99 on sim, 0.01 on pred
+        options = dict(feedback=feedback, var_weight=var_weight, tau=tau, m=m, anneal=anneal,
+                       eq8_terms=eq8_terms, l2=l2, feedback_decay=feedback_decay, feedback_lr=feedback_lr)
         feedback = feedback or "closed"
-        if variational != "eq8":
-            _refuse(dict(eq8_terms=eq8_terms), f"to variational={variational!r} (only to 'eq8')")
-        if not gaussian:
-            _refuse(dict(anneal=anneal), f"to variational={variational!r} (only to the Gaussian terms)")
-        if gaussian and anneal is False:
+        _refuse_inapplicable(options, term, SOURCES[feedback])
+        if anneal is False:
             _refuse(dict(tau=tau, m=m), "with anneal=False (the Gaussian term then never uses the mixing m)")
         if m is not None:
             _refuse(dict(tau=tau), "with a constant m (tau sets the schedule m = 1 / (1 + tau epoch))")
-        if feedback != "closed":
-            _refuse(dict(l2=l2, feedback_decay=feedback_decay), f"to feedback={feedback!r} (only to 'closed')")
-        else:
-            _refuse(dict(feedback_lr=feedback_lr), "to closed-form feedback (it is solved, not trained)")
         if not head:
             _refuse(dict(head_weight=head_weight), "with head=False")
         eq8_terms = ("forward", "posterior") if eq8_terms is None else tuple(eq8_terms)
@@ -184,22 +190,23 @@ class BLL(Method):
                  for s, tw in zip(h_shapes, tokenwise)]
         head_opts = [make_optimizer(optimizer, h, lr, **opt_kw) if h is not None else None for h in heads]
         fb_lr = 1e-3 if feedback_lr is None else feedback_lr
-        fbs, self.twin = [None] * len(units), None
+        sources, self.twin = [None] * len(units), None
         if variational == "sim":
             pass  # the similarity loss needs no feedback network
         elif feedback == "closed":
-            fbs = [LinearFeedback(self.n_classes, u, l2=1.0 if l2 is None else l2, decay=feedback_decay,
-                                  dtype=self.dtype) for u in units]
+            sources = [ClosedForm(LinearFeedback(self.n_classes, u, l2=1.0 if l2 is None else l2,
+                                                 decay=feedback_decay, dtype=self.dtype)) for u in units]
         elif feedback == "trained":
-            fbs = [TrainedLinearFeedback(self.n_classes, u, optimizer=optimizer, lr=fb_lr, rng=rng,
-                                         dtype=self.dtype, **opt_kw) for u in units]
+            sources = [Trained(TrainedLinearFeedback(self.n_classes, u, optimizer=optimizer, lr=fb_lr, rng=rng,
+                                                     dtype=self.dtype, **opt_kw)) for u in units]
         else:
             self.twin = TwinFeedback(self.n_classes, units, optimizer=optimizer, lr=fb_lr, rng=rng,
                                      dtype=self.dtype, **opt_kw)
+            sources = [TwinStage(self.twin, k) for k in range(len(units))]
         self.learners = [
-            HiddenLearner(k, blk, opts[k], self.rule, head=heads[k], head_opt=head_opts[k],
-                          norm=LayerNorm(units[k], affine=False, dtype=self.dtype), feedback=fbs[k],
-                          twin=self.twin, tokenwise=tokenwise[k])
+            HiddenLearner(k, blk, opts[k], self.rule, term=term, source=sources[k], head=heads[k],
+                          head_opt=head_opts[k], norm=LayerNorm(units[k], affine=False, dtype=self.dtype),
+                          tokenwise=tokenwise[k])
             for k, blk in enumerate(self.blocks[:-1])]
         self.learners.append(OutputLearner(len(self.blocks) - 1, self.blocks[-1], opts[-1], self.rule))
         self.on_epoch_start(0)
@@ -232,7 +239,7 @@ class BLL(Method):
         x, y, Y = self._batch(x), self._batch(y), self._batch(Y)
         # twin feedback: one top-down pass of the backward network before any stage updates
         b_fb = ([b.reshape(len(Y), -1) for b in self.twin.predict_all(Y, train=True)]
-                if self.twin is not None and self.rule.variational != "none" else None)
+                if self.twin is not None else None)
         h = x
         for learner in self.learners:
             h = learner.forward(h)

@@ -131,6 +131,17 @@ def _finite_state(method) -> bool:
     return _finite_params(method.model.layers) and all(np.isfinite(v).all() for v in method.aux_state().values())
 
 
+# Divergence that stays finite (tanh saturating at --lr 1e6 --optimizer sgd trained to a loss of 2e6
+# and exit 0): the loss rising this many times above the run's first step (|loss|, at least 1), or a
+# parameter beyond MAX_PARAM. A healthy run's loss falls; no trained layer of ours nears 1e8.
+LOSS_RISE, MAX_PARAM = 1e4, 1e8
+
+
+def _largest_param(layers) -> float:
+    return max((float(backend.array_module(v).abs(v).max()) for layer in layers for v in layer.params.values()
+                if v.size), default=0.0)
+
+
 def _finite_loss(learner) -> bool:
     """One scalar per BLL block: the sum of its running local-loss statistics."""
     return bool(np.isfinite(float(sum(learner.stats.values()))))
@@ -169,8 +180,12 @@ def _bad_block(method):
     return None
 
 
-def _diverged(method, epoch, step, what):
+def _diverged(method, epoch, step, what, finite=False):
+    """``finite``: nothing is NaN or inf; the block named is the one holding the largest weight."""
     k = _bad_block(method)
+    if k is None and finite:
+        sizes = [_largest_param([b]) for b in method.model.layers]
+        k = 1 + int(np.argmax(sizes)) if sizes else None
     where = f"epoch {epoch}, step {step}" + (f", block {k}" if k else "")
     return Diverged(f"training diverged at {where}: {what}; lower the learning rate (--lr) "
                     "or check the inputs")
@@ -219,6 +234,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         if log and schedule.is_root:
             log(f"resuming after epoch {start} from {state_dir}")
     history["timing_fields"] = list(TIMING_FIELDS)
+    first = []  # the run's first step loss: the yardstick of LOSS_RISE
     for epoch in range(start, epochs):
         method.on_epoch_start(epoch)
         t0 = time.perf_counter()
@@ -235,6 +251,11 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
                 recent.append(value)
                 if not np.isfinite(value):
                     raise _diverged(method, epoch + 1, len(recent), f"the loss became {value}")
+                if not first:
+                    first.append(value)
+                elif abs(value) > LOSS_RISE * max(abs(first[0]), 1.0):
+                    raise _diverged(method, epoch + 1, len(recent), f"the loss rose from {first[0]:.4g} to "
+                                    f"{value:.4g} (more than {LOSS_RISE:.0e} times)", finite=True)
             if not all(_finite_loss(l) for l in getattr(method, "learners", ())):
                 raise _diverged(method, epoch + 1, step, f"the loss became {recent[-1]}")
             if log and (step % every == 0 or step == steps):
@@ -258,6 +279,10 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
             continue
         if not _finite_state(method):  # once per epoch, before anything is saved
             raise _diverged(method, epoch + 1, steps, "parameters became NaN or inf")
+        big = _largest_param(method.model.layers)
+        if big > MAX_PARAM:
+            raise _diverged(method, epoch + 1, steps, f"a parameter reached |w| = {big:.3g} (weights exploding, "
+                            f"more than {MAX_PARAM:.0e})", finite=True)
         logits = predict(method.model, data["x_test"], eval_batch)
         acc = accuracy(logits, data["y_test"])
         top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))

@@ -22,9 +22,10 @@ from ..layers import LeakyReLU, ReLU, Sigmoid, Tanh
 from ..layers.base import load_state_dict as load_layer_state
 from ..layers.base import state_dict as layer_state
 from ..layers.container import backward_through
-from ..losses import kernels, local, predsim
+from ..losses import local
 from ..losses.output import softmax_cross_entropy
 from .common import accuracy
+from .terms import mean_abs
 
 _ACTS = (ReLU, LeakyReLU, Sigmoid, Tanh)
 
@@ -90,20 +91,6 @@ def between_class_fraction(h, y, n_classes) -> float:
         if sel.any():
             between += sel.sum() * ((h[sel].mean(axis=0) - mu) ** 2).sum()
     return float(between / len(h) / total)
-
-
-def _mean_abs(x):
-    """mean |x|: a float on the CPU, a device scalar on the GPU (read once per epoch, not per step)."""
-    m = backend.array_module(x).abs(x).mean()
-    return m if backend.is_device_array(m) else float(m)
-
-
-def _loss_kernels(rule, x):
-    """The module whose local-loss functions take ``x``: the numba.cuda kernels for a GPU array,
-    else the fused Numba kernels or the NumPy reference (``rule.use_kernels``)."""
-    if backend.is_device_array(x):
-        return backend.loss_kernels_gpu()
-    return kernels if rule.use_kernels else local
 
 
 def pack_states(learners) -> dict:
@@ -186,18 +173,28 @@ class _Learner:
 
 
 class HiddenLearner(_Learner):
-    """Block k < K-1: variational term against the feedback message + local predictive head."""
+    """Block k < K-1: a variational term against the feedback message + local predictive head.
+
+    The term (``terms.py``: Gaussian on LN(a), Gaussian, Eq. 8, Bernoulli KL, similarity, none)
+    and the message source (``messages.py``: closed-form, trained or twin feedback) are strategy
+    objects, so nothing here depends on which ones a model uses."""
 
     STATS = ("var_loss", "head_loss", "abs_a", "abs_b", "steps")
 
-    def __init__(self, k, block, optimizer, rule, *, head=None, head_opt=None, norm=None,
-                 feedback=None, twin=None, tokenwise=False):
+    def __init__(self, k, block, optimizer, rule, *, term, source=None, head=None, head_opt=None,
+                 norm=None, tokenwise=False):
         super().__init__(k, block, optimizer, rule)
+        self.term, self.source = term, source
         self.head, self.head_opt, self.norm = head, head_opt, norm
-        self.feedback, self.twin, self.tokenwise = feedback, twin, bool(tokenwise)
+        self.tokenwise = bool(tokenwise)
         self.dtype = block.params[next(iter(block.params))].dtype
         self._a = self._h = None
         self.begin_epoch(0)
+
+    @property
+    def feedback(self):
+        """The feedback network of a closed-form or trained source (None for twin or none)."""
+        return getattr(self.source, "net", None)
 
     def mixing(self) -> float:
         return self.rule.mixing(self.epoch)
@@ -205,10 +202,10 @@ class HiddenLearner(_Learner):
     def to(self, device):
         """Move the block's optimiser, head, norm and feedback to ``device`` (the block itself is
         moved with the model; twin feedback is moved once by the method)."""
-        if device == "cuda" and self.rule.variational == "sim":
+        if device == "cuda" and self.term.name == "sim":
             raise backend.DeviceError("Pred-Sim (variational 'sim') has no GPU path yet; use --device cpu")
         super().to(device)
-        for part in (self.head, self.head_opt, self.norm, self.feedback):
+        for part in (self.head, self.head_opt, self.norm, self.source):
             if part is not None:
                 part.to(device)
         return self
@@ -224,13 +221,12 @@ class HiddenLearner(_Learner):
         """Local loss, backward and optimiser steps for the batch of the last ``forward``.
 
         y : labels (N,) or (N, T); Y : one-hot labels (N*, n_classes); b_fb : this block's message
-        from trained/twin feedback (None for closed-form feedback, which is solved here).
-        Returns dL_k/d(input) under BLL(2), else None.
+        from the twin network (None otherwise). Returns dL_k/d(input) under BLL(2), else None.
         """
         self._take_forward()
         rule, st, a, h = self.rule, self.stats, self._a, self._h
-        if b_fb is None and rule.feedback == "trained" and rule.variational != "none":
-            b_fb = self.feedback.predict(Y, train=True)
+        if self.source is not None and self.term.uses_feedback:
+            self.source.begin(Y, b_fb)
         dh = None
         if rule.use_head:
             logits = self.head.forward(h, train=True)
@@ -238,15 +234,12 @@ class HiddenLearner(_Learner):
             dh = self.head.backward(dlog * self.dtype.type(rule.head_weight))
             self.head_opt.step()
             st["head_loss"] += hl
-        if rule.variational == "sim":
-            dh = self._similarity(h, Y, dh)
-        vl, g_a, g_b, abs_b = self.variational(a, Y, b_fb)
-        if g_b is not None and rule.feedback == "trained":
-            self.feedback.update(g_b)
-        elif g_b is not None and rule.feedback == "twin":
-            self.twin.update(self.k, g_b)
+        dh = self.term.on_output(self, h, Y, dh)
+        vl, g_a, g_b, abs_b = self.term.grads(self, a, Y, b_fb)
+        if g_b is not None:
+            self.source.learn(g_b)
         st["var_loss"] += vl
-        st["abs_a"] += _mean_abs(a)
+        st["abs_a"] += mean_abs(a)
         st["abs_b"] += abs_b
         st["steps"] += 1
         dx = backward_block(self.block, dh, g_a, need_dx=self.pass_down)
@@ -255,59 +248,9 @@ class HiddenLearner(_Learner):
         self.opt.step()
         return dx if self.pass_down else None
 
-    def _similarity(self, h, Y, dh):
-        """Pred-Sim's similarity-matching term (Nøkland & Eidnes 2019, ``losses/predsim.py``) on
-        the block output h, weighted by var_weight; adds its gradient to dh (the head's, or None)."""
-        feats = h.reshape(-1, h.shape[-1]) if self.tokenwise else h
-        loss, g = predsim.sim_loss(feats, Y)
-        g = g.reshape(h.shape) * self.dtype.type(self.rule.var_weight)
-        self.stats["var_loss"] += self.rule.var_weight * loss
-        return g if dh is None else dh + g
-
-    def variational(self, a, Y, b_fb):
-        """Local variational term -> (loss, g_a, g_b, mean |b|); (0, None, None, 0) without one.
-        g_b (dL/db) only trains "trained"/"twin" feedback; closed-form feedback is solved, so
-        there g_b is None (not scaled: a pass over the block's units saved per step).
-        ("sim" is no variational term: its similarity loss acts on h, in ``_similarity``.)"""
-        rule = self.rule
-        if rule.variational in ("none", "sim"):
-            return 0.0, None, None, 0.0
-        A = a.reshape(-1, a.shape[-1]) if self.tokenwise else a.reshape(len(a), -1)
-        w = rule.var_weight
-        if rule.variational in ("gauss_ln", "gauss"):
-            if rule.anneal:
-                w *= self.mixing()
-            z = self.norm.forward(A, train=True) if rule.variational == "gauss_ln" else A
-            b = self.feedback.fit(Y, z).predict(Y) if rule.feedback == "closed" else b_fb
-            D = z.shape[1]
-            # Eq. 7 / S8, Gaussian family (s2 = 1), posterior natural parameter gamma := b:
-            # forward weight -(mu(b) - mu(z)); the 1/D makes it a mean over units (peer-results).
-            loss, g_z, g_b = self._kl_ef("gaussian", z, b)
-            scale = self.dtype.type(w / D)
-            g_A = g_z * scale
-            if rule.variational == "gauss_ln":
-                g_A = self.norm.backward(g_A)
-            g_b = None if rule.feedback == "closed" else g_b * scale
-            return w * loss / D, g_A.reshape(a.shape), g_b, _mean_abs(b)
-        m = self.mixing()
-        b = self.feedback.fit(Y, A).predict(Y) if rule.feedback == "closed" else b_fb
-        if rule.variational == "eq8":
-            loss, g_a, g_b = _loss_kernels(rule, A).bernoulli_eq8(A, b, m)
-            # Eq. 8: g_a = -(rho - alpha) [forward weight] + rho(1 - rho) b [posterior weight = g_b]
-            if "posterior" not in rule.eq8_terms:
-                g_a = g_a - g_b
-            if "forward" not in rule.eq8_terms:
-                g_a = g_b.copy()
-        else:  # exact gradient of KL(rho || alpha), gamma = a + m b (Eq. 7 chain rule)
-            loss, g_phi, g_gamma = self._kl_ef("bernoulli", A, A + m * b)
-            g_a, g_b = g_phi + g_gamma, m * g_gamma
-        scale = self.dtype.type(w)
-        g_b = None if rule.feedback == "closed" else g_b * scale
-        return w * loss, (g_a * scale).reshape(a.shape), g_b, _mean_abs(b)
-
-    def _kl_ef(self, family, phi, gamma):
-        """KL(rho || alpha) (Eq. S7) and its gradients (Eq. 7 / S8), fused kernel or reference."""
-        return _loss_kernels(self.rule, phi).kl_ef_gradients(family, phi, gamma)
+    def variational(self, a, Y, b_fb=None):
+        """The variational term alone on a given a (and message b_fb): (loss, g_a, g_b, mean |b|)."""
+        return self.term.grads(self, a, Y, b_fb)
 
     def diagnostics(self, h_in, y):
         """(dict, h_out): the epoch's mean local losses and |a|, |b|; between-class variance
@@ -331,11 +274,7 @@ class HiddenLearner(_Learner):
 
     def feedback_aux(self) -> dict:
         """Feedback weights under the checkpoint's ``aux`` names."""
-        if self.twin is not None:
-            return {f"feedback/{self.k}/{n}": backend.asnumpy(v) for n, v in self.twin.stages[self.k].params.items()}
-        if self.feedback is not None:
-            return {f"feedback{self.k}/{n}": v for n, v in self.feedback.state_dict().items()}
-        return {}
+        return self.source.aux(self.k) if self.source is not None else {}
 
     def state_dict(self) -> dict:
         """Everything this learner trains with: block, head, feedback, optimisers, statistics."""
@@ -343,13 +282,8 @@ class HiddenLearner(_Learner):
         if self.head is not None:
             s.update(_prefixed("head", layer_state(self.head)))
             s.update(_prefixed("head_opt", self.head_opt.state_dict()))
-        if self.twin is not None:
-            s.update(_prefixed("feedback", layer_state(self.twin.stages[self.k])))
-            s.update(_prefixed("feedback_opt", self.twin.opts[self.k].state_dict()))
-        elif self.feedback is not None:
-            s.update(_prefixed("feedback", self.feedback.state_dict()))
-            if hasattr(self.feedback, "opt"):
-                s.update(_prefixed("feedback_opt", self.feedback.opt.state_dict()))
+        if self.source is not None:
+            s.update(self.source.state_dict())
         return s
 
     def _load_state(self, state):
@@ -357,14 +291,8 @@ class HiddenLearner(_Learner):
         if self.head is not None:
             load_layer_state(self.head, _sub(state, "head"))
             self.head_opt.load_state_dict(_sub(state, "head_opt"))
-        if self.twin is not None:
-            load_layer_state(self.twin.stages[self.k], _sub(state, "feedback"))
-            self.twin.opts[self.k].load_state_dict(_sub(state, "feedback_opt"))
-        elif self.feedback is not None:
-            self.feedback.load_state_dict(_sub(state, "feedback"))
-            if hasattr(self.feedback, "opt"):
-                self.feedback.opt.load_state_dict(_sub(state, "feedback_opt"))
-
+        if self.source is not None:
+            self.source.load_state_dict(state)
 
 
 class OutputLearner(_Learner):
