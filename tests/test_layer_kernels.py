@@ -155,7 +155,7 @@ def test_batch_norm_kernels_equal_numpy_twins(dtype, shape, mode):
 @pytest.mark.parametrize("k,s", [((2, 2), (2, 2)), ((3, 3), (2, 2)), ((3, 2), (1, 2))])
 def test_max_pool_kernels_equal_numpy_twins(dtype, k, s):
     from bll_ref.layers import MaxPool2d
-    from bll_ref.layers.conv import max_pool_backward_reference, max_pool_reference
+    from bll_ref.layers.pool import max_pool_backward_reference, max_pool_reference
     rng = np.random.default_rng(7)
     x = np.round(rng.standard_normal((2, 3, 7, 8)), 1).astype(dtype)  # rounding makes ties
     x[0, 0, 0, 1] = np.nan

@@ -6,7 +6,7 @@ import pytest
 
 from bll_ref.gradcheck import check_layer
 from bll_ref.layers import layer_from_config
-from bll_ref.layers.conv import AvgPool2d, Conv2d, MaxPool2d, Upsample2d
+from bll_ref.layers import AvgPool2d, Conv2d, MaxPool2d, Upsample2d
 
 TOL = 1e-6
 

@@ -2,7 +2,8 @@
 from .activation import Flatten, LeakyReLU, ReLU, Sigmoid, Tanh, sigmoid
 from .base import Layer, layer_from_config, load_state_dict, state_dict
 from .container import Residual, Sequential
-from .conv import AvgPool2d, Conv2d, MaxPool2d, Upsample2d
+from .conv import Conv2d
+from .pool import AvgPool2d, MaxPool2d, Upsample2d
 from .dense import Dense
 from .norm import BatchNorm, LayerNorm
 from .sequence import Embedding, PositionalEncoding, SelfAttention

@@ -22,15 +22,14 @@ Bernoulli and Poisson gradients whose magnitude is below the smallest normal num
 (float32: 1.2e-38) are written as 0 (``_ftz``): a saturated sigmoid makes rho (1 - rho) b underflow
 into subnormals, and the weight-gradient GEMM that consumes them then runs many times slower
 (microcode assists on x86; the Eq. 8 row of benchmarks/step_time.py, random labels, went from 67.8
-to 27.4 ms). That differs from ``local`` by less than ``tiny``, which the tests
-allow. Gaussian gradients are linear in their inputs, subnormal only where those already are, and
+to 27.4 ms). That differs from ``local`` by less than ``tiny``, which the tests allow. Gaussian gradients are linear in their inputs, subnormal only where those already are, and
 are left alone (the select would only add work to that lean loop).
 
-Kernels are pure (arrays in, preallocated outputs, no globals, no randomness) and plain Python
-under ``NUMBA_DISABLE_JIT=1``. Each has a serial and a ``prange`` (rows in parallel) driver; the
-wrappers pick prange only from ``PARALLEL_MIN_SIZE`` elements and ``PARALLEL_MIN_THREADS``
-threads up (``parallel=True/False`` forces it): at 128 x 1024, and on a 2-core machine shared
-with other jobs, thread hand-off costs more than it saves (``benchmarks/bench_kernels.py``).
+Kernels are pure (arrays in, preallocated outputs, no randomness) and plain Python under
+``NUMBA_DISABLE_JIT=1``. A serial and a ``prange`` driver run any estimator's rows; the wrappers
+pick prange only from ``PARALLEL_MIN_SIZE`` elements and ``PARALLEL_MIN_THREADS`` threads up
+(``parallel=True/False`` forces it): at 128 x 1024 on 2 shared cores, thread hand-off costs more
+than it saves (``benchmarks/bench_kernels.py``).
 """
 from __future__ import annotations
 
@@ -39,6 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from .expfam import Bernoulli, Gaussian, Poisson, get_family
+from .elementary import _c, _ftz, _exp, _log1p
 from .local import _check_arrays, _check_m, _finite_loss
 
 __all__ = [
@@ -54,110 +54,6 @@ PARALLEL_MIN_THREADS = 4
 
 _jit = dict(cache=True, error_model="numpy", nogil=True)  # nogil: pipeline worker threads run kernels side by side
 _helper = dict(error_model="numpy", nogil=True)  # small helpers; LLVM inlines them into the row loops
-
-
-# ------------------------------------------------------------------------- elementary functions
-# Every kernel computes in the precision of its input (float32 kernels must not promote to
-# float64: literals are therefore wrapped in _c). isinstance on a Numba scalar is resolved at
-# compile time, so each dtype compiles only its own branch; under NUMBA_DISABLE_JIT it is a
-# plain runtime check on the NumPy scalar.
-
-@njit(**_helper)
-def _c(x, c):
-    """The constant c in the floating type of x."""
-    if isinstance(x, np.float32):
-        return np.float32(c)
-    return np.float64(c)
-
-
-@njit(**_helper)
-def _ftz(v):
-    """v, or 0 where |v| is below the smallest normal number of its type (flush to zero)."""
-    if isinstance(v, np.float32):
-        return v if abs(v) >= np.float32(1.1754943508222875e-38) else np.float32(0.0)
-    return v if abs(v) >= 2.2250738585072014e-308 else 0.0
-
-
-@njit(**_helper)
-def _exp_f64(x):
-    """e^x in float64 for x <= 709 (0 below -745, as libm); about 1 ulp.
-
-    fdlibm range reduction x = k ln2 + r, |r| <= ln2 / 2 (ln2 split hi + lo), e^r by its Taylor
-    series to degree 12 (truncation < 2e-16 relative), 2^k applied in two halves so that results
-    in the subnormal range come out right.
-    """
-    x = min(max(x, -746.0), 709.0)
-    kf = np.floor(x * 1.4426950408889634 + 0.5)             # round(x / ln 2)
-    r = (x - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10
-    p = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
-        1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800 + r * (1 / 39916800 + r * (
-            1 / 479001600))))))))))))
-    k = np.int64(kf)
-    k1 = k >> 1
-    return (p * np.int64((k1 + 1023) << 52).view(np.float64)) * np.int64((k - k1 + 1023) << 52).view(np.float64)
-
-
-@njit(**_helper)
-def _exp_f32(x):
-    """e^x in float32 for x <= 88.5 (0 below -104); Cephes expf reduction and polynomial, ~1 ulp."""
-    x = min(max(x, np.float32(-104.0)), np.float32(88.5))
-    kf = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = (x - kf * np.float32(0.693359375)) - kf * np.float32(-2.12194440e-4)
-    p = ((((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r + np.float32(8.3334519073e-3)) * r
-            + np.float32(4.1665795894e-2)) * r + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1))
-         * (r * r) + r + np.float32(1.0))
-    k = np.int32(kf)
-    k1 = k >> 1
-    return (p * np.int32((k1 + 127) << 23).view(np.float32)) * np.int32((k - k1 + 127) << 23).view(np.float32)
-
-
-@njit(**_helper)
-def _exp(x):
-    if isinstance(x, np.float32):
-        return _exp_f32(x)
-    return _exp_f64(x)
-
-
-@njit(**_helper)
-def _log1p_f64(z):
-    """log(1 + z) in float64 for -0.5 <= z <= 1 (fdlibm e_log.c kernel, about 1 ulp).
-
-    1 + z = 2^k (1 + f) with k in {-1, 0, 1} and sqrt(2)/2 - 1 <= f <= sqrt(2) - 1; f is formed
-    exactly from z (1 + z is never rounded), then log(1 + f) = f - hfsq + s (hfsq + R(s^2)).
-    """
-    up = z > 0.41421356237309503
-    down = z < -0.2928932188134524
-    f = (z - 1.0) * 0.5 if up else ((2.0 * z + 1.0) if down else z)
-    kf = 1.0 if up else (-1.0 if down else 0.0)
-    hfsq = 0.5 * f * f
-    s = f / (2.0 + f)
-    w = s * s
-    R = w * (6.666666666666735130e-01 + w * (3.999999999940941908e-01 + w * (2.857142874366239149e-01 + w * (
-        2.222219843214978396e-01 + w * (1.818357216161805012e-01 + w * (1.531383769920937332e-01 + w * (
-            1.479819860511658591e-01)))))))
-    return kf * 6.93147180369123816490e-01 - ((hfsq - (s * (hfsq + R) + kf * 1.90821492927058770002e-10)) - f)
-
-
-@njit(**_helper)
-def _log1p_f32(z):
-    """log(1 + z) in float32 for -0.5 <= z <= 1 (fdlibm e_logf.c kernel, about 1 ulp)."""
-    up = z > np.float32(0.41421356)
-    down = z < np.float32(-0.29289322)
-    f = (z - np.float32(1.0)) * np.float32(0.5) if up else ((np.float32(2.0) * z + np.float32(1.0)) if down else z)
-    kf = np.float32(1.0) if up else (np.float32(-1.0) if down else np.float32(0.0))
-    hfsq = np.float32(0.5) * f * f
-    s = f / (np.float32(2.0) + f)
-    w = s * s
-    R = w * (np.float32(0.66666662693) + w * (np.float32(0.40000972152) + w * (np.float32(0.28498786688)
-                                                                            + w * np.float32(0.24279078841))))
-    return kf * np.float32(6.9313812256e-01) - ((hfsq - (s * (hfsq + R) + kf * np.float32(9.0580006145e-06))) - f)
-
-
-@njit(**_helper)
-def _log1p(z):
-    if isinstance(z, np.float32):
-        return _log1p_f32(z)
-    return _log1p_f64(z)
 
 
 @njit(**_helper)
@@ -306,100 +202,46 @@ def _poisson_s13_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i):
 
 
 # -------------------------------------------------------------------------------------- drivers
-# One serial and one prange driver per estimator, all with the signature
-#     kernel(x, y, m, p, o1, o2, row_loss) -> None
+# One serial and one prange driver for every estimator: ``kind`` picks the row function (a branch
+# per row, not per element). Signature: driver(kind, x, y, m, p, o1, o2, row_loss) -> None
 # x, y: (N, D) C-contiguous, same dtype; m, p: scalars of that dtype; o1, o2: (N, D) outputs of
-# that dtype; row_loss: (N,) float64. (The Gaussian rows need no tmp.)
-
-@njit(**_jit)
-def bernoulli_kl_ef_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype)
-    for i in range(x.shape[0]):
-        row_loss[i] = _bernoulli_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
-
-
-@njit(parallel=True, **_jit)
-def bernoulli_kl_ef_parallel(x, y, m, p, o1, o2, row_loss):
-    for i in prange(x.shape[0]):
-        row_loss[i] = _bernoulli_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype), i)
+# that dtype; row_loss: (N,) float64. (The Gaussian rows need no tmp: it is (2, 0) for them.)
+# Plain njit functions, not generated ones: Numba caches neither closures nor functions taking a
+# dispatcher argument, and every process would compile them again.
+BERNOULLI_KL_EF, GAUSSIAN_KL_EF, POISSON_KL_EF, BERNOULLI_EQ8, GAUSSIAN_S12, POISSON_S13 = range(6)
+_NEEDS_TMP = (True, False, True, True, False, True)
 
 
 @njit(**_jit)
-def gaussian_kl_ef_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, 0), x.dtype)
-    for i in range(x.shape[0]):
-        row_loss[i] = _gaussian_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
-
-
-@njit(parallel=True, **_jit)
-def gaussian_kl_ef_parallel(x, y, m, p, o1, o2, row_loss):
-    for i in prange(x.shape[0]):
-        row_loss[i] = _gaussian_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, 0), x.dtype), i)
-
-
-@njit(**_jit)
-def poisson_kl_ef_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype)
-    for i in range(x.shape[0]):
-        row_loss[i] = _poisson_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
-
-
-@njit(parallel=True, **_jit)
-def poisson_kl_ef_parallel(x, y, m, p, o1, o2, row_loss):
-    for i in prange(x.shape[0]):
-        row_loss[i] = _poisson_kl_ef_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype), i)
+def _row(kind, x, y, m, p, inv_n, o1, o2, buf, tmp, i):
+    if kind == BERNOULLI_KL_EF:
+        return _bernoulli_kl_ef_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
+    if kind == GAUSSIAN_KL_EF:
+        return _gaussian_kl_ef_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
+    if kind == POISSON_KL_EF:
+        return _poisson_kl_ef_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
+    if kind == BERNOULLI_EQ8:
+        return _bernoulli_eq8_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
+    if kind == GAUSSIAN_S12:
+        return _gaussian_s12_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
+    return _poisson_s13_row(x, y, m, p, inv_n, o1, o2, buf, tmp, i)
 
 
 @njit(**_jit)
-def bernoulli_eq8_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype)
+def estimator_serial(kind, tmp_width, x, y, m, p, o1, o2, row_loss):
+    buf, tmp = np.empty(x.shape[1]), np.empty((2, tmp_width), x.dtype)
     for i in range(x.shape[0]):
-        row_loss[i] = _bernoulli_eq8_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
+        row_loss[i] = _row(kind, x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
 
 
 @njit(parallel=True, **_jit)
-def bernoulli_eq8_parallel(x, y, m, p, o1, o2, row_loss):
+def estimator_parallel(kind, tmp_width, x, y, m, p, o1, o2, row_loss):
     for i in prange(x.shape[0]):
-        row_loss[i] = _bernoulli_eq8_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype), i)
+        row_loss[i] = _row(kind, x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
+                           np.empty(x.shape[1]), np.empty((2, tmp_width), x.dtype), i)
 
 
-@njit(**_jit)
-def gaussian_s12_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, 0), x.dtype)
-    for i in range(x.shape[0]):
-        row_loss[i] = _gaussian_s12_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
-
-
-@njit(parallel=True, **_jit)
-def gaussian_s12_parallel(x, y, m, p, o1, o2, row_loss):
-    for i in prange(x.shape[0]):
-        row_loss[i] = _gaussian_s12_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, 0), x.dtype), i)
-
-
-@njit(**_jit)
-def poisson_s13_serial(x, y, m, p, o1, o2, row_loss):
-    buf, tmp = np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype)
-    for i in range(x.shape[0]):
-        row_loss[i] = _poisson_s13_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2, buf, tmp, i)
-
-
-@njit(parallel=True, **_jit)
-def poisson_s13_parallel(x, y, m, p, o1, o2, row_loss):
-    for i in prange(x.shape[0]):
-        row_loss[i] = _poisson_s13_row(x, y, m, p, _c(m, 1.0 / x.shape[0]), o1, o2,
-                                        np.empty(x.shape[1]), np.empty((2, x.shape[1]), x.dtype), i)
-
-
-_KL_EF = {
-    Bernoulli: (bernoulli_kl_ef_serial, bernoulli_kl_ef_parallel),
-    Gaussian: (gaussian_kl_ef_serial, gaussian_kl_ef_parallel),
-    Poisson: (poisson_kl_ef_serial, poisson_kl_ef_parallel),
-}
+_KL_EF = {Bernoulli: BERNOULLI_KL_EF, Gaussian: GAUSSIAN_KL_EF, Poisson: POISSON_KL_EF}
 
 
 # ------------------------------------------------------------------------------------- wrappers
@@ -407,8 +249,8 @@ def _family_param(fam) -> float:
     return float(fam.s2) if isinstance(fam, Gaussian) else float(getattr(fam, "eta_max", 0.0))
 
 
-def _run(kernels, x, y, m, p, parallel):
-    """Reshape (N, ...) -> (N, D), allocate outputs, run the serial or prange kernel."""
+def _run(kind, x, y, m, p, parallel):
+    """Reshape (N, ...) -> (N, D), allocate outputs, run the serial or prange driver of ``kind``."""
     shape, n = x.shape, x.shape[0]
     x2 = np.ascontiguousarray(x.reshape(n, -1))
     y2 = np.ascontiguousarray(y.reshape(n, -1))
@@ -419,7 +261,8 @@ def _run(kernels, x, y, m, p, parallel):
                     and numba.get_num_threads() >= PARALLEL_MIN_THREADS)
     t = x2.dtype.type
     with np.errstate(under="ignore"):  # only matters under NUMBA_DISABLE_JIT (NumPy scalar maths)
-        kernels[1 if parallel else 0](x2, y2, t(m), t(p), o1, o2, row_loss)
+        driver = estimator_parallel if parallel else estimator_serial
+        driver(kind, x2.shape[1] if _NEEDS_TMP[kind] else 0, x2, y2, t(m), t(p), o1, o2, row_loss)
     return _finite_loss(float(row_loss.sum() / n)), o1.reshape(shape), o2.reshape(shape)
 
 
@@ -448,7 +291,7 @@ def bernoulli_eq8(a, b, m, *, parallel=None):
     """Fused ``local.bernoulli_eq8`` (Eq. 8/9 as printed): (loss, g_a, g_b)."""
     m = _check_m(m)
     a, b = _check_arrays(("a", "b"), a, b)
-    return _run((bernoulli_eq8_serial, bernoulli_eq8_parallel), a, b, m, 0.0, parallel)
+    return _run(BERNOULLI_EQ8, a, b, m, 0.0, parallel)
 
 
 def gaussian_s12(a, b, m, s2=1.0, *, parallel=None):
@@ -456,11 +299,11 @@ def gaussian_s12(a, b, m, s2=1.0, *, parallel=None):
     m = _check_m(m)
     fam = Gaussian(s2)
     a, b = _check_arrays(("a", "b"), a, b)
-    return _run((gaussian_s12_serial, gaussian_s12_parallel), a, b, m, fam.s2, parallel)
+    return _run(GAUSSIAN_S12, a, b, m, fam.s2, parallel)
 
 
 def poisson_s13(a, b, m, *, parallel=None):
     """Fused ``local.poisson_s13`` (Eq. S13 in Eq. 8 form, eta clipped at 80): (loss, g_a, g_b)."""
     m = _check_m(m)
     a, b = _check_arrays(("a", "b"), a, b)
-    return _run((poisson_s13_serial, poisson_s13_parallel), a, b, m, Poisson().eta_max, parallel)
+    return _run(POISSON_S13, a, b, m, Poisson().eta_max, parallel)
