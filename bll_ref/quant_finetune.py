@@ -47,7 +47,8 @@ import numpy as np
 
 from . import layers as L
 from .fixedpoint import compile_integer
-from .fixedpoint.qformat import _round_float, calibrate_weight, calibrate_weight_per_channel
+from .fixedpoint.calibrate import calibrate_weight, calibrate_weight_per_channel
+from .fixedpoint.qformat import round_float
 from .fixedpoint.walk import Affine, walk
 from .layers.base import Layer, layer_from_config, load_state_dict, state_dict
 from .losses.output import softmax_cross_entropy
@@ -60,10 +61,10 @@ OBJECTIVES = ("bll", "reconstruct")
 
 def _fq(v, frac, lo, hi, rounding):
     """Q(v) at ``frac`` fractional bits (scalar or broadcastable array), saturated to codes
-    [lo, hi], in v's float dtype: the scaling by 2**frac is exact and ``_round_float`` rounds
+    [lo, hi], in v's float dtype: the scaling by 2**frac is exact and ``round_float`` rounds
     exactly, so this equals dequantize(quantize(v)) (a test pins it) at a fraction of its cost."""
     scale = np.ldexp(np.ones((), v.dtype), frac).astype(v.dtype, copy=False)
-    r = _round_float(v * scale, rounding)
+    r = round_float(v * scale, rounding)
     return np.clip(r, lo, hi, out=r) / scale
 
 
@@ -133,7 +134,7 @@ class _FQAffine(Layer):
         out = {"W": Wq}
         if "c" in p:                               # as compile_integer: round(c * 2**acc_frac)
             acc = self.in_fmt.frac + fracs
-            out["c"] = np.ldexp(_round_float(np.ldexp(np.asarray(p["c"], np.float64), acc), self.rounding), -acc)
+            out["c"] = np.ldexp(round_float(np.ldexp(np.asarray(p["c"], np.float64), acc), self.rounding), -acc)
         return out
 
     def forward(self, x, train=True):

@@ -14,7 +14,8 @@ from bll_ref.fixedpoint import (
     RECORD_KINDS, IntegerModel, QFormat, Record, calibrate_activation, calibrate_weight, compile_integer,
     dequantize, fold_batchnorm, overflow, quantize, requantize, round_shift,
 )
-from bll_ref.fixedpoint.qformat import calibrate_activation_mse
+from bll_ref.fixedpoint.calibrate import calibrate_activation_mse
+from bll_ref.fixedpoint import intops as I
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, Op, walk
 
@@ -555,13 +556,13 @@ def test_integer_conv_uses_the_conv_layers_im2col():
     rng = np.random.default_rng(10)
     conv = L.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), rng=1, dtype=np.float64)
     x = rng.normal(size=(2, 3, 7, 6))
-    y = R.conv2d(x, conv.params["W"], conv.stride, conv.padding, np.matmul) + conv.params["c"].reshape(1, -1, 1, 1)
+    y = I.conv2d(x, conv.params["W"], conv.stride, conv.padding, np.matmul) + conv.params["c"].reshape(1, -1, 1, 1)
     np.testing.assert_allclose(y, conv.forward(x, train=False), rtol=1e-12, atol=1e-12)
     codes = rng.integers(-100, 100, size=x.shape)
     Wq = rng.integers(-100, 100, size=conv.params["W"].shape)
-    got = R.conv2d(codes, Wq, conv.stride, conv.padding, R.matmul_int)
+    got = I.conv2d(codes, Wq, conv.stride, conv.padding, I.matmul_int)
     assert got.dtype == np.int64
-    np.testing.assert_array_equal(got, R.conv2d(codes.astype(float), Wq.astype(float), conv.stride,
+    np.testing.assert_array_equal(got, I.conv2d(codes.astype(float), Wq.astype(float), conv.stride,
                                                 conv.padding, np.matmul).astype(np.int64))
 
 
@@ -605,7 +606,7 @@ def test_unsigned_gains_one_bit_of_resolution():
 
 
 def test_fit_fracs_vectorised_equals_the_scalar_fit():
-    from bll_ref.fixedpoint.qformat import _fit_frac, _fit_fracs
+    from bll_ref.fixedpoint.calibrate import _fit_frac, _fit_fracs
     rng = np.random.default_rng(22)
     lo = -np.exp(rng.uniform(-50, 50, 400)) * (rng.random(400) < 0.8)
     hi = np.exp(rng.uniform(-50, 50, 400)) * (rng.random(400) < 0.8)

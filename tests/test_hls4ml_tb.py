@@ -114,7 +114,7 @@ def test_precision_table_types_reproduce_the_traces(tmp_path, net, per_channel):
             shp = (1, -1) + (1,) * (x.ndim - 2)
             acc = x * (W << shift).reshape(shp) + c.reshape(shp)
         else:
-            from bll_ref.fixedpoint.records import conv2d, matmul_int
+            from bll_ref.fixedpoint.intops import conv2d, matmul_int
             acc = conv2d(x, W << shift[:, None, None, None], rec.stride, rec.padding, matmul_int) + c.reshape(1, -1, 1, 1)
         amax = 1 << (aq["width"] - 1)
         assert -amax <= acc.min() and acc.max() < amax

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from bll_ref.fixedpoint import records as R
+from bll_ref.fixedpoint import intops as I
 
 
 def naive_conv_int64(x, W, stride, padding):
@@ -18,13 +18,13 @@ def naive_conv_int64(x, W, stride, padding):
 @pytest.mark.parametrize("bound, want", [(0, np.float32), (2 ** 24 - 1, np.float32), (2 ** 24, np.float64),
                                          (2 ** 53 - 1, np.float64), (2 ** 53, None), (2 ** 62 - 1, None)])
 def test_exact_float_tiers(bound, want):
-    assert R.exact_float(1, bound, 1) is want
-    assert R.exact_float(bound, 1, 1) is want
+    assert I.exact_float(1, bound, 1) is want
+    assert I.exact_float(bound, 1, 1) is want
 
 
 def test_exact_float_refuses_possible_int64_overflow():
     with pytest.raises(ValueError, match="overflow int64"):
-        R.exact_float(4, 2 ** 30, 2 ** 30)
+        I.exact_float(4, 2 ** 30, 2 ** 30)
 
 
 def test_matmul_int_is_exact_just_above_the_float32_limit():
@@ -33,7 +33,7 @@ def test_matmul_int_is_exact_just_above_the_float32_limit():
     b = np.array([[4097, 2], [0, -4097]], np.int64)
     want = a @ b
     assert int((a.astype(np.float32) @ b.astype(np.float32))[0, 0]) != int(want[0, 0])   # the tier matters
-    got = R.matmul_int(a, b)
+    got = I.matmul_int(a, b)
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, want)
 
@@ -45,7 +45,7 @@ def test_matmul_int_equals_int64_matmul(lo, hi):
     a = rng.integers(lo, hi, (37, 300))
     b = rng.integers(-128, 128, (300, 19))
     b[0, 0] = -128
-    np.testing.assert_array_equal(R.matmul_int(a, b), a @ b)
+    np.testing.assert_array_equal(I.matmul_int(a, b), a @ b)
 
 
 @pytest.mark.parametrize("stride, padding", [((1, 1), (1, 1)), ((2, 1), (0, 2)), ((1, 2), (2, 0))])
@@ -58,12 +58,12 @@ def test_conv2d_int_equals_the_int64_convolution(stride, padding, lo, hi, wlo, w
     W = rng.integers(wlo, whi, (5, 4, 3, 3))
     x[0, 0, 0, 0], W[0, 0, 0, 0] = lo, wlo          # the extreme codes
     want = naive_conv_int64(x, W, stride, padding)
-    got = R.conv2d_int(x, W, stride, padding)
+    got = I.conv2d_int(x, W, stride, padding)
     assert got.dtype == np.int64 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got, R.conv2d(x, W, stride, padding, R.matmul_int))
+    np.testing.assert_array_equal(got, I.conv2d(x, W, stride, padding, I.matmul_int))
 
 
 def test_conv2d_int_rejects_a_window_larger_than_the_padded_input():
     with pytest.raises(ValueError, match="larger than the padded input"):
-        R.conv2d_int(np.zeros((1, 1, 2, 2), np.int64), np.ones((1, 1, 5, 5), np.int64), (1, 1), (1, 1))
+        I.conv2d_int(np.zeros((1, 1, 2, 2), np.int64), np.ones((1, 1, 5, 5), np.int64), (1, 1), (1, 1))

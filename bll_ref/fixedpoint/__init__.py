@@ -3,8 +3,9 @@
 =================  ===============================================================================
 module             what
 =================  ===============================================================================
-``qformat``        :class:`QFormat`, quantize / dequantize, round_shift / overflow / requantize,
-                   calibration (no layer knowledge)
+``qformat``        :class:`QFormat`, quantize / dequantize, round_shift / overflow / requantize
+                   (no layer knowledge)
+``calibrate``      the Q format of a weight tensor or a batch of activations
 ``records``        one dataclass per record kind (dense, conv2d, scale, relu, ..., lut): validates
                    itself, runs itself in int64 arithmetic, and is plain data for exporters
 ``model``          :class:`IntegerModel`: the list of records, linked and run
@@ -18,8 +19,8 @@ data alone (what an exporter wrote).
 """
 from .compile import compile_integer
 from .model import IntegerModel
-from .qformat import (OVERFLOW_MODES, ROUNDING_MODES, QFormat, calibrate_activation, calibrate_weight, dequantize,
-                      overflow, quantize, requantize, round_shift)
+from .calibrate import calibrate_activation, calibrate_weight
+from .qformat import OVERFLOW_MODES, ROUNDING_MODES, QFormat, dequantize, overflow, quantize, requantize, round_shift
 from .records import RECORD_KINDS, RECORD_TYPES, Record
 from .walk import fold_batchnorm
 

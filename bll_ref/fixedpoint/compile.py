@@ -6,10 +6,12 @@ import dataclasses
 import numpy as np
 
 from .. import layers as L
+from . import intops
 from . import records as R
 from .model import IntegerModel
-from .qformat import (CALIBRATIONS, QFormat, _check_fmt, _finite_array, _quantize_int64, calibrate_activation,
-                      calibrate_activation_mse, calibrate_weight, calibrate_weight_per_channel, dequantize, quantize)
+from .calibrate import (_finite_array, calibrate_activation, calibrate_activation_mse, calibrate_weight,
+                        calibrate_weight_per_channel)
+from .qformat import CALIBRATIONS, QFormat, _check_fmt, _quantize_int64, dequantize, quantize
 from .walk import Affine, ChannelAffine, Junction, Op, walk
 
 __all__ = ["compile_integer"]
@@ -89,12 +91,12 @@ class _Compiler:
 
     def pool(self, name, layer, idx):
         x, in_fmt = self.acts[idx], self.records[idx].out_fmt
-        k = R.pair(_hp(layer, "kernel_size"))
+        k = intops.pair(_hp(layer, "kernel_size"))
         s = _hp(layer, "stride")
-        s = k if s is None else R.pair(s)
-        if R.pair(_hp(layer, "padding", 0) or 0) != (0, 0):
+        s = k if s is None else intops.pair(s)
+        if intops.pair(_hp(layer, "padding", 0) or 0) != (0, 0):
             raise ValueError(f"{name}: padded pooling has no integer implementation")
-        win = R.windows(x, k, s)
+        win = intops.windows(x, k, s)
         if isinstance(layer, L.MaxPool2d):
             return self.emit(R.MaxPool2d, name, [idx], win.max(axis=(-2, -1)), out_fmt=in_fmt, kernel_size=k, stride=s)
         recip, rshift = _avg_reciprocal(k[0] * k[1])
@@ -129,8 +131,8 @@ class _Compiler:
             k = W.shape[0]
         else:
             cls = R.Conv2d
-            conv = {"stride": R.pair(_hp(layer, "stride", 1)), "padding": R.pair(_hp(layer, "padding", 0))}
-            y = R.conv2d(x, W, conv["stride"], conv["padding"], np.matmul) + c.reshape(1, -1, 1, 1)
+            conv = {"stride": intops.pair(_hp(layer, "stride", 1)), "padding": intops.pair(_hp(layer, "padding", 0))}
+            y = intops.conv2d(x, W, conv["stride"], conv["padding"], np.matmul) + c.reshape(1, -1, 1, 1)
             k = int(np.prod(W.shape[1:]))
         bound = k * (1 << in_fmt.width) * (1 << (w_fmt.width - 1)) + int(np.abs(cq).max(initial=0))
         if bound >= 2 ** 62:
@@ -143,7 +145,7 @@ class _Compiler:
         name, idx, s, t = st.name, st.inputs[0], st.s, st.t
         x, in_fmt = self.acts[idx], self.records[idx].out_fmt
         w_fmt, acc_frac, Wq, cq, w_frac = self.quantize_affine(name, s, t, in_fmt, f"{name} shift", 0)
-        shp = R.channel_shape(x.ndim)
+        shp = intops.channel_shape(x.ndim)
         return self.emit(R.Scale, name, [idx], x * s.reshape(shp) + t.reshape(shp), w_fmt=w_fmt,
                          acc_frac=acc_frac, W=Wq, c=cq, w_frac=w_frac, info={"W_float": s, "c_float": t})
 
