@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["check_layer", "numeric_gradient", "rel_error"]
+
 
 def rel_error(a, b) -> float:
     """max |a - b| / max(max|a|, max|b|, 1e-12)."""

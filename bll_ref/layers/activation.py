@@ -6,6 +6,8 @@ import numpy as np
 from ..backend import array_module
 from .base import Layer, check_array, kernels_for, register
 
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Flatten", "sigmoid"]
+
 
 def _leaky_forward(x, slope):
     """(y, mask) of y = x if x > 0 else slope * x, one Numba pass (``kernels``, or its numba.cuda

@@ -13,6 +13,9 @@ import numpy as np
 from .. import backend
 from . import kernels as cpu_kernels
 
+__all__ = ["Layer", "register", "layer_from_config", "as_rng", "as_float_dtype", "check_array",
+           "kernels_for", "state_dict", "load_state_dict"]
+
 _REGISTRY: dict[str, type] = {}
 
 

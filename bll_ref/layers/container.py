@@ -1,9 +1,9 @@
 """Containers: Sequential (a block, or a model of blocks) and Residual."""
 from __future__ import annotations
 
-import numpy as np
-
 from .base import Layer, layer_from_config, register
+
+__all__ = ["Sequential", "backward_through", "Residual"]
 
 
 def _flatten(children, attr):

@@ -13,6 +13,8 @@ from ..backend import array_module
 from . import winograd
 from .base import Layer, as_float_dtype, as_rng, check_array, kernels_for, register
 
+__all__ = ["Conv2d", "im2col", "im2col_reference", "col2im", "col2im_reference"]
+
 
 def _pair(v, name, minimum):
     """int or length-2 sequence -> (int, int), each >= minimum."""

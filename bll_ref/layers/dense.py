@@ -5,6 +5,8 @@ import numpy as np
 
 from .base import Layer, as_float_dtype, as_rng, check_array, register
 
+__all__ = ["Dense"]
+
 
 @register
 class Dense(Layer):

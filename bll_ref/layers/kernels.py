@@ -18,6 +18,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+__all__ = ["im2col_kernel", "col2im_kernel", "conv_out_kernel", "conv_dy_kernel",
+           "leaky_relu_forward_kernel", "leaky_relu_backward_kernel", "layer_norm_forward_kernel",
+           "layer_norm_backward_kernel", "batch_norm_stats_kernel", "batch_norm_apply_kernel",
+           "batch_norm_backward_kernel", "max_pool_forward_kernel", "max_pool_backward_kernel"]
+
 # error_model="numpy": no ZeroDivisionError branches (there is no division), so loops vectorise.
 _jit = dict(cache=True, nogil=True, error_model="numpy")
 # Row sums may reassociate (vectorised partial sums); float64 accumulators keep them within ~1e-15

@@ -6,6 +6,9 @@ import numpy as np
 from ..backend import array_module
 from .base import Layer, as_float_dtype, check_array, kernels_for, register
 
+__all__ = ["BatchNorm", "LayerNorm", "layer_norm_reference", "layer_norm_backward_reference",
+           "batch_norm_reference", "batch_norm_backward_reference"]
+
 
 @register
 class BatchNorm(Layer):

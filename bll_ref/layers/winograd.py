@@ -34,6 +34,9 @@ import numpy as np
 from numba import njit
 from numpy.lib.stride_tricks import sliding_window_view
 
+__all__ = ["tiles", "weight_transform", "weight_adjoint", "gather_tiles", "scatter_tiles",
+           "gather_tiles_reference", "scatter_tiles_reference", "BT", "G", "AT"]
+
 # error_model="numpy": no ZeroDivisionError branches, so loops vectorise. The channel sums (the bias
 # gradient) may reassociate; they accumulate in float64.
 _jit = dict(cache=True, nogil=True, error_model="numpy")

@@ -9,6 +9,8 @@ from ..losses.output import softmax_cross_entropy
 from ..optim import make_optimizer
 from .common import Method
 
+__all__ = ["Backprop"]
+
 
 class Backprop(Method):
     """One optimiser over the whole model, softmax cross-entropy on the last block's output.

@@ -15,6 +15,8 @@ from ..layers.base import as_rng
 from ..losses.output import softmax_cross_entropy
 from .backprop import Backprop
 
+__all__ = ["FeedbackAlignment", "fa_backward"]
+
 
 def _weight_layers(layer):
     if isinstance(layer, (Dense, Conv2d)):

@@ -27,6 +27,9 @@ from ..losses.output import softmax_cross_entropy
 from .common import accuracy
 from .terms import mean_abs
 
+__all__ = ["HiddenLearner", "OutputLearner", "LocalRule", "forward_block", "backward_block",
+           "between_class_fraction", "pack_states", "unpack_states"]
+
 _ACTS = (ReLU, LeakyReLU, Sigmoid, Tanh)
 
 

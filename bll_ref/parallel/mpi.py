@@ -23,6 +23,8 @@ from ..methods.learner import pack_states, unpack_states
 from . import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 
+__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays"]
+
 _ACT_TAG, _STATE_TAG, _LOSS_TAG = 5, 7, 8
 
 

@@ -6,6 +6,9 @@ import time
 
 import numpy as np
 
+__all__ = ["measure_learner_seconds", "balanced_groups", "blocks_label", "describe",
+           "pipeline_seconds_per_step"]
+
 
 def measure_learner_seconds(method, x, y, repeats=3) -> list[float]:
     """Median seconds of forward + update per learner on the batch (x, y), measured on a deep

@@ -12,6 +12,8 @@ import threading
 
 from . import WorkerError, blas_threads, blocks_label, check_pipelinable, fault_point
 
+__all__ = ["ThreadPipeline"]
+
 _END = object()
 _POLL = 0.05  # seconds between checks for a failed worker while waiting on a queue
 
