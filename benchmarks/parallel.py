@@ -14,8 +14,8 @@ Every measurement builds a fresh model, runs ``--warmup`` steps (Numba kernels, 
 state), then times ``--steps`` steps. steps/s is the steady-state rate of the last stage,
 (n - 1) / (t_n - t_1) over its step completion times, so pipeline fill and drain are left out
 (the whole-run rate, fill and drain included, is the next column). The losses of the pipelined runs
-are compared with the sequential run's: they must agree bit for bit (DESIGN.md, "Why a pipeline
-is exact").
+are compared with the sequential run's: they must agree bit for bit (docs/architecture.md, "Why a
+pipeline of block learners is exact").
 
 Pipeline model (``bll_ref.parallel.pipeline_seconds_per_step``): a step takes the slowest group's
 time plus one activation message. Block costs are each learner's forward + update alone

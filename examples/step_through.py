@@ -332,7 +332,7 @@ def train_more(out, method, steps, first_ce, lr):
     out("Eq. 8 does what it promises, it drives KL(rho || alpha) to 0, but the output loss does not move:")
     out("the KL is smallest when b carries nothing. b_1 is the shrunk class mean of a_1 (stage 3); it goes")
     out("to 0 while |a_1| stays ~0.23, i.e. the class means of a_1 are driven to 0 and the label information")
-    out("goes with them. The literal rule alone does not train (DESIGN.md, shared/peer-results.md).")
+    out("goes with them. The literal rule alone does not train (docs/architecture.md).")
     out("Paper 003 adds a local predictive term:")
 
     out.stage("Stage 10: the same network and rule plus a local predictive head per hidden block (003)")

@@ -1,4 +1,4 @@
-"""Hand-written layers; every one follows the protocol in ``base.py`` (DESIGN.md "Layer protocol")."""
+"""Hand-written layers; every one follows the protocol in ``base.py`` (docs/architecture.md)."""
 from .activation import Flatten, LeakyReLU, ReLU, Sigmoid, Tanh, sigmoid
 from .base import Layer, layer_from_config, load_state_dict, state_dict
 from .container import Residual, Sequential

@@ -1,4 +1,4 @@
-"""Layer protocol shared by every layer, block and model (see DESIGN.md "Layer protocol").
+"""Layer protocol shared by every layer, block and model (docs/architecture.md, "The layer protocol").
 
     y  = layer.forward(x, train=True)   # caches what backward needs (only when train=True)
     dx = layer.backward(dy)             # returns dL/dx, overwrites layer.grads

@@ -18,7 +18,7 @@ class Dense(Layer):
     bias : bool
     rng : Generator | int | None
         W, c ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's nn.Linear default, so results compare with
-        the peer replication in shared/peer-results.md).
+        a PyTorch replication of the papers).
     dtype : float32 | float64
 
     Shapes: x (N, ..., in_features) -> y (N, ..., out_features) (token-wise on sequences);

@@ -23,7 +23,7 @@ Variational terms (``variational=``):
   1 the block gradient is N&E's (1 - beta) pred + beta sim up to a factor Adam ignores).
 
 The predictive head (paper 003 / Nøkland & Eidnes) estimates the -log p(y | z_k) term of the
-supplement's bound (Eq. S4) that Eq. 8 drops; see DESIGN.md for why it is in the default recipe.
+supplement's bound (Eq. S4) that Eq. 8 drops; docs/architecture.md says why it is in the default recipe.
 The last block is trained with cross-entropy on its detached input.
 
 ``span=1``: no gradient crosses a block boundary. ``span=2`` (BLL(2)): each block's local loss

@@ -8,7 +8,7 @@ A hidden learner owns its block, its local predictive head, its layer norm, its 
 
 Nothing in ``update`` reads another block, so with span 1 and label-only feedback the learners of
 a model can run in a pipeline, each on its own worker, and make the same updates bit for bit as
-the sequential loop (DESIGN.md, "Why a pipeline is exact"). The output learner trains the last
+the sequential loop (docs/architecture.md, "Why a pipeline of block learners is exact"). The output learner trains the last
 block with cross-entropy on its detached input.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ A schedule runs one epoch with ``run_epoch(method, batches, on_step) -> losses``
 ``gather(method)`` leaves the whole trained state in the root process (``is_root``), which
 evaluates and writes files. The pipelined schedules make the same updates as the sequential one,
 bit for bit, when every learner needs only its input and the labels (span 1, closed or trained
-linear feedback): DESIGN.md, "Why a pipeline is exact". Span 2 and twin feedback send messages
+linear feedback): docs/architecture.md, "Why a pipeline of block learners is exact". Span 2 and twin feedback send messages
 downwards and are refused by them.
 """
 from __future__ import annotations
