@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from .fileio import write_npz
+from .fileio import npz_entries, regular_input, write_npz
 from .layers import Sequential, layer_from_config, load_state_dict, state_dict
 
 FORMAT = "bll_ref-checkpoint"
@@ -123,18 +123,12 @@ def config_elements(cfg) -> int:
 # --------------------------------------------------------------------------- load
 def _entries(path):
     """name -> (shape, dtype) of every .npy entry, read from the entry headers only."""
-    out = {}
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if not name.endswith(".npy"):
-                raise ValueError(f"{path}: entry {name!r} is not a .npy array; not a bll_ref checkpoint")
-            with zf.open(name) as f:
-                version = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read(f)
-            out[name[:-4]] = (shape, dtype)
-    return out
+    try:
+        return npz_entries(path)
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise ValueError(f"{e}; not a readable bll_ref checkpoint") from None
+        raise
 
 
 def _check_entries(path, entries):
@@ -220,6 +214,18 @@ def _build(path, cfg):
         raise ValueError(f"{path}: the model config is invalid ({type(e).__name__}: {e})") from None
 
 
+def _check_declared(path, model, entries):
+    """Every model/ entry's declared shape and dtype (from its .npy header) is the one the header's
+    model has, checked before the arrays are read: a file may not make us read more than its model."""
+    own = {f"model/{k}": v for k, v in state_dict(model).items()}
+    for name, (shape, dtype) in entries.items():
+        if name in own and tuple(shape) != own[name].shape:
+            raise ValueError(f"{path}: array {name} declares shape {tuple(shape)}, the model in the header "
+                             f"has {own[name].shape}")
+        if name.startswith("model/") and name not in own:
+            raise ValueError(f"{path}: array {name} is not a parameter or buffer of the model in the header")
+
+
 def _check_values(path, model, arrays):
     """Exactly the recorded float dtype (no silent cast) and finite values."""
     own = {f"model/{k}": v for k, v in state_dict(model).items()}
@@ -242,6 +248,7 @@ def load(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory, not a checkpoint file (try {path}/checkpoint.npz)")
+    regular_input(path, "checkpoint")  # a FIFO would block, a pipe cannot seek
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a readable .npz file (not a zip archive); expected a "
                          "checkpoint written by bll-ref train")
@@ -256,11 +263,16 @@ def load(path):
     _check_entries(path, entries)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            header = _parse_header(path, str(z["header"]))
+            model = _build(path, header["model"])
+            _check_declared(path, model, entries)  # before any array is read
+            arrays = {k: z[k] for k in z.files if k != "header"}
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path} is not a readable bll_ref checkpoint ({type(e).__name__}: {e})") from None
     except Exception as e:  # zipfile / value errors on truncated entries
         raise ValueError(f"{path} is not a readable bll_ref checkpoint ({type(e).__name__}: {e})") from None
-    header = _parse_header(path, str(arrays.pop("header")))
-    model = _build(path, header["model"])
     _check_values(path, model, arrays)
     try:
         load_state_dict(model, {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
@@ -284,10 +296,19 @@ def training_data(meta, want="auto", *, images, limit_train=None, limit_test=Non
         source = "synthetic" if trained == "synthetic" else "auto"
     else:
         source = want
-    if source == "synthetic" and trained == "synthetic":
+    own = source == "synthetic" and trained == "synthetic"
+    if own:
         opts = meta.get("options", {})
         limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
-    d, got = load_data(source, images=images, limit_train=limit_train, limit_test=limit_test, log=log)
+    try:
+        d, got = load_data(source, images=images, limit_train=limit_train, limit_test=limit_test, log=log)
+    except ValueError as e:
+        if not own:
+            raise
+        # the sizes come from the checkpoint, not from this command's options: say so
+        raise ValueError(f"{e}; these are the checkpoint's own sizes (its run's --limit-train {limit_train} "
+                         f"--limit-test {limit_test}), redrawn so that its synthetic test split is the one it "
+                         "was evaluated on") from None
     if trained and got != trained and log:
         log(f"warning: the model was trained on {trained} data, using {got} data instead")
     return d, got

@@ -3,7 +3,8 @@ see exporters/).
 
 Exit codes: 0 success; 1 a verified mismatch (verify, c-header --compile); 2 bad input or
 environment (one line on stderr naming the problem; never a traceback for a user mistake);
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM); temporary files are removed either way.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); temporary files are removed either way;
+141 (SIGPIPE's status, nothing printed) when the reader of stdout went away (``bll-ref verify F | head``).
 """
 from __future__ import annotations
 
@@ -152,14 +153,68 @@ def _resume_args(args):
     from . import runstate
     t = runstate.read_trainer(os.path.join(args.resume, "state"))
     stored = {**_ADDED_OPTIONS, **(t.get("options") or {})}
-    missing = sorted(set(vars(args)) - set(stored) - _RESUME_KEEPS_NEW - {"func", "command"})
+    missing = sorted(set(vars(args)) - set(stored) - _RESUME_KEEPS_NEW - {"func", "command", "_given"})
     if missing:
         raise ValueError(f"{args.resume}: saved options lack {missing[:4]}; cannot resume this run")
+    _refuse_changes(args, stored)
     merged = {**stored, **{k: getattr(args, k) for k in _RESUME_KEEPS_NEW}}
     merged["out"] = args.resume
     if merged["epochs"] is None:
         merged["epochs"] = stored.get("epochs")
+    if _is_int(merged["epochs"]) and merged["epochs"] < t["epoch"]:
+        raise ValueError(f"--epochs {merged['epochs']}: {args.resume} has already completed {t['epoch']} epochs "
+                         f"(resuming would rewrite its checkpoint as epoch {merged['epochs']}); give --epochs >= "
+                         f"{t['epoch']} or leave it out")
     return argparse.Namespace(**{**vars(args), **merged})
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _refuse_changes(args, stored):
+    """--resume continues a run with its own options: one given on the command line with another
+    value than the run's (--lr, --sizes, --method, --out, ...) is an error, not silently ignored.
+    Only ``_RESUME_KEEPS_NEW`` (epochs, schedule, device) may change."""
+    given = getattr(args, "_given", set())
+    if "out" in given and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise ValueError(f"--out {args.out} with --resume {args.resume}: a resumed run writes to its own "
+                         "directory; leave --out out (or copy the run directory first)")
+    changed = [k for k in sorted(given - _RESUME_KEEPS_NEW - {"out"}) if k in stored and stored[k] != getattr(args, k)]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run has {stored[k]!r})"
+                          for k in changed[:3])
+        raise ValueError(f"--resume continues {args.resume} with its own options; {shown} would change the run: "
+                         "leave them out, or start a new run with another --out (only --epochs, --parallel, "
+                         "--workers, --blas-threads and --device may change)")
+
+
+def _given_train_options(argv):
+    """The dests of the ``train`` options given on the command line (not filled in as defaults)."""
+    argv = list(argv)
+    if "train" not in argv:
+        return set()
+    p = argparse.ArgumentParser(add_help=False)
+    _add_train_options(p)
+    unset = object()  # not a string: argparse would run a string default through the option's type
+    p.set_defaults(**{a.dest: unset for a in p._actions})
+    ns, _ = p.parse_known_args(argv[argv.index("train") + 1:])
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def _inapplicable(args):
+    """Options of the MLP given with an image model are errors, as the BLL options are. The image
+    models use ReLU, so ``--activation relu`` states what they do and is accepted."""
+    given = getattr(args, "_given", set())
+    if args.model == "mlp":
+        return
+    bad = [f"--{k}" for k in ("sizes",) if k in given]
+    if "activation" in given and args.activation != "relu":
+        bad.append(f"--activation {args.activation}")
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} appl{'y' if len(bad) > 1 else 'ies'} to --model mlp only, "
+                         f"not {args.model!r} (its layers are fixed, with ReLU); leave "
+                         f"{'them' if len(bad) > 1 else 'it'} out")
 
 
 def _number(name, value, *, low=None, high=None, low_open=False, high_open=False, dtype=None):
@@ -205,6 +260,12 @@ def validate_train(args):
     _count("seed", args.seed, 0)
     if args.model == "mlp":
         _mlp_sizes(args.sizes, args.dtype)
+    _inapplicable(args)
+    if args.model == "resnet18" and getattr(args, "width", None) is not None and args.width >= 1:
+        n, acts = models.resnet18_size(args.width)
+        # parameters, gradients, two optimiser moments; one batch of convolution outputs (a lower bound)
+        checkpoint.check_fits((4 * n + args.batch_size * acts) * np.dtype(args.dtype).itemsize,
+                              f"--model resnet18 --width {args.width} ({n:,} parameters, batch {args.batch_size})")
     _number("lr", args.lr, low=0, low_open=True, dtype=args.dtype)
     _number("momentum", args.momentum, low=0, high=1, high_open=True)
     _number("feedback-lr", args.feedback_lr, low=0, low_open=True, dtype=args.dtype)
@@ -276,6 +337,10 @@ def cmd_train(args):
 
 def _check_run_outputs(out):
     """The run's fixed output files, where present, must be regular files (before any work)."""
+    state = os.path.join(out, "state")
+    if os.path.lexists(state) and not os.path.isdir(state):  # found only after an epoch otherwise
+        raise ValueError(f"{state} is in the way: the run keeps its resumable state in that directory; "
+                         "remove or rename it, or give another --out")
     for name in ("checkpoint.npz", "history.json", os.path.join("state", "trainer.json")):
         if os.path.lexists(os.path.join(out, name)):
             check_output(os.path.join(out, name))
@@ -311,7 +376,7 @@ def _train(args, lock):
     if log:
         log(f"training {args.method} on {args.model} for {args.epochs} epochs "
             f"(schedule {schedule.name}, {schedule.workers} worker{'s' * (schedule.workers > 1)}) -> {out}")
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command") and not k.startswith("_")}
     # the run's name, not the absolute path of this machine: same run -> same checkpoint bytes
     options.update({k: _run_name(options[k]) for k in ("out", "resume") if options.get(k)})
     try:
@@ -484,10 +549,13 @@ def main(argv=None):
     for p in sub.choices.values():
         p.formatter_class = _Help
     args = parser.parse_args(argv)
+    if args.command == "train":  # which options were given, not defaulted (--resume, inapplicable ones)
+        args._given = _given_train_options(sys.argv[1:] if argv is None else argv)
     try:
         with sigterm_as_exit():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
             rc = args.func(args)
             raise_if_signalled()  # a signal that a library's cleanup swallowed still ends the command
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
             return rc
     except ValueError as e:
         print(f"bll-ref {args.command}: error: {e}", file=sys.stderr)
@@ -495,6 +563,12 @@ def main(argv=None):
     except (WorkerError, FloatingPointError) as e:  # a dead worker, a diverging run: exit 2, one line
         print(f"bll-ref {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError as e:  # `bll-ref verify ... | head`: the reader left; end quietly as Unix tools do
+        if not _stdout_gone():
+            print(f"bll-ref {args.command}: error: {_os_message(e)}", file=sys.stderr)
+            return 2
+        _silence_stdout()
+        return 128 + 13  # SIGPIPE's status
     except OSError as e:  # file system: read-only, full, a file or directory in the way
         print(f"bll-ref {args.command}: error: {_os_message(e)}", file=sys.stderr)
         return 2
@@ -514,6 +588,31 @@ def cmd_doctor(args):
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0 if rows[-1][1] == "works" else 2
+
+
+def _stdout_gone() -> bool:
+    """True when the reader of our stdout has gone (a pipe whose other end is closed)."""
+    import select
+    try:
+        fd = sys.stdout.fileno()
+        if not hasattr(select, "poll"):
+            return True
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout():
+    """Point fd 1 at /dev/null so that the interpreter's final flush of what is still buffered does
+    not print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _os_message(e: OSError) -> str:

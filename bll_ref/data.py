@@ -294,10 +294,15 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
     from .checkpoint import check_fits  # refuse before drawing (generation needs ~3 copies)
     check_fits(3 * (n_train + n_test) * 784 * dtype.itemsize,
                f"synthetic data of {n_train:,} + {n_test:,} examples (--limit-train/--limit-test)")
-    if images:
-        x, y = synthetic_images(n_train + n_test, n_classes=10, size=28, rng=rng, dtype=dtype)
-    else:
-        x, y = synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=rng, dtype=dtype)
+    try:
+        if images:
+            x, y = synthetic_images(n_train + n_test, n_classes=10, size=28, rng=rng, dtype=dtype)
+        else:
+            x, y = synthetic_classification(n_train + n_test, n_features=784, n_classes=10, rng=rng, dtype=dtype)
+    except MemoryError:  # fits the machine's memory, not what is free now: say which sizes, not "out of memory"
+        raise ValueError(f"synthetic data of {n_train:,} + {n_test:,} examples (--limit-train/--limit-test) "
+                         f"needs about {3 * (n_train + n_test) * 784 * dtype.itemsize / 2 ** 30:,.1f} GiB, more "
+                         "than the free memory") from None
     d = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
     what = f"synthetic {'images' if images else 'clusters'} ({n_train} train / {n_test} test)"
     say(f"data: {what}, {why}" if source == "synthetic" else

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -25,7 +27,8 @@ import zipfile
 import numpy as np
 
 __all__ = ["atomic_path", "atomic_open", "write_json_atomic", "write_npz", "to_json", "json_default",
-           "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock"]
+           "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock", "regular_input",
+           "npz_entries", "MAX_INFLATION"]
 
 _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
@@ -105,11 +108,26 @@ def atomic_path(path, *, fsync=False):
         os.replace(tmp, real)
     except OSError as e:
         if e.filename in (tmp, None):  # name the file the user asked for, not our temporary one
-            raise type(e)(e.errno, f"cannot write {path}: {e.strerror or e}", path) from None
+            code, why = _reason(e, tmp, path)
+            raise type(e)(code, f"cannot write {path}: {why}", path) from None
         raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _reason(e, tmp, path):
+    """(errno, one line) of a failed write: HDF5's errors carry the errno only in their text
+    ("... errno = 28, error message = 'No space left on device', ...", over several lines and
+    naming our temporary file); say the errno's own words instead."""
+    code = e.errno
+    if not isinstance(code, int) or code <= 0:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m and int(m.group(1)) > 0 else None
+    if code is not None:
+        return code, os.strerror(code)
+    lines = (e.strerror or str(e)).replace(tmp, path).strip().splitlines()
+    return None, lines[0] if lines else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -263,6 +281,71 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# A zip entry that inflates more than this (and to more than 64 MiB) is refused before it is read:
+# bll_ref writes .npz files uncompressed; deflate's ratio on real weights is near 1, while a few MB
+# of zeros can declare GiBs (a zip bomb).
+MAX_INFLATION, _INFLATION_FLOOR = 100, 1 << 26
+
+
+def regular_input(path, what="file"):
+    """``path`` (str) when it is a regular file (or a link to one). A FIFO, pipe, socket or device is
+    refused by name before it is opened: reading one blocks (``eval`` on a FIFO hung) or cannot
+    seek (a pipe read as a zip is "not a zip archive"); ValueError / FileNotFoundError."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{path}: no such {what}", path) from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a pipe or FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file; the {what} must be a file on disk "
+                         "(save it to one first)")
+    return path
+
+
+def npz_entries(path):
+    """name (without ``.npy``) -> (shape, dtype) of every entry of an ``.npz``, read from the zip
+    directory and the ``.npy`` headers only: no array data is read, so sizes can be checked before
+    anything is allocated. ValueError (naming the file and the entry) for an entry that is not a
+    ``.npy``, uses a compression this Python cannot read, is encrypted, or inflates more than
+    ``MAX_INFLATION`` times to over 64 MiB; the zip module's own errors (BadZipFile, EOFError,
+    OSError) pass through for a damaged archive."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            if not name.endswith(".npy"):
+                raise ValueError(f"{path}: entry {name!r} is not a .npy array")
+            if info.file_size > _INFLATION_FLOOR and info.file_size > MAX_INFLATION * max(1, info.compress_size):
+                raise ValueError(f"{path}: entry {name!r} inflates from {info.compress_size:,} to "
+                                 f"{info.file_size:,} bytes (a zip bomb?); refused before reading")
+            try:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+            except NotImplementedError as e:  # zipfile: "That compression method is not supported"
+                raise ValueError(f"{path}: entry {name!r} uses zip compression method {info.compress_type}, "
+                                 f"which this Python cannot read ({e}); bll_ref writes uncompressed "
+                                 ".npz files") from None
+            except RuntimeError as e:  # zipfile: encrypted entry ("password required")
+                raise ValueError(f"{path}: entry {name!r} cannot be read ({e})") from None
+            n = math.prod(shape) * dtype.itemsize
+            from .checkpoint import check_fits  # (checkpoint imports this module)
+            check_fits(n, f"{path}: entry {name!r} of shape {tuple(shape)} {dtype}")
+            if info.file_size < n:  # the .npy header promises more than the entry holds
+                raise ValueError(f"{path}: entry {name!r} declares {shape} {dtype} ({n:,} bytes) but holds "
+                                 f"{info.file_size:,} bytes; the file is damaged")
+            out[name[:-4]] = (shape, dtype)
+    return out
 
 
 def json_default(o):

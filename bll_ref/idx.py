@@ -27,6 +27,10 @@ def _idx_type_list() -> str:
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (raw or gzip-compressed; gzip is detected by its magic bytes 1f 8b).
 
+    The header is read first and the payload only up to the size it declares (plus a little, to
+    detect trailing bytes): a gzip bomb cannot make us inflate more than the declared array, and
+    a header declaring more than this machine's memory is refused before reading.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -39,39 +43,58 @@ def read_idx(path) -> np.ndarray:
     Raises
     ------
     ValueError
-        Corrupted gzip stream, bad magic, unknown type code, short header, or a payload whose
-        size is not exactly prod(dims) * itemsize (truncated file or trailing bytes). The
-        message names the file.
+        Corrupted gzip stream, bad magic, unknown type code, short header, a declared size larger
+        than memory, or a payload whose size is not exactly prod(dims) * itemsize (truncated file
+        or trailing bytes). The message names the file.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == _GZIP_MAGIC:
+    with open(path, "rb") as raw:
+        if raw.read(2) != _GZIP_MAGIC:
+            raw.seek(0)
+            return _read_stream(path, raw)
+        raw.seek(0)
         try:
-            data = gzip.decompress(data)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as g:
+                return _read_stream(path, g)
         except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupted gzip stream ({e}); re-download or re-extract the file") from None
-    if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is shorter than the 4-byte IDX magic; not an IDX file")
-    if data[0] != 0 or data[1] != 0:
+
+
+_TRAILING_PROBE = 1 << 20  # bytes read past the declared payload to count trailing bytes
+
+
+def _read_stream(path, f):
+    head = f.read(4)
+    if len(head) < 4:
+        raise ValueError(f"{path}: {len(head)} bytes is shorter than the 4-byte IDX magic; not an IDX file")
+    if head[0] != 0 or head[1] != 0:
         raise ValueError(f"{path}: not an IDX file: magic must start with 0x00 0x00, "
-                         f"got 0x{data[0]:02X} 0x{data[1]:02X}")
-    code, ndim = data[2], data[3]
+                         f"got 0x{head[0]:02X} 0x{head[1]:02X}")
+    code, ndim = head[2], head[3]
     if code not in _IDX_TYPES:
         raise ValueError(f"{path}: unknown IDX type code 0x{code:02X}; expected one of {_idx_type_list()}")
     header = 4 + 4 * ndim
-    if len(data) < header:
+    dim_bytes = f.read(4 * ndim)
+    if len(dim_bytes) < 4 * ndim:
         raise ValueError(f"{path}: IDX header declares ndim={ndim} and needs {header} bytes, "
-                         f"file has only {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+                         f"file has only {4 + len(dim_bytes)}")
+    dims = tuple(int(d) for d in np.frombuffer(dim_bytes, dtype=">u4"))
     dtype = _IDX_TYPES[code]
     expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
-    got = len(data) - header
+    from .checkpoint import check_fits  # before reading (or inflating) the payload
+    check_fits(expected, f"{path}: its IDX header declares shape {dims} of {dtype.newbyteorder('=').name}, which")
+    try:
+        data = f.read(expected + _TRAILING_PROBE)
+    except MemoryError:
+        raise ValueError(f"{path}: its IDX header declares shape {dims} ({expected:,} bytes), more than the "
+                         "free memory; the file is damaged, or free some memory") from None
+    got = len(data)
     if got != expected:
-        what = "truncated" if got < expected else f"{got - expected} trailing bytes"
+        more = got == expected + _TRAILING_PROBE
+        what = "truncated" if got < expected else f"{'more than ' * more}{got - expected} trailing bytes"
         raise ValueError(f"{path}: IDX header says shape {dims} of {dtype.newbyteorder('=').name}, "
-                         f"i.e. {expected} payload bytes, got {got} ({what})")
-    array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
+                         f"i.e. {expected} payload bytes, got {'more than ' * more}{got} ({what})")
+    array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize)
     return array.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
 
 

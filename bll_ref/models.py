@@ -14,7 +14,7 @@ from .layers import (AvgPool2d, BatchNorm, Conv2d, Dense, Embedding, Flatten, La
                      Sigmoid, Tanh)
 from .layers.base import as_rng
 
-__all__ = ["mlp", "cnn", "resnet", "resnet18", "transformer", "activation", "build", "MODELS"]
+__all__ = ["mlp", "cnn", "resnet", "resnet18", "resnet18_size", "transformer", "activation", "build", "MODELS"]
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
@@ -29,6 +29,10 @@ def mlp(sizes=(784, 1024, 1024, 1024, 10), *, activation_name="leaky_relu", rng=
     """[Dense+act] per hidden layer, then Dense: len(sizes) - 1 blocks (the peer's 4-block MLP)."""
     if len(sizes) < 2:
         raise ValueError(f"mlp needs at least input and output sizes, got {sizes}")
+    for s in sizes:  # 16.5 would build 16 units; True would build 1
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise ValueError(f"mlp sizes must be whole numbers of units >= 1, got {s!r} in {tuple(sizes)}")
+    sizes = tuple(int(s) for s in sizes)
     rng = as_rng(rng)
     blocks = [Sequential(Dense(i, o, rng=rng, dtype=dtype), activation(activation_name))
               for i, o in zip(sizes[:-2], sizes[1:-1])]
@@ -133,6 +137,33 @@ def resnet18(*, width=16, in_channels=1, image_size=28, n_classes=10, rng=0, dty
             layers += [AvgPool2d(s), Flatten(), Dense(c, n_classes, rng=rng, dtype=dtype)]
         blocks.append(Sequential(*layers))
     return blocks
+
+
+def resnet18_size(width=16, *, in_channels=1, image_size=28, n_classes=10) -> tuple[int, int]:
+    """(parameter and buffer elements, activation values per example) of ``resnet18(width=...)``,
+    counted without building it, so that ``bll-ref train`` can refuse a width that cannot fit before
+    allocating (``--width 2000`` ran until "out of memory"). The activation count is a lower bound:
+    the output of every convolution (each is kept for the backward pass), no temporaries."""
+    width = int(width)
+    n, acts, c, s = 0, 0, width, image_size
+
+    def conv_bn(cin, cout, k, s_out):
+        nonlocal n, acts
+        n += cin * cout * k * k + 4 * cout  # conv weight (no bias) + BatchNorm gamma, beta, mean, var
+        acts += cout * s_out * s_out
+
+    conv_bn(in_channels, width, 3, s)
+    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        for j in range(2):
+            stride = 2 if (i > 0 and j == 0) else 1
+            s_out = (s + 1) // 2 if stride == 2 else s
+            conv_bn(c, w, 3, s_out)
+            conv_bn(w, w, 3, s_out)
+            if stride != 1 or c != w:
+                conv_bn(c, w, 1, s_out)
+            c, s = w, s_out
+    n += (c + 1) * n_classes
+    return n, acts
 
 
 def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, causal=False, rng=0,

@@ -52,6 +52,20 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v):
+    return _is_number(v) and math.isfinite(v)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# optional entries: scalars that must be finite numbers >= 0 where present (n_train: Infinity gave
+# an OverflowError), and per-epoch lists whose items are finite numbers or null
+_OPTIONAL_COUNTS = ("n_train", "train_samples", "batch_size", "train_eval_samples", "workers")
+_OPTIONAL_PER_EPOCH = ("test_top3", "train_acc")
+
+
 def _load_history(run_dir):
     path = os.path.join(run_dir, "history.json")
     if not os.path.isdir(run_dir):
@@ -74,7 +88,10 @@ def _check_history(path, h):
         raise ReportError(f"{path}: expected a JSON object with keys {', '.join(_REQUIRED)}, "
                           f"got a JSON {type(h).__name__}")
     version = h.get("version", 1)
-    if not _is_number(version) or version > HISTORY_VERSION:
+    if not _is_int(version) or version < 1:  # "1" is not a newer version, it is not a version
+        raise ReportError(f"{path}: 'version' must be a whole number >= 1, got {_short(version)}; "
+                          "the file is damaged or not written by bll_ref")
+    if version > HISTORY_VERSION:
         raise ReportError(f"{path}: history version {version!r} is newer than this bll_ref reads "
                           f"({HISTORY_VERSION}); upgrade bll_ref")
     missing = [k for k in _REQUIRED if k not in h]
@@ -86,8 +103,21 @@ def _check_history(path, h):
     if not isinstance(h["method"], str):
         raise ReportError(f"{path}: 'method' should be a string, got {h['method']!r}")
     for k in ("epochs",) + _PER_EPOCH:
-        if not isinstance(h[k], list) or not all(_is_number(v) for v in h[k]):
-            raise ReportError(f"{path}: {k!r} should be a list of numbers, got {_short(h[k])}")
+        if not isinstance(h[k], list) or not all(_is_finite(v) for v in h[k]):
+            raise ReportError(f"{path}: {k!r} should be a list of numbers (finite), got {_short(h[k])}")
+    if not all(_is_int(e) and e >= 1 for e in h["epochs"]):
+        raise ReportError(f"{path}: 'epochs' should be whole numbers >= 1, got {_short(h['epochs'])}")
+    for k in _OPTIONAL_COUNTS:
+        if k in h and h[k] is not None and not (_is_finite(h[k]) and h[k] >= 0):
+            raise ReportError(f"{path}: {k!r} should be a finite number >= 0, got {_short(h[k])}")
+    sps = h.get("samples_per_s")
+    if sps is not None and not (_is_finite(sps) or isinstance(sps, list) and all(_is_finite(v) for v in sps)):
+        raise ReportError(f"{path}: 'samples_per_s' should be a finite number or a list of them, got {_short(sps)}")
+    for k in _OPTIONAL_PER_EPOCH:
+        if k in h and not (isinstance(h[k], list) and all(v is None or _is_finite(v) for v in h[k])):
+            raise ReportError(f"{path}: {k!r} should be a list of finite numbers or nulls, got {_short(h[k])}")
+    if "options" in h and not isinstance(h["options"], dict):
+        raise ReportError(f"{path}: 'options' should be an object, got {_short(h['options'])}")
     lengths = {k: len(h[k]) for k in ("epochs",) + _PER_EPOCH}
     if len(set(lengths.values())) != 1:
         raise ReportError(f"{path}: per-epoch lists differ in length "
@@ -110,6 +140,10 @@ def _check_diagnostics(path, h):
         if not isinstance(blocks, list) or not all(isinstance(b, dict) and "block" in b for b in blocks):
             raise ReportError(f"{path}: diagnostics of epoch {h['epochs'][i]} miss the per-block list "
                               "'blocks' (entries with 'block', 'var_loss', ...); re-run training with this version")
+        ids = [b["block"] for b in blocks]  # a list as id was unhashable, mixed types unsortable
+        if not all(_is_int(k) for k in ids) or len(set(ids)) != len(ids):
+            raise ReportError(f"{path}: diagnostics of epoch {h['epochs'][i]}: block ids should be distinct "
+                              f"whole numbers, got {_short(ids)}")
 
 
 def _short(v, n=60):
@@ -173,7 +207,7 @@ def _n_train(run):
             return int(h[k])
     limit = o.get("limit_train")
     source = run["meta"].get("data") or h.get("data")
-    if _is_number(limit) and limit > 0 and source in ("synthetic", "fashion-mnist"):
+    if _is_finite(limit) and limit > 0 and source in ("synthetic", "fashion-mnist"):
         return int(min(limit, FASHION_MNIST_TRAIN)) if source == "fashion-mnist" else int(limit)
     return None
 
@@ -233,8 +267,31 @@ def _file_stem(name, taken):
 
 # ---------------------------------------------------------------- markdown
 
+_MD_SPECIAL = re.compile(r"([\\|`<>\[\]*])")
+
+
+def _printable(s):
+    """Control characters (a newline in a run directory's name) as visible escapes: one line stays
+    one line, so a name cannot add rows, headings or links to report.md."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
+
+
 def _md_cell(s):
-    return str(s).replace("|", "\\|")
+    """Text for a table cell or a list item: printable, markdown syntax characters escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", _printable(s))
+
+
+def _md_code(s):
+    """An inline code span holding ``s`` verbatim (printable): fenced by more backticks than it holds."""
+    s = _printable(s)
+    fence = "`" * (1 + max((len(m) for m in re.findall("`+", s)), default=0))
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def _mpl_text(s):
+    """A label for matplotlib: ``$`` starts mathtext (an unbalanced one is a parse error)."""
+    return _printable(s).replace("$", r"\$")
 
 
 def _markdown(rows, curves, blocks, figures_note):
@@ -257,7 +314,7 @@ def _markdown(rows, curves, blocks, figures_note):
               "mode on a fixed subset of the training set (`train_eval_samples` in history.json), "
               "after the epoch's updates.",
               "", "Runs:", ""]
-    lines += [f"- {_md_cell(r['run'])}: `{r['dir']}`" for r in rows]
+    lines += [f"- {_md_cell(r['run'])}: {_md_code(r['dir'])}" for r in rows]
     lines.append("")
     if figures_note:
         lines += [figures_note, ""]
@@ -300,7 +357,7 @@ def _curves_figure(mpl, runs, rows, path, dpi):
     ax_acc, ax_loss = fig.subplots(1, 2)
     for run, row, colour in zip(runs, rows, _colours(len(runs))):
         h = run["history"]
-        label = f"{row['label']} ({row['run']})"
+        label = _mpl_text(f"{row['label']} ({row['run']})")
         ax_acc.plot(h["epochs"], 100 * np.asarray(h["test_acc"], float), "o-", ms=3, color=colour, label=label)
         ax_loss.plot(h["epochs"], h["train_loss"], "o-", ms=3, color=colour, label=label)
     ax_acc.set(title="test accuracy", xlabel="epoch", ylabel="test accuracy (%)")
@@ -325,7 +382,7 @@ def _blocks_figure(mpl, run, row, path, dpi):
         plotted = False
         for k in ids:
             pts = [(e, b[key]) for e, d in pairs for b in d["blocks"]
-                   if b["block"] == k and _is_number(b.get(key))]
+                   if b["block"] == k and _is_finite(b.get(key))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, scale * np.asarray(ys, float), "o-", ms=3, color=colours[k], label=f"block {k}")
@@ -336,7 +393,7 @@ def _blocks_figure(mpl, run, row, path, dpi):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"per-block diagnostics: {row['label']} ({row['run']})")
+    fig.suptitle(_mpl_text(f"per-block diagnostics: {row['label']} ({row['run']})"))
     _save(mpl, fig, path, dpi)
 
 
@@ -368,6 +425,7 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
     run_dirs = [os.fspath(d) for d in run_dirs]
     if not run_dirs:
         raise ReportError("no run directories given")
+    _check_dpi(dpi)
     log = log or (lambda *_: None)
     runs = [read_run(d) for d in run_dirs]  # all checked before anything is written
     rows = [_summary(run, name) for run, name in zip(runs, _run_names(run_dirs))]
@@ -394,6 +452,26 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
         f.write(_markdown(rows, curves, blocks, note))
     log(f"wrote {md}")
     return {"rows": rows, "paths": {"markdown": md, "curves": curves, "blocks": blocks}}
+
+
+# the largest figure (blocks-<run>.png), inches; Agg draws at most 2^16 - 1 pixels a side
+_LARGEST_FIGURE, _AGG_MAX = (12, 6.5), (1 << 16) - 1
+
+
+def _check_dpi(dpi):
+    """A resolution the figures can be drawn at ("out of memory" was the message for --dpi 100000)."""
+    if not _is_int(dpi) or dpi < 1:
+        raise ReportError(f"--dpi must be a whole number >= 1, got {dpi!r}")
+    w, h = (round(x * dpi) for x in _LARGEST_FIGURE)
+    if w > _AGG_MAX:
+        raise ReportError(f"--dpi {dpi} makes the {_LARGEST_FIGURE[0]} x {_LARGEST_FIGURE[1]} inch figures "
+                          f"{w:,} x {h:,} pixels; matplotlib draws at most {_AGG_MAX:,} pixels a side: use "
+                          f"--dpi {_AGG_MAX // _LARGEST_FIGURE[0]} or less")
+    from .checkpoint import check_fits
+    try:
+        check_fits(4 * w * h, f"--dpi {dpi} ({w:,} x {h:,} pixel figures)")
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def _check_outputs(out_dir, run_dirs):

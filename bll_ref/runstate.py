@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import stat
+import zipfile
 
 import numpy as np
 
-from .fileio import write_json_atomic, write_npz
+from .fileio import npz_entries, write_json_atomic, write_npz
 
 FORMAT, VERSION = "bll_ref-runstate", 1
 TRAINER = "trainer.json"
@@ -156,18 +158,45 @@ def load(state_dir, method) -> dict:
     for name, fname in t["files"].items():
         path = os.path.join(state_dir, fname)
         _regular_file(path, "saved state")
+        current = _part_state(method, name)
+        if not zipfile.is_zipfile(path):  # np.load would call a text file "pickled data"
+            with open(path, "rb") as f:
+                head = f.read(8)
+            raise ValueError(f"{path}: the saved state is not an .npz (zip) archive (it starts with {head!r}); "
+                             "the file is damaged or was replaced")
         try:
+            _check_declared(path, npz_entries(path), current)  # sizes before any array is read
             with np.load(path, allow_pickle=False) as z:
                 state = {k: z[k] for k in z.files}
-        except Exception as e:  # truncated or foreign zip: BadZipFile, EOFError, ValueError, ...
+        except ValueError as e:
+            if str(e).startswith(path):
+                raise
+            raise ValueError(f"{path}: cannot read the saved state ({e})") from None
+        except Exception as e:  # truncated or foreign zip: BadZipFile, EOFError, ...
             raise ValueError(f"{path}: cannot read the saved state ({type(e).__name__}: {e})") from None
-        _check_part(path, state, _part_state(method, name))
+        _check_part(path, state, current)
         _load_part(method, name, state)
     return t
 
 
 # dtype kinds a saved array may have for a current one of a kind (no silent complex/float casts)
 _SAME_KIND = {"b": "b", "i": "iu", "u": "iu", "f": "f", "U": "U"}
+
+
+def _check_declared(path, entries, current):
+    """The declared (header) shape of every entry this run has must be its shape; entries it does
+    not have may take at most as many bytes as the whole current state (checked before reading)."""
+    extra, budget = 0, sum(np.asarray(v).nbytes for v in current.values()) + (1 << 20)
+    for k, (shape, dtype) in entries.items():
+        if k in current:
+            if tuple(shape) != np.shape(current[k]):
+                raise ValueError(f"{path}: entry {k!r} has shape {tuple(shape)}, this run needs "
+                                 f"{np.shape(current[k])}; the saved state is damaged or belongs to another run")
+        else:
+            extra += math.prod(shape) * dtype.itemsize
+    if extra > budget:
+        raise ValueError(f"{path}: entries this run does not use declare {extra:,} bytes, more than its whole "
+                         f"state ({budget:,}); the saved state is damaged or belongs to another run")
 
 
 def _check_part(path, saved, current):

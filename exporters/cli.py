@@ -107,6 +107,7 @@ def cmd_export(args):
         if os.path.exists(args.tb_dir) and not os.path.isdir(args.tb_dir):
             raise ValueError(f"--tb-dir {args.tb_dir} is a file, not a directory; give a directory for "
                              "the test vectors")
+        _creatable_dir("--tb-dir", args.tb_dir)  # before the .h5 is written, not after
         if os.path.isdir(args.tb_dir):
             _refuse_overwrite([args.checkpoint, out], [os.path.join(args.tb_dir, f)
                                                        for f in (INPUT_FILE, OUTPUT_FILE, PRECISION_FILE)])
@@ -145,6 +146,18 @@ def _input_file(path):
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory; give the file written by bll-ref export")
     return path
+
+
+def _creatable_dir(option, path):
+    """A directory that exists or can be created: its nearest existing ancestor is a writable
+    directory (``FILE/sub`` failed only after the main output was written)."""
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: {parent} is a file, not a directory; give a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {parent} is not writable")
 
 
 def _refuse_overwrite(source, outputs):
@@ -267,6 +280,7 @@ def cmd_c_header(args):
         raise ValueError(f"--out-dir {args.out_dir} is a file, not a directory")
     if args.vectors < 1:
         raise ValueError(f"--vectors must be >= 1, got {args.vectors}")
+    _creatable_dir("--out-dir", args.out_dir)
     if os.path.isdir(args.out_dir):  # (write_c creates a missing one, which cannot hold the input)
         outs = [f"{args.name}{s}" for s in (".h", ".c", "_test.c")] + [f"{args.name}_test"] * args.compile
         _refuse_overwrite(args.file, [os.path.join(args.out_dir, f) for f in outs])

@@ -13,6 +13,7 @@ import re
 import h5py
 import numpy as np
 
+from bll_ref.fileio import regular_input
 from bll_ref.fixedpoint import IntegerModel, quantize
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.records import record_from_plain
@@ -256,11 +257,15 @@ def _read_tree(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file; create one with bll-ref export CHECKPOINT --out {path}")
     try:
+        regular_input(path, "export file")  # a FIFO would block h5py's open
+    except ValueError as e:
+        raise ExportFormatError(str(e)) from None
+    try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise ExportFormatError(f"{path}: cannot be opened as HDF5 ({err}); the file is truncated, still "
                                 "being written or not an export; re-export the model") from None
-    tree, where = {}, ["/"]
+    tree, where, total = {}, ["/"], [0]
     # A damaged file can make the HDF5 library fail anywhere (OSError, RuntimeError, KeyError,
     # TypeError on garbled names, ...): every such failure means "damaged file", said once here.
     try:
@@ -272,6 +277,7 @@ def _read_tree(path):
                 where[0] = "/" + name
                 attrs = dict(obj.attrs)
                 if isinstance(obj, h5py.Dataset):
+                    _check_declared(path, "/" + name, obj, total)
                     tree["/" + name] = (_checked_data(path, "/" + name, obj, attrs), attrs)
                 elif isinstance(obj, h5py.Group):
                     tree["/" + name] = (None, attrs)
@@ -284,6 +290,29 @@ def _read_tree(path):
     return tree
 
 
+# A dataset declaring more than this many times the bytes it stores (and over 1 MiB) is refused
+# before it is read: exports are written contiguous and uncompressed (stored = declared), while a
+# small file can declare a GiB dataset that is never written (HDF5 returns the fill value).
+MAX_DECLARED_RATIO, _DECLARED_FLOOR = 100, 1 << 20
+
+
+def _check_declared(path, name, obj, total):
+    """Declared size of ``obj`` against what the file stores and this machine's memory; ``total``
+    (a one-element list) accumulates the declared bytes of the whole file."""
+    from bll_ref.checkpoint import check_fits
+    n = int(obj.size) * obj.dtype.itemsize
+    stored = obj.id.get_storage_size()
+    if n > _DECLARED_FLOOR and n > MAX_DECLARED_RATIO * max(1, stored):
+        raise ExportFormatError(f"{path}: dataset {name} declares {obj.shape} {obj.dtype} ({n:,} bytes) but "
+                                f"the file stores {stored:,} bytes of it; refused before reading (damaged or "
+                                "crafted file); re-export the model")
+    total[0] += n
+    try:
+        check_fits(2 * total[0], f"{path}: its datasets")
+    except ValueError as e:
+        raise ExportFormatError(str(e)) from None
+
+
 def _checked_data(path, name, obj, attrs):
     data = np.asarray(obj[()])
     if data.dtype.kind not in "iuf":
@@ -294,6 +323,9 @@ def _checked_data(path, name, obj, attrs):
     if not isinstance(attrs["sha256"], str) or _sha256(data) != attrs["sha256"]:
         raise ExportFormatError(f"{path}: dataset {name} fails its SHA-256 checksum: its bytes changed after "
                                 "export (corrupted or tampered); re-export the model or restore the file")
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):  # export writes finite weights only
+        raise ExportFormatError(f"{path}: dataset {name} holds NaN or inf; an export of a finite checkpoint "
+                                "never does (bll-ref export refuses a diverged one); re-export the model")
     return data
 
 

@@ -10,6 +10,9 @@ from ..data import batches
 from ..fileio import write_json_atomic
 from ..layers import Sequential
 
+__all__ = ["Method", "Diverged", "fit", "predict", "evaluate", "accuracy", "topk_accuracy", "as_model",
+           "model_device", "TIMING_FIELDS"]
+
 
 def as_model(blocks) -> Sequential:
     """A list of blocks (Sequentials) or a Sequential of blocks -> the model Sequential."""
