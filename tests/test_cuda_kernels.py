@@ -262,6 +262,24 @@ partial = rng.standard_normal(3 * cuda.THREADS + 17)
 d_loss = nbcuda.device_array(1, np.float64)
 cuda._sum_partials_kernel[1, cuda.THREADS](nbcuda.to_device(partial), partial.size, 1.0 / 7, d_loss)
 out["sum_partials_err"] = abs(float(d_loss.copy_to_host()[0]) - float(partial.sum() / 7)) / abs(partial.sum() / 7)
+
+# one launch: the last block's sum is the separate partial-sum launch bit for bit, and the ticket
+# counter is back at 0 after every launch (the cached workspace is reused by the next one)
+a, b = inputs(np.float64, (3, 250))
+da, db = nbcuda.to_device(a.reshape(-1)), nbcuda.to_device(b.reshape(-1))
+o1, o2 = nbcuda.device_array(a.size), nbcuda.device_array(a.size)
+d_partial, d_counter = nbcuda.device_array(3), nbcuda.to_device(np.zeros(1, np.int32))
+one = []
+for run in range(2):
+    d_one, d_two = nbcuda.device_array(1), nbcuda.device_array(1)
+    cuda._bernoulli_eq8_kernel[3, cuda.THREADS](da, db, 0.4, 0.0, 1 / 3, float(np.finfo(np.float64).tiny), a.size,
+                                                 o1, o2, d_partial, d_counter, d_one)
+    counter_after = int(d_counter.copy_to_host()[0])
+    cuda._sum_partials_kernel[1, cuda.THREADS](d_partial, 3, 1 / 3, d_two)
+    one.append({"one": d_one.copy_to_host()[0].tobytes().hex(), "two": d_two.copy_to_host()[0].tobytes().hex(),
+                "counter_after": counter_after})
+out["one_launch"] = {"runs": one, "err": abs(float(np.frombuffer(bytes.fromhex(one[0]["one"]))[0])
+                                             - local.bernoulli_eq8(a, b, 0.4)[0]) / abs(local.bernoulli_eq8(a, b, 0.4)[0])}
 print(json.dumps(out))
 '''
 
@@ -387,6 +405,15 @@ def test_device_path_reports_nan_through_the_loss(sim):
 
 def test_on_device_sum_of_many_block_partials(sim):
     assert sim["sum_partials_err"] < 1e-14
+
+
+def test_one_launch_loss_equals_the_two_launch_sum_bit_for_bit_and_resets_the_counter(sim):
+    r = sim["one_launch"]
+    assert r["err"] < 1e-12
+    for run in r["runs"]:
+        assert run["one"] == run["two"], run       # the last block adds the partials in the fixed order
+        assert run["counter_after"] == 0, run      # so the next launch finds its last block again
+    assert r["runs"][0]["one"] == r["runs"][1]["one"]
 
 
 def test_numpy_arrays_are_not_device_arrays():

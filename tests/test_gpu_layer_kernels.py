@@ -13,7 +13,12 @@ by side):
   outputs poisoned before each launch (NaN, or two different fills for bool / int outputs) and
   launched twice (the bits must agree). The simulator runs a Python thread per GPU thread, so
   the grids are capped at 2 blocks (which exercises the grid-stride loops) and the reductions
-  use 32-thread blocks; one case of each keeps the production sizes.
+  use 32-thread blocks; one case of each keeps the production sizes. Also there: leading-axis
+  views (Conv2d's chunks) read and written in place, and a ValueError naming the argument for a
+  strided array, a wrong dtype or a host array (the launcher indexes flat C-order buffers).
+
+A third check runs only on a GPU: the CuPy path (``KernelLauncher``'s raw addresses, a side
+stream) against the CPU kernels.
 """
 import importlib.metadata
 import json
@@ -37,14 +42,14 @@ kernels = sorted(n for n, v in vars(G).items()
 failures = []
 compiled = 0
 for name, sigs in G.PTX_SIGNATURES.items():
-    for sig in sigs:
+    for key, sig in sigs.items():
         for cc in ((9, 0), (7, 5)):
             try:
                 ptx, _ = cuda.compile_ptx(getattr(G, name).py_func, sig, cc=cc)
                 assert ".entry" in ptx
                 compiled += 1
             except Exception as exc:
-                failures.append(f"{name} {sig} cc={cc}: {type(exc).__name__}: {str(exc)[-2000:]}")
+                failures.append(f"{name} {key} {sig} cc={cc}: {type(exc).__name__}: {str(exc)[-2000:]}")
 print(json.dumps({"kernels": kernels, "listed": sorted(G.PTX_SIGNATURES),
                   "n_sigs": {n: len(s) for n, s in G.PTX_SIGNATURES.items()},
                   "compiled": compiled, "failures": failures}))
@@ -183,6 +188,55 @@ for dt in (np.float32, np.float64):
         arg32 = arg.astype(np.int32)  # MaxPool2d's arg is int32 from 128 window offsets
         case(f"max_pool_backward_{kh}x{kh}s{sh}_int32_{d}", "max_pool_backward_kernel",
              [extreme(y.shape, dt), arg32, kh, sh, sh, np.empty_like(xin)], (5,))
+
+# leading-axis slices (Conv2d's per-chunk y[s:e], dy[s:e], dx[s:e]): the kernels get the view's
+# first element, write only inside it and leave the rest of the array alone
+G.MAX_BLOCKS, G.REDUCE_THREADS = 2, 32
+views = {}
+P = H * W
+y2, dy3 = extreme((C, 2 * P), np.float64), extreme((N, C, P), np.float64)
+ref_out = np.full((N, C, P), np.nan)
+bias = extreme(C, np.float64)
+K.conv_out_kernel(y2, bias, ref_out[1:3])
+out = cuda.to_device(np.full((N, C, P), np.nan))
+G.conv_out_kernel(cuda.to_device(y2), cuda.to_device(bias), out[1:3])
+views["conv_out_into_slice"] = bool(np.array_equal(out.copy_to_host(), ref_out, equal_nan=True))
+ref_dy2, ref_db = np.empty((C, 2 * P)), np.empty(C)
+K.conv_dy_kernel(dy3[1:3], ref_dy2, ref_db)
+d_dy2, d_db = cuda.to_device(np.full((C, 2 * P), np.nan)), cuda.to_device(np.full(C, np.nan))
+G.conv_dy_kernel(cuda.to_device(dy3)[1:3], d_dy2, d_db)
+views["conv_dy_from_slice"] = bool(np.array_equal(d_dy2.copy_to_host(), ref_dy2)
+                                   and np.max(np.abs(d_db.copy_to_host() - ref_db)) <= 1e-12 * np.max(np.abs(ref_db)))
+dcols = extreme((C * 9, 2 * P), np.float64)
+ref_dx = np.full((N, C, H, W), np.nan)
+K.col2im_kernel(dcols, 3, 3, 1, 1, 1, 1, H, W, ref_dx[1:3])
+d_dx = cuda.to_device(np.full((N, C, H, W), np.nan))
+G.col2im_kernel(cuda.to_device(dcols), 3, 3, 1, 1, 1, 1, H, W, d_dx[1:3])
+views["col2im_into_slice"] = bool(np.array_equal(d_dx.copy_to_host(), ref_dx, equal_nan=True))
+report["views"] = views
+
+
+def error(f):
+    try:
+        f()
+    except ValueError as e:
+        return "ValueError: " + str(e)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+x = cuda.to_device(extreme(16, np.float32))
+y8, m8 = cuda.to_device(np.empty(8, np.float32)), cuda.to_device(np.empty(8, np.bool_))
+x4 = extreme((N, C, H, W), np.float32)
+cols64 = cuda.to_device(np.empty((C, N * P)))
+report["errors"] = {
+    "strided": error(lambda: G.leaky_relu_forward_kernel(x[::2], np.float32(0.1), y8, m8)),
+    "strided_output": error(lambda: G.leaky_relu_backward_kernel(x[:8], m8, np.float32(0.1), cuda.to_device(np.empty(16, np.float32))[::2])),
+    "dtype": error(lambda: G.im2col_kernel(cuda.to_device(x4), 1, 1, 1, 1, 0, 0, H, W, cols64)),
+    "mask_dtype": error(lambda: G.leaky_relu_forward_kernel(x[:8], np.float32(0.1), y8, cuda.to_device(np.empty(8, np.int8)))),
+    "host": error(lambda: G.leaky_relu_forward_kernel(np.zeros(8, np.float32), np.float32(0.1), y8, m8)),
+}
 print(json.dumps(report))
 '''
 
@@ -273,13 +327,106 @@ def test_batch_norm_apply_takes_running_statistics_in_the_layer_dtype(sim, dtype
 
 
 def test_two_launches_give_identical_bits(sim):
-    assert all(r["deterministic"] for r in sim.values()), [k for k, r in sim.items() if not r["deterministic"]]
+    cases = {k: r for k, r in sim.items() if "deterministic" in r}
+    assert all(r["deterministic"] for r in cases.values()), [k for k, r in cases.items() if not r["deterministic"]]
+
+
+def test_leading_axis_slices_are_read_and_written_in_place(sim):
+    # the launcher passes the view's first element: Conv2d hands its chunks over as y[s:e]
+    assert sim["views"] == {"conv_out_into_slice": True, "conv_dy_from_slice": True, "col2im_into_slice": True}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("strided", ["leaky_relu_forward_kernel", "x must be a C-contiguous", "(8,)"]),
+    ("strided_output", ["leaky_relu_backward_kernel", "dx must be a C-contiguous"]),
+    ("dtype", ["im2col_kernel", "x float32, cols float32", "got (x float32, cols float64)"]),
+    ("mask_dtype", ["mask bool", "mask int8"]),
+    ("host", ["CuPy arrays or all as numba device arrays", "ndarray"]),
+])
+def test_bad_arrays_raise_a_value_error_naming_the_argument(sim, case, words):
+    msg = sim["errors"][case]
+    assert msg is not None and msg.startswith("ValueError: "), msg
+    for w in words:
+        assert w in msg, (w, msg)
 
 
 def test_simulator_covered_every_gpu_function(sim):
     from bll_ref.layers import kernels as K
     public = [n for n in dir(K) if n.endswith("_kernel")]
-    covered = {k.rsplit("_", 1)[0] for k in sim}
+    covered = {k.rsplit("_", 1)[0] for k, r in sim.items() if "err" in r}
     for n in public:
         stem = n[:-len("_kernel")].replace("leaky_relu_", "leaky_")
         assert any(c.startswith(stem) for c in covered), f"no simulator case for {n}"
+
+
+# --------------------------------------------------------------------------------- real GPU
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_cupy_path_matches_cpu_kernels_on_a_side_stream(dtype):
+    """Every GPU function on CuPy arrays (KernelLauncher's addresses, CuPy's current stream),
+    against the CPU kernel; Conv2d's chunk views (y[s:e], dy[s:e], dx[s:e]) included."""
+    from test_cuda_kernels import _gpu
+    cp = _gpu()
+    import numpy as np
+    from bll_ref.gpu import layer_kernels as G
+    from bll_ref.layers import kernels as K
+    rng = np.random.default_rng(4)
+    dt = np.dtype(dtype).type
+    N, C, H, W = 6, 16, 15, 15
+    P = H * W
+
+    def r(*shape):
+        return (rng.standard_normal(shape) * 30).astype(dt)
+
+    x4, x3, dy3 = r(N, C, H, W), r(N, C, P) + dt(100), r(N, C, P)
+    mean64 = x3.astype(np.float64).mean(axis=(0, 2))
+    inv_std, gamma, beta = (1 / (x3.std(axis=(0, 2)) + 1)).astype(dt), r(C), r(C)
+    xhat3 = ((x3 - mean64[None, :, None].astype(dt)) * inv_std[None, :, None]).astype(dt)
+    y2 = r(C, 2 * P)
+    mask = rng.random(N * C * P) > 0.5
+    arg = rng.integers(0, 4, (N, C, 7, 7)).astype(np.int8)
+    cases = [  # (name, args, output positions, slice of the outputs the kernel writes)
+        ("im2col_kernel", [x4, 3, 3, 1, 1, 1, 1, H, W, np.empty((C * 9, N * P), dt)], (9,)),
+        ("col2im_kernel", [r(C * 9, 2 * P), 3, 3, 1, 1, 1, 1, H, W, np.empty((N, C, H, W), dt)], (9,)),
+        ("conv_out_kernel", [y2, r(C), np.empty((N, C, P), dt)], (2,)),
+        ("conv_dy_kernel", [dy3, np.empty((C, N * P), dt), np.empty(C)], (1, 2)),
+        ("leaky_relu_forward_kernel", [x3.reshape(-1), dt(0.1), np.empty(x3.size, dt), np.empty(x3.size, bool)], (2, 3)),
+        ("leaky_relu_backward_kernel", [dy3.reshape(-1), mask, dt(0.1), np.empty(dy3.size, dt)], (3,)),
+        ("layer_norm_forward_kernel", [x3.reshape(-1, P), 1e-5, np.empty((N * C, P), dt), np.empty(N * C, dt)], (2, 3)),
+        ("layer_norm_backward_kernel", [dy3.reshape(-1, P), xhat3.reshape(-1, P), inv_std.repeat(N), np.empty((N * C, P), dt)], (3,)),
+        ("batch_norm_stats_kernel", [x3, np.empty(C), np.empty(C)], (1, 2)),
+        ("batch_norm_apply_kernel", [x3, mean64, inv_std, gamma, beta, np.empty_like(x3), np.empty_like(x3)], (5, 6)),
+        ("batch_norm_backward_kernel", [dy3, xhat3, gamma, inv_std, True, np.empty_like(x3), np.empty(C), np.empty(C)], (5, 6, 7)),
+        ("max_pool_forward_kernel", [x4, 3, 3, 2, 2, np.empty((N, C, 7, 7), dt), np.empty((N, C, 7, 7), np.int8)], (5, 6)),
+        ("max_pool_backward_kernel", [r(N, C, 7, 7), arg, 3, 2, 2, np.empty((N, C, H, W), dt)], (5,)),
+    ]
+    tol = 1e-12 if dt is np.float64 else 1e-5
+    with cp.cuda.Stream(non_blocking=True) as stream:
+        for name, args, outs in cases:
+            ref = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+            getattr(K, name)(*ref)
+            dev = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+            for i in outs:
+                dev[i][...] = np.nan if dev[i].dtype.kind == "f" else 1   # poison
+            getattr(G, name)(*dev)
+            for i in outs:
+                got = cp.asnumpy(dev[i])
+                if got.dtype.kind != "f":
+                    assert np.array_equal(got, ref[i]), name
+                else:
+                    err = np.max(np.abs(got.astype(np.float64) - ref[i])) / np.max(np.abs(ref[i]))
+                    assert err <= tol, (name, i, err)
+        # Conv2d's chunks: leading-axis views of contiguous arrays, written in place
+        out = cp.full((N, C, P), np.nan, dt)
+        bias = r(C)
+        G.conv_out_kernel(cp.asarray(y2), cp.asarray(bias), out[2:4])
+        ref = np.full((N, C, P), np.nan, dt)
+        K.conv_out_kernel(y2, bias, ref[2:4])
+        assert np.array_equal(cp.asnumpy(out), ref, equal_nan=True)
+        d_dy2, ref_dy2 = cp.empty((C, 2 * P), dt), np.empty((C, 2 * P), dt)
+        G.conv_dy_kernel(cp.asarray(dy3)[2:4], d_dy2, cp.empty(0, dt))
+        K.conv_dy_kernel(dy3[2:4], ref_dy2, np.empty(0, dt))
+        assert np.array_equal(cp.asnumpy(d_dy2), ref_dy2)
+        with pytest.raises(ValueError, match="x must be a C-contiguous"):
+            G.leaky_relu_forward_kernel(cp.asarray(x3).reshape(-1)[::2], dt(0.1), cp.empty(x3.size // 2, dt),
+                                        cp.empty(x3.size // 2, bool))
+        stream.synchronize()

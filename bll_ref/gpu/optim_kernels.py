@@ -16,12 +16,11 @@ beyond that each thread walks the array with a grid stride). The update reads an
 array once: Adam moves 7 words per parameter (read p, g, m, v; write p, m, v), SGD with momentum
 5, plain SGD 3.
 
-Launching: as ``bll_ref.losses.cuda`` (see its module docstring for what numba's ordinary
-``kernel[grid, block, stream](cupy_array, ...)`` costs per call): the kernels take raw device
-pointers and the element count, are compiled once per dtype for an explicit signature and are
-launched through ``losses.cuda.KernelLauncher`` (``cuda.core.launch`` with a cached launch
-configuration and stream: ~18 us per plain-SGD call on an H200 machine, ~128 us the ordinary
-way). ``PTX_SIGNATURES`` lists every kernel and its signatures.
+Launching (``bll_ref.gpu.launch`` says why): the kernels take raw device pointers and the
+element count, are compiled once per dtype for an explicit signature and are launched through
+``launch.KernelLauncher`` (``cuda.core.launch`` with a cached launch configuration and stream:
+~18 us per plain-SGD call on an H200 machine, ~128 us the ordinary way). ``PTX_SIGNATURES``
+lists every kernel and its signatures.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ import math
 import numpy as np
 from numba import cuda, types
 
-from ..losses.cuda import _DTYPE_KEY, _SIMULATOR, KernelLauncher, _is_cupy, _pointer_signatures
+from .launch import FLOAT_KEYS, SIMULATOR, KernelLauncher, is_cupy, pointer_signatures
 
 __all__ = ["adam", "sgd", "sgd_plain", "THREADS", "MAX_BLOCKS", "PTX_SIGNATURES"]
 
@@ -81,9 +80,9 @@ def _sgd_plain_kernel(p, g, n, lr, weight_decay):
 
 #: Every kernel of this module and the signatures it is compiled for (keys: dtype names).
 PTX_SIGNATURES = {
-    "_adam_kernel": _pointer_signatures("dt*", "dt*", "dt*", "dt*", types.int64, *["dt"] * 8),
-    "_sgd_kernel": _pointer_signatures("dt*", "dt*", "dt*", types.int64, "dt", "dt", "dt"),
-    "_sgd_plain_kernel": _pointer_signatures("dt*", "dt*", types.int64, "dt", "dt"),
+    "_adam_kernel": pointer_signatures("dt*", "dt*", "dt*", "dt*", types.int64, *["dt"] * 8),
+    "_sgd_kernel": pointer_signatures("dt*", "dt*", "dt*", types.int64, "dt", "dt", "dt"),
+    "_sgd_plain_kernel": pointer_signatures("dt*", "dt*", types.int64, "dt", "dt"),
 }
 _LAUNCHERS = {name: KernelLauncher(globals()[name], sigs) for name, sigs in PTX_SIGNATURES.items()}
 
@@ -92,13 +91,13 @@ def _flat_args(who, names, arrays):
     """(kernel arguments, dtype name, size, stream, device) for same-size, same-dtype, C-contiguous
     device arrays: pointers on a GPU, flat views on the simulator."""
     p = arrays[0]
-    cupy = _is_cupy(p)
+    cupy = is_cupy(p)
     dtype = np.dtype(p.dtype)
-    if dtype not in _DTYPE_KEY:
+    if dtype not in FLOAT_KEYS:
         raise ValueError(f"{who} expects float32 or float64 device arrays, got {names[0]} of dtype {dtype}")
     size = p.size
     for name, a in zip(names, arrays):
-        if _is_cupy(a) != cupy or not (cupy or getattr(a, "__cuda_ndarray__", False)):
+        if is_cupy(a) != cupy or not (cupy or getattr(a, "__cuda_ndarray__", False)):
             raise ValueError(f"{who} expects all arrays as CuPy arrays or all as numba device arrays, "
                              f"got {names[0]} {type(p).__name__} and {name} {type(a).__name__}")
         if a.dtype != dtype or a.size != size:
@@ -107,10 +106,10 @@ def _flat_args(who, names, arrays):
         if not (a.flags.c_contiguous if cupy else a.is_c_contiguous()):
             raise ValueError(f"{who}: {name} must be C-contiguous (the kernel reads the flat buffer)")
     if cupy:   # the arrays themselves (KernelLauncher passes their addresses), CuPy's current stream
-        return list(arrays), _DTYPE_KEY[dtype], size, None, p.device.id
-    if _SIMULATOR:
-        return [a.reshape(size) for a in arrays], _DTYPE_KEY[dtype], size, 0, 0
-    return [a.__cuda_array_interface__["data"][0] for a in arrays], _DTYPE_KEY[dtype], size, 0, 0
+        return list(arrays), FLOAT_KEYS[dtype], size, None, p.device.id
+    if SIMULATOR:
+        return [a.reshape(size) for a in arrays], FLOAT_KEYS[dtype], size, 0, 0
+    return [a.__cuda_array_interface__["data"][0] for a in arrays], FLOAT_KEYS[dtype], size, 0, 0
 
 
 def _launch(name, who, names, arrays, scalars):
@@ -118,9 +117,6 @@ def _launch(name, who, names, arrays, scalars):
     if size == 0:
         return
     grid = max(1, min(-(-size // THREADS), MAX_BLOCKS))
-    if _SIMULATOR:  # the simulator's kernel sees the scalars in the arrays' dtype, as a GPU would
-        t = np.dtype(key).type
-        scalars = [t(s) for s in scalars]
     _LAUNCHERS[name](key, grid, THREADS, stream, (*ptrs, size, *scalars), device)
 
 
