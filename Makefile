@@ -58,10 +58,10 @@ firmware: install data firmware-toolchain
 	$(BIN)/bll-ref train --method bll --sizes 784,128,128,10 --activation relu --epochs 1 \
 	  --limit-train 5000 --limit-test 1000 --out $(FW)/mlp
 	$(BIN)/bll-ref export $(FW)/mlp/checkpoint.npz --out $(FW)/mlp-w8.h5 --width 8
-	$(BIN)/python -m exporters.firmware $(FW)/mlp-w8.h5 --workdir $(FW)/mlp-fw
+	$(BIN)/bll-ref firmware $(FW)/mlp-w8.h5 --workdir $(FW)/mlp-fw
 	$(BIN)/bll-ref train --method bll --model cnn --epochs 1 --limit-train 512 --limit-test 256 --out $(FW)/cnn
 	$(BIN)/bll-ref export $(FW)/cnn/checkpoint.npz --out $(FW)/cnn-w8.h5 --width 8
-	$(BIN)/python -m exporters.firmware $(FW)/cnn-w8.h5 --workdir $(FW)/cnn-fw
+	$(BIN)/bll-ref firmware $(FW)/cnn-w8.h5 --workdir $(FW)/cnn-fw
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,7 +25,8 @@ from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
 
 from bll_ref import checkpoint, data, models  # noqa: E402
 from bll_ref.fileio import write_json_atomic  # noqa: E402
-from bll_ref.methods import fit, make  # noqa: E402
+from bll_ref.loop import fit  # noqa: E402
+from bll_ref.methods import make  # noqa: E402
 
 SIZES = (784, 1024, 1024, 1024, 10)
 CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")

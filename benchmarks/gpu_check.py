@@ -36,7 +36,7 @@ from bll_ref import backend, models  # noqa: E402
 from bll_ref import layers as L  # noqa: E402
 from bll_ref.losses import local, output  # noqa: E402
 from bll_ref.methods import make  # noqa: E402
-from bll_ref.methods.common import fit  # noqa: E402
+from bll_ref.loop import fit  # noqa: E402
 from bll_ref.optim import SGD, Adam  # noqa: E402
 
 from common import machine, write  # noqa: E402

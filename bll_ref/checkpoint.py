@@ -18,6 +18,7 @@ import zipfile
 import numpy as np
 
 from .fileio import npz_entries, regular_input, write_npz
+from .memory import check_fits
 from .layers import Sequential, layer_from_config, load_state_dict, state_dict
 
 FORMAT = "bll_ref-checkpoint"
@@ -25,8 +26,7 @@ VERSION = 1
 MAX_DEPTH = 32                 # nesting of the model config (real models: <= 5)
 MAX_HEADER_CHARS = 1 << 24     # 16 MiB of JSON
 
-__all__ = ["save", "load", "FORMAT", "VERSION", "memory_limit", "check_fits", "config_elements",
-           "training_data"]
+__all__ = ["save", "load", "FORMAT", "VERSION", "config_elements"]
 
 
 def save(path, blocks, meta=None, aux=None):
@@ -43,22 +43,6 @@ def save(path, blocks, meta=None, aux=None):
 
 
 # --------------------------------------------------------------------------- memory guard
-def memory_limit() -> int:
-    """Bytes of physical memory (the most any array set may take); 1 TiB when unknown."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
-def check_fits(n_bytes, what):
-    """ValueError when ``n_bytes`` exceed this machine's physical memory (refuse before allocating)."""
-    limit = memory_limit()
-    if n_bytes > limit:
-        raise ValueError(f"{what} needs {n_bytes / 2 ** 30:,.1f} GiB, more than this machine's "
-                         f"{limit / 2 ** 30:,.1f} GiB of memory")
-
-
 def _ints(v):
     """Integer (or list of integers) hyperparameter -> list of ints; anything else -> []."""
     items = v if isinstance(v, (list, tuple)) else [v]
@@ -280,35 +264,3 @@ def load(path):
         raise ValueError(f"{path}: {e}") from None
     aux = {k[len("aux/"):]: v for k, v in arrays.items() if k.startswith("aux/")}
     return model, header["meta"], aux
-
-
-# --------------------------------------------------------------------------- data of a checkpoint
-def training_data(meta, want="auto", *, images, limit_train=None, limit_test=None, log=print):
-    """The data a checkpoint's model was trained on (``meta['data']``) unless ``want`` says otherwise.
-
-    Synthetic data is regenerated with the training run's sizes, so the test split is the one the
-    run was evaluated on; an explicit ``want`` that differs from the training data is warned about.
-    Returns (data dict, source name).
-    """
-    from .data import load as load_data
-    trained = meta.get("data")
-    if want == "auto":  # Fashion-MNIST when present, else the synthetic fallback (it says so)
-        source = "synthetic" if trained == "synthetic" else "auto"
-    else:
-        source = want
-    own = source == "synthetic" and trained == "synthetic"
-    if own:
-        opts = meta.get("options", {})
-        limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
-    try:
-        d, got = load_data(source, images=images, limit_train=limit_train, limit_test=limit_test, log=log)
-    except ValueError as e:
-        if not own:
-            raise
-        # the sizes come from the checkpoint, not from this command's options: say so
-        raise ValueError(f"{e}; these are the checkpoint's own sizes (its run's --limit-train {limit_train} "
-                         f"--limit-test {limit_test}), redrawn so that its synthetic test split is the one it "
-                         "was evaluated on") from None
-    if trained and got != trained and log:
-        log(f"warning: the model was trained on {trained} data, using {got} data instead")
-    return d, got

@@ -12,16 +12,16 @@ import os
 
 import numpy as np
 
+from .batching import batches, one_hot
 from .idx import read_idx, write_idx
-from .layers.base import as_rng
-from .synthetic import check_count as _check_count
+from .memory import check_fits
 from .synthetic import permutation_reversal, synthetic_classification, synthetic_images
 
 __all__ = [
     "read_idx", "write_idx",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DEFAULT_FASHION_MNIST_PATH",
     "load_fashion_mnist", "fashion_mnist_available", "DATA_SOURCES", "resolve_source", "load",
-    "batches", "one_hot",
+    "batches", "one_hot", "training_data",
     "permutation_reversal", "synthetic_classification", "synthetic_images",
 ]
 
@@ -291,7 +291,6 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
         say(f"data: Fashion-MNIST ({len(d['x_train'])} train / {len(d['x_test'])} test) from {root}")
         return d, name
     n_train, n_test = limit_train or _SYNTHETIC_TRAIN, limit_test or _SYNTHETIC_TEST
-    from .checkpoint import check_fits  # refuse before drawing (generation needs ~3 copies)
     check_fits(3 * (n_train + n_test) * 784 * dtype.itemsize,
                f"synthetic data of {n_train:,} + {n_test:,} examples (--limit-train/--limit-test)")
     try:
@@ -310,66 +309,31 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
     return d, name
 
 
-# --------------------------------------------------------------------------- batching
-def batches(x, y, batch_size, rng=None, shuffle=True, drop_last=False):
-    """Mini-batches ``(xb, yb)`` covering every example once.
+def training_data(meta, want="auto", *, images, limit_train=None, limit_test=None, log=print):
+    """The data a checkpoint's model was trained on (``meta['data']``) unless ``want`` says otherwise.
 
-    Parameters
-    ----------
-    x : ndarray, shape (N, ...)
-    y : ndarray, shape (N, ...)
-    batch_size : int >= 1
-    rng : np.random.Generator or int or None
-        Source of the shuffling permutation. A Generator advances, so successive calls give
-        fresh epochs; an int seed gives the same order on every call; None: fresh entropy.
-    shuffle : bool
-        False: batches in the given order (views, no copies).
-    drop_last : bool
-        Skip the final batch when it is shorter than ``batch_size``.
-
-    Returns
-    -------
-    iterator of (xb, yb) : xb shape (B, ...), yb shape (B, ...), B = batch_size except possibly
-        the last. Arguments are checked when ``batches`` is called, not on first ``next``.
+    Synthetic data is regenerated with the training run's sizes, so the test split is the one the
+    run was evaluated on; an explicit ``want`` that differs from the training data is warned about.
+    Returns (data dict, source name).
     """
-    if len(x) != len(y):
-        raise ValueError(f"batches: x and y must have the same length, got {len(x)} and {len(y)}")
-    batch_size = _check_count("batch_size", batch_size, 1)
-    n = len(x)
-    order = as_rng(rng).permutation(n) if shuffle else None
-    stop = n - n % batch_size if drop_last else n
-    return _iterate(x, y, order, batch_size, stop)
-
-
-def _iterate(x, y, order, batch_size, stop):
-    for start in range(0, stop, batch_size):
-        if order is None:
-            yield x[start:start + batch_size], y[start:start + batch_size]
-        else:
-            idx = order[start:start + batch_size]
-            yield x[idx], y[idx]
-
-
-def one_hot(y, n_classes, dtype=np.float32) -> np.ndarray:
-    """One-hot encode integer labels.
-
-    Parameters
-    ----------
-    y : array_like of int, any shape S, values in 0..n_classes-1
-    n_classes : int >= 1
-    dtype : dtype of the result
-
-    Returns
-    -------
-    onehot : ndarray, shape S + (n_classes,)
-    """
-    n_classes = _check_count("n_classes", n_classes, 1)
-    y = np.asarray(y)
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"one_hot expects integer labels, got dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"one_hot: labels must be in 0..{n_classes - 1}, "
-                         f"found values in {int(y.min())}..{int(y.max())}")
-    out = np.zeros(y.shape + (n_classes,), dtype=dtype)
-    np.put_along_axis(out, y[..., None].astype(np.intp), 1, axis=-1)
-    return out
+    trained = meta.get("data")
+    if want == "auto":  # Fashion-MNIST when present, else the synthetic fallback (it says so)
+        source = "synthetic" if trained == "synthetic" else "auto"
+    else:
+        source = want
+    own = source == "synthetic" and trained == "synthetic"
+    if own:
+        opts = meta.get("options", {})
+        limit_train, limit_test = opts.get("limit_train"), opts.get("limit_test")
+    try:
+        d, got = load(source, images=images, limit_train=limit_train, limit_test=limit_test, log=log)
+    except ValueError as e:
+        if not own:
+            raise
+        # the sizes come from the checkpoint, not from this command's options: say so
+        raise ValueError(f"{e}; these are the checkpoint's own sizes (its run's --limit-train {limit_train} "
+                         f"--limit-test {limit_test}), redrawn so that its synthetic test split is the one it "
+                         "was evaluated on") from None
+    if trained and got != trained and log:
+        log(f"warning: the model was trained on {trained} data, using {got} data instead")
+    return d, got

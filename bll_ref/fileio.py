@@ -26,6 +26,8 @@ import zipfile
 
 import numpy as np
 
+from .memory import check_fits
+
 __all__ = ["atomic_path", "atomic_open", "write_json_atomic", "write_npz", "to_json", "json_default",
            "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock", "regular_input",
            "npz_entries", "MAX_INFLATION"]
@@ -339,7 +341,6 @@ def npz_entries(path):
             except RuntimeError as e:  # zipfile: encrypted entry ("password required")
                 raise ValueError(f"{path}: entry {name!r} cannot be read ({e})") from None
             n = math.prod(shape) * dtype.itemsize
-            from .checkpoint import check_fits  # (checkpoint imports this module)
             check_fits(n, f"{path}: entry {name!r} of shape {tuple(shape)} {dtype}")
             if info.file_size < n:  # the .npy header promises more than the entry holds
                 raise ValueError(f"{path}: entry {name!r} declares {shape} {dtype} ({n:,} bytes) but holds "

@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 
+from .memory import check_fits
+
 __all__ = ["read_idx", "write_idx"]
 
 # --------------------------------------------------------------------------- IDX format
@@ -81,7 +83,6 @@ def _read_stream(path, f):
     dims = tuple(int(d) for d in np.frombuffer(dim_bytes, dtype=">u4"))
     dtype = _IDX_TYPES[code]
     expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
-    from .checkpoint import check_fits  # before reading (or inflating) the payload
     check_fits(expected, f"{path}: its IDX header declares shape {dims} of {dtype.newbyteorder('=').name}, which")
     try:
         data = f.read(expected + _TRAILING_PROBE)

@@ -13,8 +13,10 @@ from .layers import (AvgPool2d, BatchNorm, Conv2d, Dense, Embedding, Flatten, La
                      MaxPool2d, PositionalEncoding, ReLU, Residual, SelfAttention, Sequential,
                      Sigmoid, Tanh)
 from .layers.base import as_rng
+from .memory import check_fits
 
-__all__ = ["mlp", "cnn", "resnet", "resnet18", "resnet18_size", "transformer", "activation", "build", "MODELS"]
+__all__ = ["mlp", "cnn", "resnet", "resnet18", "resnet18_size", "transformer", "activation", "build", "MODELS",
+           "IMAGE_MODELS", "takes_images", "parse_sizes"]
 
 _ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
@@ -188,6 +190,40 @@ def transformer(*, vocab=10, length=10, dim=32, n_blocks=5, n_classes=None, caus
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "resnet18": resnet18, "transformer": transformer}
+
+
+def parse_sizes(text, dtype=np.float32):
+    """The MLP widths of ``--sizes``: "784,256,10" -> (784, 256, 10); refused before allocation when
+    parameters, gradients and two optimiser moments of that many weights cannot fit in memory."""
+    try:
+        sizes = tuple(int(s) for s in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"--sizes needs at least two widths, each >= 1, got {text!r}")
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise ValueError(f"--sizes must start with 784 (28x28 input pixels) and end with 10 (classes), "
+                         f"got {text!r}")
+    n = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    # parameters, gradients and two optimiser moments per weight
+    check_fits(4 * n * np.dtype(dtype).itemsize, f"--sizes {text} ({n:,} parameters)")
+    return sizes
+
+
+#: the models whose input is an image (N, 1, 28, 28); the others take flat vectors
+IMAGE_MODELS = ("cnn", "resnet", "resnet18")
+
+
+def takes_images(meta, config) -> bool:
+    """Does the model of a checkpoint (its ``meta`` and ``model.config()``) take images? The name
+    the run recorded decides; without one, a first layer that is a Conv2d."""
+    if meta.get("model") in IMAGE_MODELS:
+        return True
+    if meta.get("model") == "mlp":
+        return False
+    while config.get("type") == "Sequential" and config.get("layers"):
+        config = config["layers"][0]
+    return config.get("type") == "Conv2d"
 
 
 def build(name, **kw):

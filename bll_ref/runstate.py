@@ -26,6 +26,8 @@ import numpy as np
 
 from .fileio import npz_entries, write_json_atomic, write_npz
 
+__all__ = ["save", "load", "read_trainer", "FORMAT", "VERSION", "TRAINER"]
+
 FORMAT, VERSION = "bll_ref-runstate", 1
 TRAINER = "trainer.json"
 
@@ -68,7 +70,7 @@ _NUM, _INT = (int, float), (int,)
 _OPTION_TYPES = {
     **{k: (str,) for k in ("method", "model", "sizes", "activation", "optimizer", "dtype", "data", "out",
                            "resume", "parallel", "variational", "feedback", "eq8_terms")},
-    **{k: _INT for k in ("width", "epochs", "batch_size", "seed", "limit_train", "limit_test", "workers",
+    **{k: _INT for k in ("width", "channels", "config_version", "epochs", "batch_size", "seed", "limit_train", "limit_test", "workers",
                          "blas_threads", "span")},
     **{k: _NUM for k in ("lr", "momentum", "var_weight", "tau", "m", "head_weight", "l2", "feedback_decay",
                          "feedback_lr")},

@@ -44,7 +44,8 @@ import sys
 import numpy as np
 
 from bll_ref import data, models
-from bll_ref.methods import BLL, evaluate, fit
+from bll_ref.loop import fit
+from bll_ref.methods import BLL, evaluate
 
 
 def _data(n_train, n_test):

@@ -69,7 +69,8 @@ import numpy as np
 
 from bll_ref import data, models
 from bll_ref.fileio import atomic_open, write_json_atomic
-from bll_ref.methods import fit, make
+from bll_ref.loop import fit
+from bll_ref.methods import make
 
 PAPER = {"bp": (92.7, 99.3, 96.0), "fa": (87.9, 98.6, 92.1), "bll": (91.2, 98.8, 91.0)}  # 001 Table 1, F-MNIST, ResNet-18
 PRESETS = {"bp": ("bp", {}), "fa": ("fa", {}), "bll": ("bll", {}), "head": ("bll", {"variational": "none"}),

@@ -70,7 +70,8 @@ from bll_ref.data import permutation_reversal
 from bll_ref.methods.backprop import Backprop
 from bll_ref.methods.bll import BLL
 from bll_ref.fileio import write_json_atomic
-from bll_ref.methods.common import fit, predict
+from bll_ref.loop import fit
+from bll_ref.methods.common import predict
 
 LENGTH = 10  # permutations of 0..9 (the paper's task)
 

@@ -13,6 +13,8 @@ import numpy as np
 from bll_ref.fixedpoint import IntegerModel
 from bll_ref.fixedpoint import records as R
 
+__all__ = []  # the per-record C code generators of c_header.py (one package: exporters)
+
 
 # ------------------------------------------------------------------------------------------------
 # C text helpers

@@ -1,61 +1,57 @@
 """The C golden model on an emulated Cortex-M4: cross-compile, run under QEMU, check every code.
 
-    python -m exporters.firmware EXPORT.h5 --workdir DIR [--samples N] [--timeout S] [--name NAME]
+    bll-ref firmware EXPORT.h5 --workdir DIR [--samples N] [--timeout S] [--name NAME]   (run_firmware)
 
 Steps (files in DIR):
 
-1. ``exporters.c_header.write_c`` writes the C99 golden model of the export (``<name>.h``,
-   ``<name>.c``); ``fw_inputs.h`` holds the traced calibration input codes of the export
-   (``/nodes/<input>`` = ``ExportedModel.traces[0]``), in flash, for ``firmware/harness.c``.
-2. ``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2`` builds ``fw.elf`` from the model, the
-   harness, ``firmware/startup.c`` (vector table, Reset_Handler, semihosting exit) and
-   ``firmware/mps2_an386.ld``, with newlib's semihosting stdio (``--specs=rdimon.specs``).
-3. ``qemu-system-arm -M mps2-an386 -icount shift=0`` with semihosting runs it (under a timeout):
-   the board's Cortex-M4 runs the model on every sample and prints, over semihosting, the
-   SysTick ticks of each inference and the codes of EVERY record (``T <sample> <record> <codes...>``).
+1. ``exporters.c_header.write_c`` writes the C99 golden model (``<name>.h``, ``<name>.c``); ``fw_inputs.h``
+   the export's traced input codes (``ExportedModel.traces[0]``), in flash, for ``firmware/harness.c``.
+2. ``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2`` builds ``fw.elf`` from the model, the harness,
+   ``firmware/startup.c``, ``firmware/mps2_an386.ld`` and newlib's semihosting stdio (rdimon.specs).
+3. ``qemu-system-arm -M mps2-an386 -icount shift=0`` runs it (under a timeout): the Cortex-M4 prints,
+   over semihosting, the SysTick ticks of each inference and the codes of EVERY record.
 4. Every printed code is compared with the traces stored in the HDF5 file, and the figures are
    printed: flash and RAM (``arm-none-eabi-size``; the model object alone and the whole image),
    MACs and instructions per inference, QEMU wall time.  ``DIR/firmware_report.json`` holds them.
 
-Exit status: 0 all codes equal the HDF5 traces, 1 a code differs / the firmware faulted, hung or
-printed garbage, 2 bad input or environment (unreadable export, toolchain missing: run
-``make firmware``, which installs ``gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm``).
-The workflow is documented in docs/firmware.md.
+Exit status of ``bll-ref firmware`` (workflow: docs/firmware.md): 0 all codes equal the HDF5 traces,
+1 a code differs / the firmware faulted, hung or printed garbage, 2 bad input or environment
+(unreadable export, toolchain missing: ``make firmware`` installs ``gcc-arm-none-eabi
+libnewlib-arm-none-eabi qemu-system-arm``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
 
-from bll_ref.fileio import atomic_open, write_json_atomic
+from bll_ref.fileio import atomic_open, check_output, write_json_atomic
 from bll_ref.fixedpoint import records as R
 
+from . import hdf5
+from .c_header import write_c
+
 __all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "planned_activation_bytes",
-           "compile_and_link", "build", "run_qemu", "parse_output", "run_firmware", "main",
+           "compile_and_link", "build", "run_qemu", "parse_output", "run_firmware", "check_workdir",
            "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT", "INSNS_PER_TICK"]
 
 FIRMWARE_DIR = pathlib.Path(__file__).resolve().parent.parent / "firmware"
 MACHINE = "mps2-an386"          # QEMU's ARM MPS2 board with the AN386 image: a Cortex-M4
-# -icount shift=0: the virtual clock advances exactly 1 ns per guest instruction (deterministic,
-# independent of the host's load); SysTick runs on the board's 25 MHz system clock (QEMU
-# hw/arm/mps2.c SYSCLK_FRQ), so one tick = 40 instructions.  tests/test_firmware.py checks the
-# ratio with a loop of known length.
+# -icount shift=0: the virtual clock advances exactly 1 ns per guest instruction (deterministic, independent
+# of the host's load); SysTick runs on the board's 25 MHz system clock (QEMU hw/arm/mps2.c SYSCLK_FRQ), so
+# one tick = 40 instructions.  tests/test_firmware.py checks the ratio with a loop of known length.
 ICOUNT = ("-icount", "shift=0,align=off,sleep=off")
 INSNS_PER_TICK = 40
 ARM_CFLAGS = ("-mcpu=cortex-m4", "-mthumb", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror",
               "-ffunction-sections", "-fdata-sections")
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
 PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
-_CTYPE = {"int8": "int8_t", "int16": "int16_t", "int32": "int32_t",
-          "uint8": "uint8_t", "uint16": "uint16_t"}
+_CTYPE = {"int8": "int8_t", "int16": "int16_t", "int32": "int32_t", "uint8": "uint8_t", "uint16": "uint16_t"}
 
 
 class FirmwareError(RuntimeError):
@@ -83,9 +79,7 @@ def find_toolchain() -> dict:
     return found
 
 
-# ------------------------------------------------------------------------------------------------
-# MACs
-# ------------------------------------------------------------------------------------------------
+# ---------------- MACs
 def _taps(n_out, k, s, p, n_in):
     """Sum over output positions of the kernel taps that fall inside the input (not padding)."""
     o = np.arange(n_out)[:, None] * s + np.arange(k)[None, :] - p
@@ -132,9 +126,7 @@ def planned_activation_bytes(records, shapes) -> int:
     return max(sum(nbytes[j] for j in range(i) if last[j] >= i) + nbytes[i] for i in range(len(records)))
 
 
-# ------------------------------------------------------------------------------------------------
-# build
-# ------------------------------------------------------------------------------------------------
+# ---------------- build
 def _inputs_header(name, x) -> str:
     """fw_inputs.h: the model's header, the FW_* names harness.c uses, and the input codes."""
     P = name.upper()
@@ -223,7 +215,6 @@ def check_workdir(workdir, name="bll_model", inputs=()):
     """Before any work: every file the build and the run write in ``workdir`` that exists already
     must be a regular file (no device, FIFO, socket or directory) and none of ``inputs``;
     ValueError naming the path otherwise."""
-    from bll_ref.fileio import check_output
     if not os.path.isdir(workdir):
         return
     names = [f"{name}{s}" for s in (".h", ".c", "_test.c", ".o", ".su")] + [
@@ -244,7 +235,6 @@ def build(e, workdir, *, name="bll_model", samples=None, tools=None, harness_cfl
     Returns a dict: elf path, the samples' input codes, sizes of the model object and of the
     image, stack bound.  FirmwareError if a step fails (its log is ``build.log``).
     """
-    from .c_header import write_c
     check_workdir(workdir, name)
     tools = tools or find_toolchain()
     out = pathlib.Path(workdir)
@@ -278,9 +268,7 @@ def _first_line(cmd):
         return "?"
 
 
-# ------------------------------------------------------------------------------------------------
-# run and check
-# ------------------------------------------------------------------------------------------------
+# ---------------- run and check
 def run_qemu(elf, *, timeout=120.0, qemu="qemu-system-arm"):
     """Run ``elf`` on QEMU's mps2-an386 with semihosting and instruction counting (ICOUNT);
     returns (stdout, exit status or None on timeout, wall seconds).  The board's UART and QEMU's
@@ -339,7 +327,6 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
     every printed code with the file's traces.  Returns the report (also written to
     ``workdir/firmware_report.json``); ``report["ok"]`` is True iff every code matches.
     ToolchainMissing / FirmwareError / ValueError for the exit-2 cases."""
-    from . import hdf5
     check_workdir(workdir, name, inputs=[path])
     tools = find_toolchain()
     e = hdf5.read(path)
@@ -356,9 +343,9 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
            "n_samples": n, "n_records": len(e.records), "trace_size": sum(sizes),
            "macs_per_inference": sum(macs.values()),
            "macs_by_record": {f"{i} {e.records[i].kind} {e.records[i].name}": m for i, m in macs.items()},
-           "model_object": b["model_object"], "image": b["image"],
-           "ram_trace_buffer": 4 * sum(sizes),
-           "ram_planned_activations": planned_activation_bytes(e.records, shapes), "qemu_wall_s": round(wall, 3), "qemu_exit": rc}
+           "model_object": b["model_object"], "image": b["image"], "ram_trace_buffer": 4 * sum(sizes),
+           "ram_planned_activations": planned_activation_bytes(e.records, shapes),
+           "qemu_wall_s": round(wall, 3), "qemu_exit": rc}
     problem = None
     if rc is None:
         problem = f"QEMU did not finish within {timeout:g} s (--timeout); its output is in {workdir}/qemu.out"
@@ -410,27 +397,3 @@ def _print_report(rep, e, shapes, log):
             f"({rep['n_records']} records x {rep['n_samples']} samples) of the HDF5 traces bit for bit")
     else:
         log(f"MISMATCH: {rep['problem']}")
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-# ------------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m exporters.firmware", description=__doc__.split("\n\n")[0])
-    p.add_argument("file", help="HDF5 file written by bll-ref export")
-    p.add_argument("--workdir", required=True, help="directory for the C sources, objects, fw.elf, logs")
-    p.add_argument("--name", default="bll_model", help="C identifier of the model (default bll_model)")
-    p.add_argument("--samples", type=int, default=None,
-                   help="stored calibration samples to run (default: all traced samples of the export)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds QEMU may run (default 120)")
-    args = p.parse_args(argv)
-    try:
-        rep = run_firmware(args.file, args.workdir, name=args.name, samples=args.samples, timeout=args.timeout)
-    except (FirmwareError, ValueError, OSError, subprocess.SubprocessError) as err:
-        print(f"firmware: error: {err}", file=sys.stderr)
-        return 2
-    return 0 if rep["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from bll_ref.fileio import regular_input
+from bll_ref.memory import check_fits
 from bll_ref.fixedpoint import IntegerModel, quantize
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.records import record_from_plain
@@ -21,6 +22,8 @@ from bll_ref.layers import layer_from_config, state_dict
 
 from .hdf5_layout import (_REC_NAME, FORMAT, MAX_FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs,
                           _model_path, _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
+
+__all__ = ["read_checked"]
 
 
 def _decode(tree, source, known=None):
@@ -299,7 +302,6 @@ MAX_DECLARED_RATIO, _DECLARED_FLOOR = 100, 1 << 20
 def _check_declared(path, name, obj, total):
     """Declared size of ``obj`` against what the file stores and this machine's memory; ``total``
     (a one-element list) accumulates the declared bytes of the whole file."""
-    from bll_ref.checkpoint import check_fits
     n = int(obj.size) * obj.dtype.itemsize
     stored = obj.id.get_storage_size()
     if n > _DECLARED_FLOOR and n > MAX_DECLARED_RATIO * max(1, stored):

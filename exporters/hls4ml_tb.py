@@ -15,7 +15,6 @@ model's output codes scaled exactly (bit-exact expectations, not float predictio
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -23,6 +22,8 @@ import numpy as np
 from bll_ref.fileio import atomic_open, write_json_atomic
 from bll_ref.fixedpoint import QFormat
 from bll_ref.fixedpoint import records as R
+
+from .hdf5 import read
 
 __all__ = ["write_tb", "precision_table", "fixed_values", "LAYOUTS", "INPUT_FILE", "OUTPUT_FILE", "PRECISION_FILE"]
 
@@ -170,7 +171,6 @@ def write_tb(exported, out_dir, *, layout="channels_first") -> dict:
         raise ValueError(f"write_tb: {out_dir} is a file, not a directory; give a directory for the test "
                          "vectors (hls4ml reads them from <project>/tb_data)")
     if isinstance(exported, (str, os.PathLike)):
-        from .hdf5 import read
         exported = read(exported)
     os.makedirs(out_dir, exist_ok=True)
     recs, traces = exported.records, exported.traces

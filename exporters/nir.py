@@ -62,6 +62,8 @@ from bll_ref.fileio import atomic_path
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, walk
 
+from .hdf5 import read
+
 __all__ = ["write_nir", "to_nir_dict", "quant_metadata", "NIR_VERSION", "FORMAT_VERSION", "QUANT_VERSION"]
 
 NIR_VERSION = "1.0.8"          # the nir layout this writer follows (checked by tests with nir.read)
@@ -338,7 +340,6 @@ def write_nir(model, path, *, input_shape, dtype=np.float32, quant=None) -> path
     graph = to_nir_dict(model, input_shape=input_shape, dtype=dtype)
     if quant is not None:
         if isinstance(quant, (str, pathlib.Path)):
-            from .hdf5 import read
             quant = read(quant)
         quant_metadata(graph, quant if isinstance(quant, (list, tuple)) else quant.records)
     path = pathlib.Path(path)

@@ -19,7 +19,7 @@ from bll_ref import checkpoint, fileio, losses, models
 from bll_ref.cli import main
 from bll_ref.layers import Dense
 from bll_ref.methods import make
-from bll_ref.methods.common import TIMING_FIELDS, Diverged, fit
+from bll_ref.loop import TIMING_FIELDS, Diverged, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--sizes", "784,16,10", "--activation", "relu", "--limit-train", "300",
@@ -93,7 +93,7 @@ def test_non_finite_or_out_of_range_hyperparameters_are_refused_up_front(tmp_pat
 
 
 def test_fit_names_the_block_and_checks_parameters_once_per_epoch_not_every_step(monkeypatch):
-    from bll_ref.methods import common
+    from bll_ref import loop as common
     rng = np.random.default_rng(0)
     d = {"x_train": rng.standard_normal((256, 20)).astype(np.float32), "y_train": rng.integers(0, 4, 256),
          "x_test": rng.standard_normal((32, 20)).astype(np.float32), "y_test": rng.integers(0, 4, 32)}
@@ -462,7 +462,7 @@ def test_layer_call_runs_the_subclass_forward():
 # ------------------------------------------------------------------------------------------------
 def test_samples_per_second_counts_the_samples_processed(monkeypatch):
     """300 examples in batches of 128: the last step has 44; a clock that ticks 1 s per reading."""
-    from bll_ref.methods import common
+    from bll_ref import loop as common
     ticks = iter(range(1000))
     monkeypatch.setattr(common, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(ticks)))}))
     rng = np.random.default_rng(0)

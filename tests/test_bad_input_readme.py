@@ -36,7 +36,8 @@ def test_readme_first_contact_sections():
     for code in ("`0` success", "`1` a verified mismatch", "`2` bad input"):
         assert code in s
     layout = s[s.index("## Layout"):s.index("## How BLL")]
-    for path in ("cli.py", "checkpoint.py", "gradcheck.py", "fileio.py", "models.py", "`docs/`", "`tests/`"):
+    for path in ("bll_ref/cli/", "training.py", "checkpoint.py", "gradcheck.py", "fileio.py", "models.py", "`docs/`",
+                 "`tests/`"):
         assert path in layout, path
     results = s[s.index("## Results"):]
     assert results.count("\n|---") == 1, "one headline table in README; the rest in docs/results.md"

@@ -1,4 +1,4 @@
-"""The C golden model on an emulated Cortex-M4 (QEMU mps2-an386): exporters.firmware.
+"""The C golden model on an emulated Cortex-M4 (QEMU mps2-an386): exporters.firmware, ``bll-ref firmware``.
 
 The tests that build firmware need arm-none-eabi-gcc, newlib and qemu-system-arm (`make firmware`
 installs them); without them they skip, unless BLL_REQUIRE_FIRMWARE=1 (set by .ci/run), where a
@@ -13,6 +13,7 @@ import pytest
 
 import test_export_golden as golden  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from bll_ref import layers as L
+from bll_ref.cli import main as cli_main
 from bll_ref.fixedpoint import records as R
 from exporters import firmware, hdf5
 
@@ -110,14 +111,14 @@ def test_parse_output_reads_codes_and_refuses_short_or_garbled_output():
 def test_missing_toolchain_exits_2_with_one_line_naming_make_firmware(tmp_path, monkeypatch, capsys):
     path = _export(tmp_path, "mlp")
     monkeypatch.setattr(firmware.shutil, "which", lambda name: None)
-    assert firmware.main([str(path), "--workdir", str(tmp_path / "fw")]) == 2
+    assert cli_main(["firmware", str(path), "--workdir", str(tmp_path / "fw")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "make firmware" in err and "qemu-system-arm" in err
 
 
 def test_unreadable_export_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(firmware, "find_toolchain", lambda: {})   # reached before any tool runs
-    assert firmware.main([str(tmp_path / "missing.h5"), "--workdir", str(tmp_path / "fw")]) == 2
+    assert cli_main(["firmware", str(tmp_path / "missing.h5"), "--workdir", str(tmp_path / "fw")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing.h5" in err
 
@@ -161,7 +162,8 @@ def test_a_code_that_differs_from_the_file_exits_1_and_is_counted(tmp_path, tool
     traces = [t.copy() for t in e.traces]
     traces[-1][2, 1] += 1                     # sample 2: write_c checks only sample 0
     monkeypatch.setattr(hdf5, "read", lambda p: dataclasses.replace(e, traces=traces))
-    assert firmware.main([str(path), "--workdir", str(tmp_path / "fw"), "--timeout", str(QEMU_TIMEOUT)]) == 1
+    assert cli_main(["firmware", str(path), "--workdir", str(tmp_path / "fw"),
+                     "--timeout", str(QEMU_TIMEOUT)]) == 1
     rep = json.loads((tmp_path / "fw" / "firmware_report.json").read_text())
     last = list(rep["mismatches_by_record"])[-1]
     assert rep["mismatches_by_record"][last] == 1 and sum(rep["mismatches_by_record"].values()) == 1

@@ -8,7 +8,8 @@ from bll_ref import checkpoint, data, models
 from bll_ref.feedback import LinearFeedback
 from bll_ref.methods.backprop import Backprop
 from bll_ref.methods.bll import BLL, between_class_fraction
-from bll_ref.methods.common import evaluate, fit
+from bll_ref.loop import fit
+from bll_ref.methods.common import evaluate
 from bll_ref.methods.feedback_alignment import FeedbackAlignment
 from bll_ref.methods.learner import backward_block, forward_block
 

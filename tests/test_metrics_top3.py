@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bll_ref import models, report
-from bll_ref.methods import evaluate, fit, make
+from bll_ref.loop import fit
+from bll_ref.methods import evaluate, make
 from bll_ref.methods.common import accuracy, predict, topk_accuracy
 
 

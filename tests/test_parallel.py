@@ -17,7 +17,8 @@ import pytest
 
 from bll_ref import data, models
 from bll_ref.cli import main
-from bll_ref.methods import fit, make
+from bll_ref.loop import fit
+from bll_ref.methods import make
 from bll_ref.parallel import (SequentialSchedule, WorkerError, balanced_groups, check_pipelinable,
                               pipeline_seconds_per_step)
 from bll_ref.parallel.threads import ThreadPipeline

@@ -1,14 +1,14 @@
-"""Block-local quantisation-aware fine-tuning (bll_ref.quant_finetune): the fake-quantised forward
-equals the integer model's trace, the straight-through gradients are the gradients of the clipped
-surrogate, and fine-tuning lowers the integer model's loss on a small task."""
+"""Block-local quantisation-aware fine-tuning (bll_ref.quant_finetune, bll_ref.fakequant): the
+fake-quantised forward equals the integer model's trace, the straight-through gradients are the
+gradients of the clipped surrogate, and fine-tuning lowers the integer model's loss on a small task."""
 import numpy as np
 import pytest
 
 from bll_ref import layers as L
+from bll_ref.fakequant import _FQAffine, _FQLeakyReLU, _FQReLU, fake_quant, fake_quant_model, quantized_loss
 from bll_ref.fixedpoint import QFormat, compile_integer, dequantize
 from bll_ref.gradcheck import numeric_gradient
-from bll_ref.quant_finetune import _FQAffine, _FQLeakyReLU, _FQReLU, fake_quant, fake_quant_model, finetune_q, \
-    fold_batchnorms, quantized_loss
+from bll_ref.quant_finetune import finetune_q, fold_batchnorms
 
 F64 = np.float64
 

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from bll_ref import checkpoint, models
+from bll_ref import checkpoint, memory, models
 from bll_ref.cli import main
 from bll_ref.idx import read_idx
 
@@ -265,12 +265,12 @@ def test_export_refuses_a_tb_dir_under_a_file_before_writing_the_h5(trained, tmp
 
 
 def test_resnet18_width_that_cannot_fit_is_refused_up_front_with_an_estimate(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(checkpoint, "memory_limit", lambda: 64 << 30)
+    monkeypatch.setattr(memory, "memory_limit", lambda: 64 << 30)
     n, _ = models.resnet18_size(2000)
     assert n > 10 ** 10
-    rc, out, err = cli(capsys, "train", "--data", "synthetic", "--model", "resnet18", "--width", "2000",
+    rc, out, err = cli(capsys, "train", "--data", "synthetic", "--model", "resnet18", "--channels", "2000",
                        "--out", tmp_path / "r")
-    assert rc == 2 and "--width 2000" in err and "GiB" in err and f"{n:,} parameters" in err and out == ""
+    assert rc == 2 and "--channels 2000" in err and "GiB" in err and f"{n:,} parameters" in err and out == ""
 
 
 def test_resnet18_size_counts_the_parameters_of_the_built_model():

@@ -9,6 +9,7 @@ import pytest
 
 from bll_ref import report
 from bll_ref.cli import main as cli_main
+from bll_ref.report.figures import import_matplotlib
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TRAIN = 256
@@ -90,9 +91,9 @@ def test_report_figures_are_pngs_and_table_equals_history(runs, tmp_path):
     assert "](curves.png)" in md and "](blocks-bll.png)" in md
 
 
-def test_main_runs_as_module_entry_point(runs, tmp_path, capsys):
+def test_bll_ref_report_command_writes_the_report(runs, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert report.main([runs["bll"], runs["bp"], "--out", str(tmp_path / "r"), "--dpi", "40"]) == 0
+    assert cli_main(["report", runs["bll"], runs["bp"], "--out", str(tmp_path / "r"), "--dpi", "40"]) == 0
     assert "report.md" in capsys.readouterr().out
     _assert_png(tmp_path / "r" / "curves.png")
 
@@ -155,7 +156,7 @@ def test_bad_run_gives_exit_2_and_one_line(runs, tmp_path, capsys, case):
     else:
         _copy_run(runs["bll"], bad, edit)
     out = tmp_path / "out"
-    assert report.main([runs["bp"], str(bad), "--out", str(out)]) == 2
+    assert cli_main(["report", runs["bp"], str(bad), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(bad) in err and expected in err
@@ -165,7 +166,7 @@ def test_bad_run_gives_exit_2_and_one_line(runs, tmp_path, capsys, case):
 
 
 def test_missing_run_directory_is_exit_2(tmp_path, capsys):
-    assert report.main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert cli_main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err and "no such run directory" in err
 
@@ -173,9 +174,9 @@ def test_missing_run_directory_is_exit_2(tmp_path, capsys):
 def test_without_matplotlib_writes_markdown_and_hint(runs, tmp_path, monkeypatch, capsys):
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)  # `import` now raises ImportError
-    assert report._import_matplotlib() is None
+    assert import_matplotlib() is None
     out = tmp_path / "out"
-    assert report.main([runs["bp"], runs["bll"], "--out", str(out)]) == 0
+    assert cli_main(["report", runs["bp"], runs["bll"], "--out", str(out)]) == 0
     assert os.listdir(out) == ["report.md"]
     assert "pip install 'bll_ref[examples]'" in capsys.readouterr().out
     md = (out / "report.md").read_text()

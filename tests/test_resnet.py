@@ -114,32 +114,45 @@ def test_one_step_changes_every_block(method, opts):
 @pytest.mark.parametrize("method", ["bp", "fa", "bll"])
 def test_cli_trains_resnet18(method, tmp_path):
     out = tmp_path / method
-    assert cli_main(["train", "--method", method, "--model", "resnet18", "--width", "2", "--data", "synthetic",
+    assert cli_main(["train", "--method", method, "--model", "resnet18", "--channels", "2", "--data", "synthetic",
                      "--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--batch-size", "32",
                      "--out", str(out)]) == 0
     h = json.loads((out / "history.json").read_text())
     assert len(h["test_acc"]) == len(h["test_top3"]) == len(h["train_acc"]) == 1
     _, meta, _ = checkpoint.load(out / "checkpoint.npz")
-    assert meta["model"] == "resnet18" and meta["options"]["width"] == 2
+    assert meta["model"] == "resnet18" and meta["options"]["channels"] == 2
 
 
-def test_cli_refuses_width_for_other_models(tmp_path, capsys):
-    assert cli_main(["train", "--model", "cnn", "--width", "8", "--data", "synthetic", "--limit-train", "32",
+def test_train_width_is_a_deprecated_name_of_channels(tmp_path, capsys):
+    """--width means bits in export and finetune-q; for train it still works, with a note."""
+    out = tmp_path / "w"
+    assert cli_main(["train", "--method", "bp", "--model", "resnet18", "--width", "2", "--data", "synthetic",
+                     "--limit-train", "32", "--limit-test", "16", "--epochs", "1", "--batch-size", "16",
+                     "--out", str(out)]) == 0
+    assert "--width is deprecated" in capsys.readouterr().err
+    _, meta, _ = checkpoint.load(out / "checkpoint.npz")
+    assert meta["options"]["channels"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--channels", "--width"])
+def test_cli_refuses_channels_for_other_models(flag, tmp_path, capsys):
+    assert cli_main(["train", "--model", "cnn", flag, "8", "--data", "synthetic", "--limit-train", "32",
                      "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "--width applies to --model resnet18" in err and "Traceback" not in err
+    assert "--channels applies to --model resnet18" in err and "Traceback" not in err
 
 
 def test_run_saved_before_width_existed_resumes(tmp_path):
-    """trainer.json options without 'width' (runs saved before --width) resume; the history, which
-    then also lacks test_top3/train_acc for its first epoch, keeps growing per epoch."""
+    """trainer.json options of a run saved before the config (no config_version) and before --width
+    (no width/channels) resume; the history, which then also lacks test_top3/train_acc for its
+    first epoch, keeps growing per epoch."""
     out = tmp_path / "old"
     common = ["--data", "synthetic", "--limit-train", "64", "--limit-test", "32", "--sizes", "784,8,10",
               "--batch-size", "32"]
     assert cli_main(["train", "--method", "bll", "--epochs", "1", *common, "--out", str(out)]) == 0
     trainer = out / "state" / "trainer.json"
     t = json.loads(trainer.read_text())
-    del t["options"]["width"]
+    del t["options"]["channels"], t["options"]["config_version"]
     for key in ("test_top3", "train_acc"):
         del t["history"][key]
     trainer.write_text(json.dumps(t))

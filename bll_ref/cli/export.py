@@ -1,30 +1,43 @@
-"""``bll-ref export`` and ``bll-ref verify`` (hooked into bll_ref.cli by :func:`add_commands`).
+"""``bll-ref export``, ``verify``, ``nir``, ``c-header`` and ``firmware``: parsing and printing around
+``exporters``.
 
     bll-ref export CHECKPOINT --out model.h5 --width 8 [--rounding ..] [--overflow ..]
                    [--percentile P] [--calibration N] [--traces N] [--data auto|fashion-mnist|synthetic]
     bll-ref verify model.h5 [--no-accuracy] [--limit-test N]
+    bll-ref firmware model.h5 --workdir DIR [--samples N] [--timeout S] [--name NAME]
 
 verify exits 0 when integer inference rerun from the file reproduces every stored trace bit for
 bit, 1 on any mismatch, 2 when the file is unreadable or invalid (the error names the dataset).
+firmware (docs/firmware.md) exits 0 when the C golden model on the emulated Cortex-M4 prints every
+code of the file's traces, 1 when a code differs or the firmware faulted, hung or printed garbage,
+2 for bad input or environment (unreadable export; toolchain missing: the line names ``make firmware``).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 
 import numpy as np
 
-from bll_ref.fileio import check_output
-from bll_ref.fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
-from bll_ref.fixedpoint.qformat import CALIBRATIONS
+from exporters import hdf5
+from exporters.c_header import compile_c, find_c_compiler, write_c
+from exporters.firmware import FirmwareError, run_firmware
+from exporters.from_checkpoint import check_calibration, export_checkpoint, input_kind, training_inputs
+from exporters.hls4ml_tb import INPUT_FILE, OUTPUT_FILE, PRECISION_FILE, write_tb
+from exporters.nir import write_nir
 
-from . import hdf5
+from .. import checkpoint
+from ..fileio import check_output
+from ..fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
+from ..fixedpoint.qformat import CALIBRATIONS
+from .common import add_data_option
 
-__all__ = ["add_commands", "cmd_export", "cmd_verify", "cmd_nir", "cmd_c_header"]
+__all__ = ["add_export_commands", "cmd_export", "cmd_verify", "cmd_nir", "cmd_c_header", "cmd_firmware"]
 
 
-def add_commands(subparsers):
-    """Add the ``export`` and ``verify`` sub-commands to bll-ref's argparse sub-parsers."""
+def add_export_commands(subparsers):
+    """export, verify, nir, c-header and firmware, added to bll-ref's sub-parsers."""
     p = subparsers.add_parser("export", help="export a checkpoint as one fixed-point HDF5 file "
                               "(float + integer weights, calibration traces; docs/hdf5-format.md)")
     p.add_argument("checkpoint", help="checkpoint.npz written by bll-ref train")
@@ -52,8 +65,7 @@ def add_commands(subparsers):
                    help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
     p.add_argument("--traces", type=int, default=16, metavar="N",
                    help="calibration examples whose per-layer output codes are stored (default 16)")
-    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
-                   help="calibration data; auto: what the checkpoint was trained on")
+    add_data_option(p, "calibration data")
     p.add_argument("--tb-dir", default=None, metavar="DIR",
                    help="also write hls4ml test vectors of the traced examples (tb_input_features.dat, "
                    "tb_output_predictions.dat) and a per-layer ap_fixed precision table to DIR "
@@ -69,8 +81,7 @@ def add_commands(subparsers):
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also report float vs fixed-point test accuracy when the data is available")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="use the first N test examples (default: all)")
-    p.add_argument("--data", choices=("auto", "fashion-mnist", "synthetic"), default="auto",
-                   help="test data for --accuracy; auto: what the model was trained on")
+    add_data_option(p, "test data for --accuracy")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("nir", help="write a checkpoint's network as a NIR graph file (.nir)")
@@ -91,19 +102,26 @@ def add_commands(subparsers):
                    "self-test against the stored traces (exit 1 on mismatch)")
     p.set_defaults(func=cmd_c_header)
 
+    p = subparsers.add_parser("firmware", help="cross-compile the C golden model of an exported HDF5 file for a "
+                              "Cortex-M4, run it on QEMU (mps2-an386) and check every code against the file's "
+                              "traces (exit 1 on any difference; docs/firmware.md)")
+    p.add_argument("file", help="HDF5 file written by bll-ref export")
+    p.add_argument("--workdir", required=True, help="directory for the C sources, objects, fw.elf, logs")
+    p.add_argument("--name", default="bll_model", help="C identifier of the model (default bll_model)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="stored calibration samples to run (default: all traced samples of the export)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds QEMU may run (default 120)")
+    p.set_defaults(func=cmd_firmware)
+
 
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
 def cmd_export(args):
-    from bll_ref import checkpoint
-    if args.calibration < 1 or not 1 <= args.traces <= args.calibration:
-        raise ValueError(f"need --calibration >= 1 and 1 <= --traces <= --calibration, got "
-                         f"--calibration {args.calibration} --traces {args.traces}")
+    check_calibration(args.calibration, args.traces)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"model-w{args.width}.h5")
     _refuse_overwrite(args.checkpoint, [out])
     if args.tb_dir:
-        from .hls4ml_tb import INPUT_FILE, OUTPUT_FILE, PRECISION_FILE
         if os.path.exists(args.tb_dir) and not os.path.isdir(args.tb_dir):
             raise ValueError(f"--tb-dir {args.tb_dir} is a file, not a directory; give a directory for "
                              "the test vectors")
@@ -111,29 +129,15 @@ def cmd_export(args):
         if os.path.isdir(args.tb_dir):
             _refuse_overwrite([args.checkpoint, out], [os.path.join(args.tb_dir, f)
                                                        for f in (INPUT_FILE, OUTPUT_FILE, PRECISION_FILE)])
-    model, meta, aux = checkpoint.load(args.checkpoint)
-    images = _is_image_model(meta, model.config())
-    d = _load(meta, args.data, images, limit_train=args.calibration, limit_test=1)
-    x, y = d["x_train"][:args.calibration], d["y_train"][:args.calibration]
-    ft = meta.get("finetune_q") or {}          # a finetune-q checkpoint: export as it was trained
-    if ft and ft.get("width") != args.width:
-        print(f"note: the checkpoint was fine-tuned for {ft.get('width')} bits, exporting {args.width} "
-              "(activation formats calibrated, not the fine-tuned ones)")
-    e = hdf5.export(model, out, x, width=args.width, rounding=args.rounding, overflow=args.overflow,
-                    percentile=args.percentile, n_traces=args.traces, aux=aux,
-                    calibration=args.calibration_method or ft.get("calibration", "percentile"),
-                    per_channel=ft.get("per_channel", False) if args.per_channel is None else args.per_channel,
-                    out_formats=ft.get("formats") if ft.get("width") == args.width else None,
-                    output_width=args.output_width,
-                    meta=hdf5.portable_meta(meta, args.checkpoint), labels=y)   # no local paths
-    im = e.integer_model()
-    agree = float(np.mean(np.argmax(im.infer(x), 1) == np.argmax(model.forward(x, train=False), 1)))
+    e, agree = export_checkpoint(args.checkpoint, out, width=args.width, rounding=args.rounding,
+                                 overflow=args.overflow, percentile=args.percentile, n_calibration=args.calibration,
+                                 n_traces=args.traces, calibration=args.calibration_method,
+                                 per_channel=args.per_channel, output_width=args.output_width, data=args.data)
     print(f"{len(e.records)} integer records (width {args.width}, {args.rounding}, {args.overflow}) "
-          f"calibrated on {len(x)} examples; float/fixed argmax agreement on them {100 * agree:.1f}%")
+          f"calibrated on {args.calibration} examples; float/fixed argmax agreement on them {100 * agree:.1f}%")
     print(f"wrote {out} ({_size(os.path.getsize(out))}; traces of {args.traces} examples); "
           f"check it with: bll-ref verify {out}")
     if args.tb_dir:
-        from .hls4ml_tb import write_tb
         paths = write_tb(e, args.tb_dir, layout=args.tb_layout)
         print("wrote hls4ml test vectors " + ", ".join(paths.values()))
     return 0
@@ -170,23 +174,6 @@ def _refuse_overwrite(source, outputs):
             check_output(out, sources)
         except OSError as e:
             raise ValueError(e.strerror) from None
-
-
-def _is_image_model(meta, config):
-    if meta.get("model") in ("cnn", "resnet", "resnet18"):
-        return True
-    if meta.get("model") == "mlp":
-        return False
-    while config.get("type") == "Sequential" and config.get("layers"):
-        config = config["layers"][0]
-    return config.get("type") == "Conv2d"
-
-
-def _load(meta, want, images, *, limit_train, limit_test):
-    """The data the model was trained on (meta['data']) unless ``want`` says otherwise.
-    Synthetic data is regenerated with the training run's sizes so the split is the same."""
-    from bll_ref.checkpoint import training_data
-    return training_data(meta, want, images=images, limit_train=limit_train, limit_test=limit_test)[0]
 
 
 def _size(n):
@@ -230,7 +217,7 @@ def _report_accuracy(args):
     e = hdf5.read(args.file)
     images = len(e.records[0]["attrs"]["shape"]) == 3
     try:
-        d = _load(e.meta, args.data, images, limit_train=1, limit_test=args.limit_test)
+        d = training_inputs(e.meta, args.data, images, limit_train=1, limit_test=args.limit_test)
     except FileNotFoundError as err:
         print(f"accuracy: skipped ({err})")
         return
@@ -256,15 +243,12 @@ def _report_accuracy(args):
 # nir / c-header
 # ------------------------------------------------------------------------------------------------
 def cmd_nir(args):
-    from bll_ref import checkpoint
-
-    from .nir import write_nir
     _refuse_overwrite(args.checkpoint, [args.out])
     if getattr(args, "quant", None):
         _input_file(args.quant)
         _refuse_overwrite(args.quant, [args.out])
     model, meta, _ = checkpoint.load(args.checkpoint)
-    shape = (1, 28, 28) if _is_image_model(meta, model.config()) else (model[0][0].in_features,)
+    shape = (1, 28, 28) if input_kind(meta, model.config()) == "image" else (model[0][0].in_features,)
     write_nir(model, args.out, input_shape=shape, quant=getattr(args, "quant", None))
     print(f"wrote {args.out} ({_size(os.path.getsize(args.out))}"
           f"{', with integer codes from ' + args.quant if getattr(args, 'quant', None) else ''}); "
@@ -273,9 +257,6 @@ def cmd_nir(args):
 
 
 def cmd_c_header(args):
-    import subprocess
-
-    from .c_header import compile_c, find_c_compiler, write_c
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise ValueError(f"--out-dir {args.out_dir} is a file, not a directory")
     if args.vectors < 1:
@@ -303,3 +284,14 @@ def cmd_c_header(args):
     print(f"C golden model {'matches' if res.returncode == 0 else 'DOES NOT match'} the stored traces "
           f"({n} examples, {len(e.records)} layers)")
     return 0 if res.returncode == 0 else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# firmware
+# ------------------------------------------------------------------------------------------------
+def cmd_firmware(args):
+    try:
+        rep = run_firmware(args.file, args.workdir, name=args.name, samples=args.samples, timeout=args.timeout)
+    except (FirmwareError, subprocess.SubprocessError) as err:  # build failed, toolchain missing: exit 2
+        raise ValueError(str(err)) from None
+    return 0 if rep["ok"] else 1

@@ -205,8 +205,10 @@ class Conv2d(Layer):
         n = x.shape[0]
         self._check_dy(dy, (n, self.out_channels, *out))
         dy = dy.astype(self.dtype, copy=False)  # grads keep the params' dtype
-        W = self.params["W"]
         xp, kernels = array_module(x), kernels_for(x)
+        if xp is not np:  # the GPU kernels index flat buffers: a strided dy (a view) is copied once
+            dy = xp.ascontiguousarray(dy)
+        W = self.params["W"]
         if self.winograd and xp is np:
             return self._winograd_backward(x, out, dy, need_dx, W if dx_weight is None else dx_weight)
         dy = dy.reshape(n, self.out_channels, -1)

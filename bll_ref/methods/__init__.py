@@ -5,13 +5,13 @@ options, trains with ``train_step(x, y)``, and has ``state_dict()`` / ``load_sta
 everything needed to resume (parameters, buffers, optimiser state, auxiliary networks).
 """
 from .backprop import Backprop
-from .bll import BLL, between_class_fraction
-from .common import Method, evaluate, fit, predict
+from .bll import BLL, BLL_OPTIONS, between_class_fraction, check_options
+from .common import Method, evaluate, predict
 from .feedback_alignment import FeedbackAlignment
 from .learner import HiddenLearner, OutputLearner
 
 __all__ = ["BLL", "Backprop", "FeedbackAlignment", "Method", "HiddenLearner", "OutputLearner", "make", "METHODS",
-           "fit", "evaluate", "predict", "between_class_fraction"]
+           "check_options", "BLL_OPTIONS", "evaluate", "predict", "between_class_fraction"]
 
 METHODS = {"bp": Backprop, "fa": FeedbackAlignment, "bll": BLL}
 
@@ -26,11 +26,7 @@ def make(name, model, *, sample_input=None, rng=0, **options):
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     if name == "bll":
         return BLL(model, sample_input=sample_input, rng=rng, **options)
-    bll_only = sorted(set(options) & _BLL_OPTIONS)
+    bll_only = sorted(set(options) & set(BLL_OPTIONS))
     if bll_only:
         raise ValueError(f"{', '.join(bll_only)} apply to method 'bll' only, not {name!r}")
     return FeedbackAlignment(model, rng=rng, **options) if name == "fa" else Backprop(model, **options)
-
-
-_BLL_OPTIONS = {"n_classes", "variational", "feedback", "var_weight", "tau", "m", "anneal", "head", "head_weight",
-                "eq8_terms", "span", "l2", "feedback_decay", "feedback_lr", "use_kernels"}

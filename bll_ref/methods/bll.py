@@ -44,7 +44,7 @@ from .terms import TERMS
 from .learner import (HiddenLearner, LocalRule, OutputLearner, between_class_fraction, forward_block,
                       pack_states, unpack_states)
 
-__all__ = ["BLL", "VARIATIONAL", "FEEDBACK", "between_class_fraction"]
+__all__ = ["BLL", "VARIATIONAL", "FEEDBACK", "BLL_OPTIONS", "check_options", "between_class_fraction"]
 
 VARIATIONAL = tuple(TERMS)   # "gauss_ln", "gauss", "eq8", "bernoulli_kl", "none", "sim"
 FEEDBACK = tuple(SOURCES)    # "closed", "trained", "twin"
@@ -83,6 +83,36 @@ def _refuse(options, why):
     if given:
         raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {why}; "
                          "leave it out")
+
+
+#: BLL's own keywords (besides the optimiser's): ``methods.make`` refuses them for BP and FA
+BLL_OPTIONS = ("n_classes", "variational", "feedback", "var_weight", "tau", "m", "anneal", "head", "head_weight",
+               "eq8_terms", "span", "l2", "feedback_decay", "feedback_lr", "use_kernels")
+
+
+def check_options(*, variational="gauss_ln", feedback=None, var_weight=None, tau=None, m=None, anneal=None,
+                  head=True, head_weight=None, eq8_terms=None, span=1, l2=None, feedback_decay=None,
+                  feedback_lr=None):
+    """ValueError for a BLL option value that is not one, or an option that does not apply to the
+    chosen variant (what applies is declared by the term and the feedback source classes); no
+    model needed, so a training run checks its options before loading anything."""
+    if variational not in VARIATIONAL:
+        raise ValueError(f"variational must be one of {VARIATIONAL}, got {variational!r}")
+    if feedback is not None and feedback not in FEEDBACK:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
+    if span not in (1, 2):
+        raise ValueError(f"span must be 1 or 2, got {span}")
+    if not head and variational == "none":
+        raise ValueError("with variational='none' and head=False the hidden blocks get no signal")
+    options = dict(feedback=feedback, var_weight=var_weight, tau=tau, m=m, anneal=anneal,
+                   eq8_terms=eq8_terms, l2=l2, feedback_decay=feedback_decay, feedback_lr=feedback_lr)
+    _refuse_inapplicable(options, TERMS[variational](), SOURCES[feedback or "closed"])
+    if anneal is False:
+        _refuse(dict(tau=tau, m=m), "with anneal=False (the Gaussian term then never uses the mixing m)")
+    if m is not None:
+        _refuse(dict(tau=tau), "with a constant m (tau sets the schedule m = 1 / (1 + tau epoch))")
+    if not head:
+        _refuse(dict(head_weight=head_weight), "with head=False")
 
 
 def _refuse_inapplicable(options, term, source):
@@ -136,29 +166,15 @@ class BLL(Method):
                  optimizer="adam", lr=1e-3, l2=None, feedback_decay=None, feedback_lr=None,
                  use_kernels=True, rng=0, sample_input=None, **opt_kw):
         super().__init__(model)
-        if variational not in VARIATIONAL:
-            raise ValueError(f"variational must be one of {VARIATIONAL}, got {variational!r}")
-        if feedback is not None and feedback not in FEEDBACK:
-            raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
-        if span not in (1, 2):
-            raise ValueError(f"span must be 1 or 2, got {span}")
-        if not head and variational == "none":
-            raise ValueError("with variational='none' and head=False the hidden blocks get no signal")
         if sample_input is None:
             raise ValueError("BLL needs sample_input (a few input rows) to size heads and feedback")
+        check_options(variational=variational, feedback=feedback, var_weight=var_weight, tau=tau, m=m,
+                      anneal=anneal, head=head, head_weight=head_weight, eq8_terms=eq8_terms, span=span, l2=l2,
+                      feedback_decay=feedback_decay, feedback_lr=feedback_lr)
         term = TERMS[variational]()
         if variational == "sim" and var_weight is None:
             var_weight = 99.0  # N&E: beta = 0.99 on sim, 0.01 on pred
-        options = dict(feedback=feedback, var_weight=var_weight, tau=tau, m=m, anneal=anneal,
-                       eq8_terms=eq8_terms, l2=l2, feedback_decay=feedback_decay, feedback_lr=feedback_lr)
         feedback = feedback or "closed"
-        _refuse_inapplicable(options, term, SOURCES[feedback])
-        if anneal is False:
-            _refuse(dict(tau=tau, m=m), "with anneal=False (the Gaussian term then never uses the mixing m)")
-        if m is not None:
-            _refuse(dict(tau=tau), "with a constant m (tau sets the schedule m = 1 / (1 + tau epoch))")
-        if not head:
-            _refuse(dict(head_weight=head_weight), "with head=False")
         eq8_terms = ("forward", "posterior") if eq8_terms is None else tuple(eq8_terms)
         bad = set(eq8_terms) - {"forward", "posterior"}
         if bad or not eq8_terms:

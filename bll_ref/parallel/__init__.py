@@ -4,91 +4,45 @@ A schedule runs one epoch with ``run_epoch(method, batches, on_step) -> losses``
 ``gather(method)`` leaves the whole trained state in the root process (``is_root``), which
 evaluates and writes files. The pipelined schedules make the same updates as the sequential one,
 bit for bit, when every learner needs only its input and the labels (span 1, closed or trained
-linear feedback): docs/architecture.md, "Why a pipeline of block learners is exact". Span 2 and twin feedback send messages
-downwards and are refused by them.
+linear feedback): docs/architecture.md, "Why a pipeline of block learners is exact". Span 2 and
+twin feedback send messages downwards and are refused by them.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-
-from threadpoolctl import threadpool_limits
-
+from .base import SCHEDULES, SequentialSchedule, WorkerError, blas_threads, check_pipelinable, fault_point, plan_groups
 from .plan import balanced_groups, blocks_label, describe, measure_learner_seconds, pipeline_seconds_per_step
+from .threads import ThreadPipeline
 
-__all__ = ["SCHEDULES", "SequentialSchedule", "blas_threads", "WorkerError", "check_pipelinable", "plan_groups",
-           "balanced_groups", "blocks_label", "describe", "measure_learner_seconds", "pipeline_seconds_per_step"]
-
-SCHEDULES = ("none", "threads", "mpi", "streams")  # streams: one CUDA stream per block (--device cuda)
-
-
-class WorkerError(RuntimeError):
-    """A pipeline worker failed; the message names the worker and its blocks."""
+__all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule", "blas_threads", "WorkerError",
+           "check_pipelinable", "plan_groups", "fault_point", "balanced_groups", "blocks_label", "describe",
+           "measure_learner_seconds", "pipeline_seconds_per_step"]
 
 
-def blas_threads(n):
-    """Context holding BLAS to ``n`` threads (None: leave it). OpenBLAS may sum a GEMM in another
-    order with another thread count, so schedules agree bit for bit only at equal counts."""
-    return threadpool_limits(limits=int(n), user_api="blas") if n else contextlib.nullcontext()
+def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1, batch_size=128, log=print):
+    """The schedule ``parallel`` names (one of SCHEDULES) for ``method``, with its blocks assigned to
+    workers by their measured step time on one batch of ``data`` (dict with x_train, y_train).
 
-
-class SequentialSchedule:
-    """Every learner of a step in one loop, in one process (``BLL.train_step``, or any method's).
-
-    ``blas`` : BLAS threads while training (None: the library's default).
-    """
-
-    name, workers, is_root = "none", 1, True
-
-    def __init__(self, blas=None):
-        self.blas = blas
-
-    def run_epoch(self, method, batches, on_step):
-        losses = []
-        with blas_threads(self.blas):
-            for step, (xb, yb) in enumerate(batches, 1):
-                fault_point(0, method.epoch, step)
-                loss = method.train_step(xb, yb)
-                losses.append(loss)
-                on_step(step, loss)
-        return losses
-
-    def gather(self, method):
-        pass
-
-
-def check_pipelinable(method):
-    """ValueError unless ``method`` is a BLL whose learners can run in a pipeline exactly."""
-    if not hasattr(method, "learners"):
-        raise ValueError(f"parallel schedules run BLL's block learners; method {method.name!r} has none "
-                         "(use --parallel none)")
-    if method.span != 1:
-        raise ValueError("span 2 (BLL(2)) sends gradients down to the block below, so its blocks cannot "
-                         "run in a pipeline exactly; use --parallel none")
-    if method.twin is not None:
-        raise ValueError("twin feedback passes messages down through the backward network, so its blocks "
-                         "cannot run in a pipeline exactly; use --feedback closed or trained, or --parallel none")
-
-
-def plan_groups(method, workers, x, y, log=print):
-    """Contiguous groups of learners for ``workers`` workers, balanced by measured step time."""
-    costs = measure_learner_seconds(method, x, y)
-    groups = balanced_groups(costs, workers)
-    if log:
-        log(f"assignment: {describe(groups, costs)}")
-    return groups, costs
-
-
-def fault_point(worker, epoch, step):
-    """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL) or "raise:W:E:S" makes
-    worker W fail at step S (1-based) of epoch E (0-based)."""
-    spec = os.environ.get("BLL_REF_FAULT")
-    if not spec:
-        return
-    kind, w, e, s = spec.split(":")
-    if (int(w), int(e), int(s)) != (worker, epoch, step):
-        return
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault (BLL_REF_FAULT={spec})")
+    mpi.py and streams.py are imported here, when asked for: they need mpi4py (the [mpi] extra)
+    and CuPy (the [cuda] extra), which a plain install does not have."""
+    if parallel == "none":
+        if workers not in (None, 1):
+            raise ValueError("--workers needs --parallel threads or mpi")
+        return SequentialSchedule(blas=blas_threads)
+    if parallel not in SCHEDULES:
+        raise ValueError(f"parallel must be one of {', '.join(SCHEDULES)}, got {parallel!r}")
+    check_pipelinable(method)
+    if parallel == "streams":
+        from .streams import StreamSchedule
+        return StreamSchedule(method)
+    x, y = data["x_train"][:batch_size], data["y_train"][:batch_size]
+    if parallel == "threads":
+        groups, _ = plan_groups(method, 2 if workers is None else workers, x, y, log=log)
+        return ThreadPipeline(method, groups, blas=blas_threads)
+    from .mpi import MPIPipeline, bcast_groups, world
+    comm = world()
+    if workers is not None and workers != comm.Get_size():
+        raise ValueError(f"--workers {workers} but {comm.Get_size()} MPI ranks; launch with mpiexec -n {workers}")
+    if comm.Get_size() > len(method.learners):
+        raise ValueError(f"{comm.Get_size()} MPI ranks for {len(method.learners)} blocks; use at most one rank per block")
+    groups = plan_groups(method, comm.Get_size(), x, y, log=log)[0] if comm.Get_rank() == 0 else None
+    return MPIPipeline(method, comm, bcast_groups(comm, groups), data["x_train"][:2], blas=blas_threads)

@@ -20,7 +20,7 @@ import traceback
 import numpy as np
 
 from ..methods.learner import pack_states, unpack_states
-from . import blas_threads, check_pipelinable, fault_point
+from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 
 __all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from . import WorkerError, blas_threads, blocks_label, check_pipelinable, fault_point
+from .base import WorkerError, blas_threads, check_pipelinable, fault_point
+from .plan import blocks_label
 
 __all__ = ["ThreadPipeline"]
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from bll_ref import data, models
 from bll_ref.layers import state_dict
-from bll_ref.methods import BLL, Backprop, FeedbackAlignment, fit
+from bll_ref.loop import fit
+from bll_ref.methods import BLL, Backprop, FeedbackAlignment
 
 
 def _mlp_data():
