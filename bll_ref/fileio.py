@@ -30,7 +30,20 @@ from .memory import check_fits
 
 __all__ = ["atomic_path", "atomic_open", "write_json_atomic", "write_npz", "to_json", "json_default",
            "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock", "regular_input",
-           "npz_entries", "MAX_INFLATION"]
+           "npz_entries", "MAX_INFLATION", "creatable_dir_problem"]
+
+def creatable_dir_problem(path):
+    """Why directory ``path`` cannot be created or written (its nearest existing ancestor is a
+    file, or not writable), or None; it creates nothing. Asked before a command does its work."""
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
 
 _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))

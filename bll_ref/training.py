@@ -22,7 +22,7 @@ import numpy as np
 
 from . import checkpoint, data, models, runstate
 from .backend import resolve_device
-from .fileio import RunLock, check_output
+from .fileio import RunLock, check_output, creatable_dir_problem
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
@@ -365,13 +365,9 @@ def _check_writable(out, create=True):
     """Fail now, not after training, when the run directory cannot be written. ``create=False``:
     only look (the nearest existing ancestor must be a writable directory), creating nothing."""
     if not create:
-        path = os.path.abspath(out)
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        if not os.path.isdir(path):
-            raise ValueError(f"cannot write the run directory {out}: {path} is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write the run directory {out}: {path} is not writable")
+        problem = creatable_dir_problem(out)
+        if problem:
+            raise ValueError(f"cannot write the run directory {out}: {problem}")
         return
     try:
         os.makedirs(out, exist_ok=True)

@@ -15,33 +15,16 @@ import numpy as np
 import pytest
 
 from bll_ref import fileio
-from bll_ref.cli import main
+from clitools import TINY, cli, train_and_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data", "synthetic", "--sizes", "784,16,10", "--activation", "relu", "--limit-train", "300",
-        "--limit-test", "100", "--epochs", "1"]
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
-
-
-def cli(capsys, *argv):
-    """Run bll-ref in-process -> (exit code, stdout, stderr); a bad-input error is one line."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    if rc == 2:
-        assert len(err.strip().splitlines()) == 1, err
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny BLL run on the synthetic task: (run dir, checkpoint path, exported .h5 path)."""
-    d = tmp_path_factory.mktemp("trained")
-    assert main(["train", *TINY, "--out", str(d / "run")]) == 0
-    ck = d / "run" / "checkpoint.npz"
-    h5 = d / "m.h5"
-    assert main(["export", str(ck), "--out", str(h5), "--calibration", "64", "--traces", "4"]) == 0
-    return d / "run", ck, h5
+    return train_and_export(tmp_path_factory.mktemp("trained"))
 
 
 def _special(path, kind):

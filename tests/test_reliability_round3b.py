@@ -18,23 +18,12 @@ import h5py
 import numpy as np
 import pytest
 
-from bll_ref import checkpoint, memory, models
+from bll_ref import memory, models
 from bll_ref.cli import main
 from bll_ref.idx import read_idx
+from clitools import TINY, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data", "synthetic", "--sizes", "784,16,10", "--activation", "relu", "--limit-train", "300",
-        "--limit-test", "100", "--epochs", "1"]
-
-
-def cli(capsys, *argv):
-    """Run bll-ref in-process -> (exit code, stdout, stderr); a bad-input error is one line."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    if rc == 2:
-        assert len(err.strip().splitlines()) == 1, err
-    return rc, out, err
 
 
 def run(argv, timeout=120, **kw):

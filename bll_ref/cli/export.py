@@ -28,7 +28,7 @@ from exporters.hls4ml_tb import INPUT_FILE, OUTPUT_FILE, PRECISION_FILE, write_t
 from exporters.nir import write_nir
 
 from .. import checkpoint
-from ..fileio import check_output
+from ..fileio import check_output, creatable_dir_problem
 from ..fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
 from ..fixedpoint.qformat import CALIBRATIONS
 from .common import add_data_option
@@ -155,13 +155,9 @@ def _input_file(path):
 def _creatable_dir(option, path):
     """A directory that exists or can be created: its nearest existing ancestor is a writable
     directory (``FILE/sub`` failed only after the main output was written)."""
-    parent = os.path.abspath(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{option} {path}: {parent} is a file, not a directory; give a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {parent} is not writable")
+    problem = creatable_dir_problem(path)
+    if problem:
+        raise ValueError(f"{option} {path}: {problem}; give a writable directory")
 
 
 def _refuse_overwrite(source, outputs):
