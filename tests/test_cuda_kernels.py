@@ -1,8 +1,9 @@
-"""numba.cuda loss kernels (bll_ref.losses.cuda) against their NumPy twins (losses.local, output).
+"""numba.cuda loss kernels (bll_ref.losses.cuda, whose kernels live in bll_ref.gpu.loss_kernels)
+against their NumPy twins (losses.local, output).
 
 Three layers of checks:
 
-- **PTX**: every kernel of the module compiles for real hardware (sm_90 and sm_75, each
+- **PTX**: every kernel of ``gpu.loss_kernels`` compiles for real hardware (sm_90 and sm_75, each
   signature it is launched with). The simulator accepts code NVVM rejects (the builtin
   ``max(x, 0.0)`` did), so this runs in a process WITHOUT the simulator; NVIDIA's pip NVVM
   needs no GPU. It fails, not skips, when numba-cuda is missing.
@@ -53,16 +54,23 @@ for name, sigs in mod.PTX_SIGNATURES.items():
                 compiled.append(f"{name}/{key}/sm_{cc[0]}{cc[1]}")
             except Exception as e:
                 failed[f"{name}/{key}/sm_{cc[0]}{cc[1]}"] = f"{type(e).__name__}: {str(e)[:300]}"
+# modules that launch these kernels: the kernels they define themselves (which the list could miss)
+others = {}
+for name in sys.argv[2:]:
+    other = importlib.import_module(name)
+    others[name] = {"kernels": sorted(n for n, v in vars(other).items() if isinstance(v, CUDADispatcher)),
+                    "same_signatures": getattr(other, "PTX_SIGNATURES", None) is mod.PTX_SIGNATURES}
 print(json.dumps({"kernels": kernels, "listed": sorted(mod.PTX_SIGNATURES), "helpers": helpers,
-                  "compiled": compiled, "failed": failed}))
+                  "compiled": compiled, "failed": failed, "others": others}))
 '''
 
 
-def ptx_report(module):
-    """Compile every kernel of ``module`` to PTX in a process without the simulator."""
+def ptx_report(module, *others):
+    """Compile every kernel of ``module`` to PTX in a process without the simulator; list the
+    kernels that each of ``others`` defines itself."""
     assert importlib.util.find_spec("numba_cuda") is not None, \
         "numba-cuda is not installed: the GPU kernels cannot be checked (pip install 'bll_ref[cuda]')"
-    res = subprocess.run([sys.executable, "-c", PTX_CODE, module], capture_output=True, text=True, cwd=ROOT,
+    res = subprocess.run([sys.executable, "-c", PTX_CODE, module, *others], capture_output=True, text=True, cwd=ROOT,
                          timeout=600, env=dict(os.environ, PYTHONPATH=PYTHONPATH, NUMBA_ENABLE_CUDASIM="0"))
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -78,8 +86,10 @@ def check_ptx(report):
 
 
 def test_every_loss_kernel_compiles_to_ptx_for_sm90_and_sm75():
-    report = ptx_report("bll_ref.losses.cuda")
+    report = ptx_report("bll_ref.gpu.loss_kernels", "bll_ref.losses.cuda")
     check_ptx(report)
+    # losses.cuda launches gpu.loss_kernels' kernels (its PTX_SIGNATURES is theirs) and defines none
+    assert report["others"] == {"bll_ref.losses.cuda": {"kernels": [], "same_signatures": True}}, report["others"]
     assert {"_bernoulli_eq8_kernel", "_softmax_ce_kernel", "_sum_partials_kernel"} <= set(report["kernels"])
     assert "_block_reduce" in report["helpers"]
 
@@ -88,6 +98,7 @@ def test_every_loss_kernel_compiles_to_ptx_for_sm90_and_sm75():
 _SIM_CODE = r'''
 import json, numpy as np
 from numba import cuda as nbcuda
+from bll_ref.gpu import loss_kernels
 from bll_ref.losses import cuda, local, output, kernels
 
 out = {"available": cuda.available()}
@@ -260,7 +271,7 @@ out["device_nan_loss"] = repr(float(nan_loss.copy_to_host()[0]))
 # the on-device sum of block partials: more partials than threads, fixed order
 partial = rng.standard_normal(3 * cuda.THREADS + 17)
 d_loss = nbcuda.device_array(1, np.float64)
-cuda._sum_partials_kernel[1, cuda.THREADS](nbcuda.to_device(partial), partial.size, 1.0 / 7, d_loss)
+loss_kernels._sum_partials_kernel[1, cuda.THREADS](nbcuda.to_device(partial), partial.size, 1.0 / 7, d_loss)
 out["sum_partials_err"] = abs(float(d_loss.copy_to_host()[0]) - float(partial.sum() / 7)) / abs(partial.sum() / 7)
 
 # one launch: the last block's sum is the separate partial-sum launch bit for bit, and the ticket
@@ -272,10 +283,10 @@ d_partial, d_counter = nbcuda.device_array(3), nbcuda.to_device(np.zeros(1, np.i
 one = []
 for run in range(2):
     d_one, d_two = nbcuda.device_array(1), nbcuda.device_array(1)
-    cuda._bernoulli_eq8_kernel[3, cuda.THREADS](da, db, 0.4, 0.0, 1 / 3, float(np.finfo(np.float64).tiny), a.size,
-                                                 o1, o2, d_partial, d_counter, d_one)
+    loss_kernels._bernoulli_eq8_kernel[3, cuda.THREADS](da, db, 0.4, 0.0, 1 / 3, float(np.finfo(np.float64).tiny), a.size,
+                                                         o1, o2, d_partial, d_counter, d_one)
     counter_after = int(d_counter.copy_to_host()[0])
-    cuda._sum_partials_kernel[1, cuda.THREADS](d_partial, 3, 1 / 3, d_two)
+    loss_kernels._sum_partials_kernel[1, cuda.THREADS](d_partial, 3, 1 / 3, d_two)
     one.append({"one": d_one.copy_to_host()[0].tobytes().hex(), "two": d_two.copy_to_host()[0].tobytes().hex(),
                 "counter_after": counter_after})
 out["one_launch"] = {"runs": one, "err": abs(float(np.frombuffer(bytes.fromhex(one[0]["one"]))[0])

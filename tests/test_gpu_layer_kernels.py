@@ -3,8 +3,8 @@
 Two checks, each in its own subprocess (both start when the first test needs one, and run side
 by side):
 
-* **PTX**: every ``@cuda.jit`` kernel of the module, compiled to PTX with each signature of
-  ``PTX_SIGNATURES`` for compute capabilities 9.0 (H100/H200) and 7.5, in a normal process
+* **PTX**: every ``@cuda.jit`` kernel of the modules (``conv_kernels``, ``norm_kernels``, which
+  ``layer_kernels`` gathers), compiled to PTX with each signature of ``PTX_SIGNATURES`` for compute capabilities 9.0 (H100/H200) and 7.5, in a normal process
   (``NUMBA_ENABLE_CUDASIM=0``). NVVM rejects code the simulator runs happily (builtin
   ``max`` / ``min`` once did), so this is the check that stands in for the device here.
 * **semantics**: in the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` before numba.cuda is first
@@ -13,7 +13,7 @@ by side):
   outputs poisoned before each launch (NaN, or two different fills for bool / int outputs) and
   launched twice (the bits must agree). The simulator runs a Python thread per GPU thread, so
   the grids are capped at 2 blocks (which exercises the grid-stride loops) and the reductions
-  use 32-thread blocks; one case of each keeps the production sizes. Also there: leading-axis
+  use 32-thread blocks (set on ``conv_kernels``, where every launch reads them); one case of each keeps the production sizes. Also there: leading-axis
   views (Conv2d's chunks) read and written in place, and a ValueError naming the argument for a
   strided array, a wrong dtype or a host array (the launcher indexes flat C-order buffers).
 
@@ -35,17 +35,22 @@ _PTX_CODE = r'''
 import json, sys
 from numba import cuda
 from numba.cuda.dispatcher import CUDADispatcher
-from bll_ref.gpu import layer_kernels as G
+from bll_ref.gpu import conv_kernels, layer_kernels as G, norm_kernels
 
-kernels = sorted(n for n, v in vars(G).items()
-                 if isinstance(v, CUDADispatcher) and not v.targetoptions.get("device", False))
-failures = []
+# the public face and the modules whose kernels it gathers: every kernel of each must be listed
+found, failures = {}, []
+for mod in (G, conv_kernels, norm_kernels):
+    for n, v in vars(mod).items():
+        if isinstance(v, CUDADispatcher) and not v.targetoptions.get("device", False):
+            if found.setdefault(n, v) is not v:
+                failures.append(f"two different kernels named {n} ({mod.__name__})")
+kernels = sorted(found)
 compiled = 0
 for name, sigs in G.PTX_SIGNATURES.items():
     for key, sig in sigs.items():
         for cc in ((9, 0), (7, 5)):
             try:
-                ptx, _ = cuda.compile_ptx(getattr(G, name).py_func, sig, cc=cc)
+                ptx, _ = cuda.compile_ptx(found[name].py_func, sig, cc=cc)
                 assert ".entry" in ptx
                 compiled += 1
             except Exception as exc:
@@ -60,10 +65,11 @@ import json, sys, numpy as np
 sys.setswitchinterval(5e-5)  # the simulator's block manager polls its threads: 5 ms slices idle ~half the time
 from numba import cuda
 from bll_ref.layers import kernels as K
+from bll_ref.gpu import conv_kernels as L  # the launch settings every layer kernel reads
 from bll_ref.gpu import layer_kernels as G
 
 assert cuda.is_available()
-PROD = (G.MAX_BLOCKS, G.REDUCE_THREADS)
+PROD = (L.MAX_BLOCKS, L.REDUCE_THREADS)
 rng = np.random.default_rng(0)
 report = {}
 POISON = {"f": (np.nan, np.nan), "b": (True, False), "i": (99, -7)}
@@ -97,7 +103,7 @@ def rel_err(g, r):
 
 def case(key, name, args, outs, prod=False):
     """CPU kernel on copies of args vs the GPU function, twice (two poison fills)."""
-    G.MAX_BLOCKS, G.REDUCE_THREADS = PROD if prod else (2, 32)
+    L.MAX_BLOCKS, L.REDUCE_THREADS = PROD if prod else (2, 32)
     ref = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     getattr(K, name)(*ref)
     runs = [launch(name, args, outs, fill) for fill in (0, 1)]
@@ -191,7 +197,7 @@ for dt in (np.float32, np.float64):
 
 # leading-axis slices (Conv2d's per-chunk y[s:e], dy[s:e], dx[s:e]): the kernels get the view's
 # first element, write only inside it and leave the rest of the array alone
-G.MAX_BLOCKS, G.REDUCE_THREADS = 2, 32
+L.MAX_BLOCKS, L.REDUCE_THREADS = 2, 32
 views = {}
 P = H * W
 y2, dy3 = extreme((C, 2 * P), np.float64), extreme((N, C, P), np.float64)
@@ -286,7 +292,7 @@ def test_numba_cuda_is_installed():
 
 
 def test_every_kernel_has_ptx_signatures(ptx):
-    assert ptx["kernels"], "no @cuda.jit kernels found in bll_ref.gpu.layer_kernels"
+    assert ptx["kernels"], "no @cuda.jit kernels found in bll_ref.gpu.conv_kernels / norm_kernels"
     assert ptx["kernels"] == ptx["listed"], "PTX_SIGNATURES must list exactly the module's kernels"
     # float32 and float64 at least
     assert all(n >= 2 for n in ptx["n_sigs"].values()), ptx["n_sigs"]
