@@ -34,8 +34,9 @@ CONFIG_VERSION = 2
 #: what ``resume`` may change: the schedule gives the same updates whichever it is, the device
 #: only moves them, and more epochs extend the run
 RESUMABLE = frozenset({"epochs", "parallel", "workers", "blas_threads", "device"})
-_BLL_KEYS = ("variational", "feedback", "var_weight", "tau", "m", "head_weight", "span", "l2",
-             "feedback_decay", "feedback_lr")
+# BLL's keywords that the config holds under the same name (the others: no_anneal, no_head,
+# no_kernels, eq8_terms as text, n_classes fixed by the data)
+_BLL_KEYS = tuple(k for k in BLL_OPTIONS if k not in ("n_classes", "anneal", "head", "eq8_terms", "use_kernels"))
 _MLP_DEFAULT = "784,1024,1024,1024,10"
 
 
