@@ -6,9 +6,10 @@ BLL default >= BP - 1.0).
 
 Every finished run is stored in benchmarks/results/accuracy_mlp/<run>-seed<s>.json (a rerun skips
 finished runs, so an interrupted benchmark resumes; ``--name NAME`` uses results/NAME/ instead, to
-re-measure beside the stored runs after a kernel change) with its checkpoint in
-runs/bench/<run>-seed<s>.npz (not committed; benchmarks/fixedpoint_accuracy.py exports them); the
-table goes to benchmarks/results/accuracy_mlp.{json,md}.
+re-measure beside the stored runs after a kernel change). Each run is a ``bll_ref.training.train``
+call, as ``bll-ref train`` makes it: its run directory is runs/bench/<run>-seed<s>/ (checkpoint.npz,
+history.json; not committed; benchmarks/fixedpoint_accuracy.py exports the checkpoints); the table
+goes to benchmarks/results/accuracy_mlp.{json,md}.
 """
 from __future__ import annotations
 
@@ -23,17 +24,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, gemm_gflops, machine, write  # noqa: E402
 
-from bll_ref import checkpoint, data, models  # noqa: E402
+from bll_ref import data  # noqa: E402
 from bll_ref.fileio import write_json_atomic  # noqa: E402
-from bll_ref.loop import fit  # noqa: E402
-from bll_ref.methods import make  # noqa: E402
+from bll_ref.training import TrainConfig, train  # noqa: E402
 
-SIZES = (784, 1024, 1024, 1024, 10)
+SIZES = "784,1024,1024,1024,10"
 CKPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")
 
 
-# name -> (activation, constructor(blocks, x_sample, seed), description)
-# name -> (activation, method, options for bll_ref.methods.make, description)
+# name -> (activation, method, TrainConfig options, description)
 RUNS = {
     "bp": ("leaky_relu", "bp", {}, "BP"),
     "bp_sigmoid": ("sigmoid", "bp", {}, "BP (sigmoid)"),
@@ -42,9 +41,9 @@ RUNS = {
     "bll_default": ("leaky_relu", "bll", {},
                     "BLL default: Gaussian on LN(a) + closed-form feedback + head, annealed tau=2"),
     "bll_head_only": ("leaky_relu", "bll", {"variational": "none"}, "BLL predictive head only (ablation)"),
-    "bll_gauss_ln_const": ("leaky_relu", "bll", {"anneal": False}, "BLL Gaussian on LN(a) + head, constant weight"),
+    "bll_gauss_ln_const": ("leaky_relu", "bll", {"no_anneal": True}, "BLL Gaussian on LN(a) + head, constant weight"),
     "bll_eq8_literal_sigmoid": ("sigmoid", "bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5,
-                                                   "head": False},
+                                                   "no_head": True},
                                 "BLL paper-literal Eq. 8, trained linear feedback, m=1/(1+0.5 epoch), sigmoid"),
     "bll_eq8_head": ("leaky_relu", "bll", {"variational": "eq8", "feedback": "trained", "tau": 0.5},
                      "BLL Eq. 8 + head, trained feedback"),
@@ -83,18 +82,14 @@ def main():
                     continue
             act, kind, opts, desc = RUNS[name]
             print(f"=== {name} seed {seed}: {desc}")
-            method = make(kind, models.mlp(SIZES, activation_name=act, rng=seed), sample_input=d["x_train"][:8],
-                          rng=seed, **opts)
+            run = f"{name}-seed{seed}" if args.name == "accuracy_mlp" else f"{args.name}-{name}-seed{seed}"
+            cfg = TrainConfig(method=kind, sizes=SIZES, activation=act, epochs=args.epochs, seed=seed,
+                              data="fashion-mnist", limit_train=args.limit_train, out=os.path.join(CKPT_DIR, run),
+                              **opts)  # the run directory (checkpoint.npz, history.json) of bll-ref train
             t = time.perf_counter()
-            hist = fit(method, d, epochs=args.epochs, batch_size=128, rng=seed)
+            hist = train(cfg).history
             hist.update(name=name, seed=seed, description=desc, seconds=time.perf_counter() - t,
                         epochs_run=args.epochs, n_train=len(d["x_train"]))
-            os.makedirs(CKPT_DIR, exist_ok=True)
-            ckpt = f"{name}-seed{seed}.npz" if args.name == "accuracy_mlp" else f"{args.name}-{name}-seed{seed}.npz"
-            checkpoint.save(os.path.join(CKPT_DIR, ckpt), method.model,
-                            {"method": name, "model": "mlp", "data": "fashion-mnist", "activation": act,
-                             "test_acc": hist["test_acc"]},
-                            method.aux_state())
             write_json_atomic(path, hist)
     # table over everything stored for these runs
     rows, payload = [], {"machine": machine(), "runs": {}}

@@ -43,9 +43,9 @@ import sys
 
 import numpy as np
 
-from bll_ref import data, models
-from bll_ref.loop import fit
-from bll_ref.methods import BLL, evaluate
+from bll_ref import data
+from bll_ref.methods import evaluate
+from bll_ref.training import TrainConfig, train
 
 
 def _data(n_train, n_test):
@@ -69,11 +69,13 @@ def main(argv=None):
 
     os.makedirs(args.out_dir, exist_ok=True)
     d = _data(args.n_train, args.n_test)
-    blocks = models.mlp((784, args.hidden, args.hidden, 10), activation_name="relu", rng=0)
-    method = BLL(blocks, n_classes=10, sample_input=d["x_train"][:8])
-    print(f"1. training {len(blocks)} blocks with BLL for {args.epochs} epochs")
-    fit(method, d, epochs=args.epochs, batch_size=128, rng=0, log=None)
-    model = method.model
+    # the run bll-ref train --sizes 784,H,H,10 --activation relu would make (run directory: OUT/run)
+    cfg = TrainConfig(method="bll", sizes=f"784,{args.hidden},{args.hidden},10", activation="relu",
+                      epochs=args.epochs, limit_train=args.n_train, limit_test=args.n_test,
+                      out=os.path.join(args.out_dir, "run"))
+    print(f"1. training 3 blocks with BLL for {args.epochs} epochs")
+    method = train(cfg, log=None).method
+    model, blocks = method.model, method.model.layers
     float_acc = evaluate(model, d["x_test"], d["y_test"])
 
     print("2./3. export + verify")
