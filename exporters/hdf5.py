@@ -24,7 +24,7 @@ import numpy as np
 
 from bll_ref.fileio import atomic_path
 from bll_ref.fixedpoint import compile_integer
-from bll_ref.layers import Layer, Sequential, state_dict
+from bll_ref.layers import as_sequential, state_dict
 
 from .hdf5_layout import (FORMAT, FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs, _json, _model_path,
                           _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
@@ -61,7 +61,7 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
     -------
     ExportedModel, equal to what :func:`read` returns for ``path``
     """
-    model = _as_model(model)
+    model = as_sequential(model, "export")
     x = np.asarray(calibration_x)
     if x.ndim < 2 or x.shape[0] == 0 or x.dtype.kind != "f":
         raise ValueError(f"export expects calibration_x as a float array (N, *input_shape) with N >= 1, "
@@ -184,16 +184,6 @@ def verify(path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # ExportedModel <-> tree {hdf5 path: (ndarray or None for a group, attrs)}
 # ------------------------------------------------------------------------------------------------
-def _as_model(model):
-    if isinstance(model, (list, tuple)):
-        return Sequential(*model)
-    if isinstance(model, Sequential):
-        return model
-    if isinstance(model, Layer):
-        return Sequential(model)
-    raise ValueError(f"export expects a Sequential of blocks or a list of blocks, got {type(model).__name__}")
-
-
 def _encode(e: ExportedModel, records) -> dict:
     """The tree of ``e`` with its records as the linked ``records``."""
     tree = {}

@@ -187,17 +187,6 @@ class _GraphBuilder:
                          f"per-sample shape {shape}")
 
 
-def _as_model(model):
-    if isinstance(model, (list, tuple)):
-        if not all(isinstance(b, L.Layer) for b in model):
-            raise ValueError("write_nir expects a Layer or a list of blocks (Layers)")
-        return L.Sequential(*model)
-    if not isinstance(model, L.Layer):
-        raise ValueError(f"write_nir expects a bll_ref Layer (e.g. Sequential of blocks) or a list of "
-                         f"blocks, got {type(model).__name__}")
-    return model
-
-
 def _q(fmt, codes=None) -> dict:
     """A Q format as plain metadata (signed as 0/1: HDF5 has no bool), optionally with its codes."""
     d = {"width": np.int64(fmt.width), "frac": np.int64(fmt.frac), "signed": np.int64(int(fmt.signed)),
@@ -287,7 +276,7 @@ def to_nir_dict(model, *, input_shape, dtype=np.float32) -> dict:
     if not shape or any(d < 1 for d in shape):
         raise ValueError(f"write_nir: input_shape must be non-empty positive ints (per sample, no "
                          f"batch axis), got {input_shape!r}")
-    model = _as_model(model)
+    model = L.as_sequential(model, "write_nir", wrap=False)
     g = _GraphBuilder(dtype)
     g.names.append(g.add("input", {"type": "Input", "shape": np.array(shape, np.int64)}, [], shape))
     for st in walk(model):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import Layer, layer_from_config, register
 
-__all__ = ["Sequential", "backward_through", "Residual"]
+__all__ = ["Sequential", "backward_through", "Residual", "as_sequential"]
 
 
 def _flatten(children, attr):
@@ -75,6 +75,22 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "\n".join("  " + repr(l).replace("\n", "\n  ") for l in self.layers)
         return f"Sequential(\n{inner}\n)"
+
+
+def as_sequential(model, who="a model", wrap=True):
+    """The one conversion to a model: a list or tuple of layers (blocks) -> a Sequential of them; a
+    Sequential -> itself; any other Layer -> Sequential(layer) (``wrap``) or itself. ValueError,
+    naming ``who``, for anything else."""
+    if isinstance(model, (list, tuple)):
+        if not all(isinstance(b, Layer) for b in model):
+            raise ValueError(f"{who} expects a Layer or a list of blocks (Layers)")
+        return Sequential(*model)
+    if isinstance(model, Sequential):
+        return model
+    if isinstance(model, Layer):
+        return Sequential(model) if wrap else model
+    raise ValueError(f"{who} expects a bll_ref Layer (e.g. a Sequential of blocks) or a list of blocks, "
+                     f"got {type(model).__name__}")
 
 
 def backward_through(layers, dy, need_dx=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..layers import Sequential
+from ..layers import Sequential, as_sequential
 
 __all__ = ["Method", "predict", "evaluate", "accuracy", "topk_accuracy", "as_model",
            "model_device"]
@@ -13,12 +13,10 @@ __all__ = ["Method", "predict", "evaluate", "accuracy", "topk_accuracy", "as_mod
 
 def as_model(blocks) -> Sequential:
     """A list of blocks (Sequentials) or a Sequential of blocks -> the model Sequential."""
-    if isinstance(blocks, Sequential) and all(isinstance(b, Sequential) for b in blocks):
-        return blocks
-    blocks = list(blocks)
-    if not blocks or not all(isinstance(b, Sequential) for b in blocks):
+    model = as_sequential(blocks, "a training method")
+    if not model.layers or not all(isinstance(b, Sequential) for b in model.layers):
         raise ValueError("a model is a non-empty list of blocks, each a Sequential")
-    return Sequential(*blocks)
+    return model
 
 
 def model_device(model) -> str:
