@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench clean firmware firmware-toolchain
+.PHONY: demo test install data bench clean firmware firmware-toolchain notebooks docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+$(VENV)/.installed-docs: pyproject.toml | $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,examples,mpi,docs]'
+	touch $@
+
+# The three notebooks of examples/notebooks/, executed top to bottom (a time limit per cell) into
+# build/notebooks/ (the stored notebooks keep no outputs); a notebook that fails fails the target.
+notebooks: $(VENV)/.installed-docs data
+	$(BIN)/python examples/notebooks/run_notebooks.py --out build/notebooks
+
+# The documentation site (Sphinx + MyST-NB: README, docs/, the executed notebooks, the API
+# reference from the docstrings) in build/docs/html; any warning is an error.
+docs: notebooks
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs build/docs/html
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist when we can (root + apt); else the synthetic fallback.
 data:
@@ -64,4 +78,4 @@ firmware: install data firmware-toolchain
 	$(BIN)/bll-ref firmware $(FW)/cnn-w8.h5 --workdir $(FW)/cnn-fw
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build
