@@ -292,7 +292,7 @@ def write_c(model, out_dir, *, name="bll_model", test_inputs, traces=None) -> di
     model : IntegerModel, or its list of records (rebuilt with ``IntegerModel.from_records``)
     out_dir : str or Path, created if missing; files are written atomically
     name : str, a C identifier; prefixes every file, function and macro
-    test_inputs : (N, *input_shape) integer codes of the input format, N >= 1 (a few samples:
+    test_inputs : ``(N, *input_shape)`` integer codes of the input format, N >= 1 (a few samples:
         they are embedded in the header with the codes of every record)
     traces : list of arrays or None, the expected trace of ``test_inputs`` (e.g. read from an
         HDF5 export); must equal ``model.run(test_inputs)``.  None: computed here.

@@ -1,10 +1,11 @@
 """hls4ml test vectors: the traced samples of an export as the two text files the testbench that
-hls4ml generates reads, plus a per-layer precision table in hls4ml's vocabulary (docs/hls4ml-testbench.md).
+hls4ml generates reads, plus a per-layer precision table in hls4ml's vocabulary (docs/hls4ml-testbench.md)::
 
     write_tb("model.h5", "tb_data")      # or an ExportedModel from exporters.hdf5.export / read
     -> tb_data/tb_input_features.dat     one sample per line, space-separated input values
        tb_data/tb_output_predictions.dat one sample per line, the integer model's output values
-       tb_data/hls4ml_precision.json     ap_fixed<W,I,Q,O> of weight / bias / result / accum per layer
+       tb_data/hls4ml_precision.json     hls4ml's HLSConfig (ap_fixed<W,I,Q,O> per layer, sigmoid / tanh
+                                         table_size) keyed by the names hls4ml gives the layers
 
 hls4ml's ``myproject_test.cpp`` reads each line with ``strtok(line, " ")`` and ``atof`` into a
 ``std::vector<float>`` and copies it into the input array (``nnet::copy_data``).  Every value
@@ -16,6 +17,7 @@ model's output codes scaled exactly (bit-exact expectations, not float predictio
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -25,12 +27,16 @@ from bll_ref.fixedpoint import records as R
 
 from .hdf5 import read
 
-__all__ = ["write_tb", "precision_table", "fixed_values", "LAYOUTS", "INPUT_FILE", "OUTPUT_FILE", "PRECISION_FILE"]
+__all__ = ["write_tb", "precision_table", "hls4ml_names", "avgpool_extra_frac", "lut_table_size", "fixed_values",
+           "LAYOUTS", "INPUT_FILE", "OUTPUT_FILE", "PRECISION_FILE"]
 
 INPUT_FILE, OUTPUT_FILE, PRECISION_FILE = "tb_input_features.dat", "tb_output_predictions.dat", "hls4ml_precision.json"
 LAYOUTS = ("channels_first", "channels_last")
 _HLS_Q = {"floor": "AP_TRN", "nearest": "AP_RND", "nearest_even": "AP_RND_CONV"}
 _HLS_O = {"saturate": "AP_SAT", "wrap": "AP_WRAP"}
+# the input range hls4ml's sigmoid / tanh tables cover (nnet_activation.h: index = x * table_size / 16
+# + table_size / 2 for sigmoid, x * table_size / 8 + table_size / 2 for tanh, clamped to the table)
+_TABLE_RANGE = {"sigmoid": 16, "tanh": 8}
 
 
 def fixed_values(codes, fmt) -> np.ndarray:
@@ -82,11 +88,62 @@ def _amax(fmt):
     return max(-fmt.min_code, fmt.max_code)
 
 
+def hls4ml_names(records) -> dict:
+    """bll_ref record name -> the layer name hls4ml's PyTorch frontend gives the same layer.
+
+    hls4ml names each layer after its torch.fx node: a leaf module's qualified name with every
+    character that is not ``[0-9a-zA-Z_]`` replaced by ``_`` and ``_`` put before a leading digit
+    (``"1.0"`` -> ``"_1_0"``), a ``+`` between tensors ``"add"``, ``"add_1"``, ... in execution order,
+    the input its forward argument (``"x"`` here).  This holds for a PyTorch twin whose module tree
+    mirrors the bll_ref model (same Sequential indices, a Residual's ``body`` / ``shortcut``
+    submodules and ``body(x) + shortcut(x)``, BatchNorm folded into the Dense / Conv2d before it so
+    that its index is left out): docs/hls4ml-testbench.md.
+    """
+    out, n_add = {}, 0
+    for i, rec in enumerate(records):
+        if i == 0:
+            out[rec.name] = "x"
+        elif isinstance(rec, R.Add):
+            out[rec.name] = "add" if n_add == 0 else f"add_{n_add}"
+            n_add += 1
+        else:
+            fx = re.sub(r"[^0-9a-zA-Z_]+", "_", rec.name.split("+")[0])
+            out[rec.name] = f"_{fx}" if fx[:1].isdigit() else fx
+    return out
+
+
+def avgpool_extra_frac(k) -> int:
+    """Fractional bits hls4ml's average-pooling accumulator needs beyond the input's for the exact
+    rounded mean of a k-value window: ``e = ceil(log2(2*k))``.  hls4ml divides the window sum in
+    ``accum_t`` (ap_fixed division: the quotient truncated at accum_t's frac), then converts it to
+    the result type.  A mean ``s/k`` that is not a rounding breakpoint (an integer or a half, in
+    code steps) lies at least ``1/(2*k)`` from every breakpoint, the truncated quotient within
+    ``2**-e <= 1/(2*k)`` of ``s/k`` on the same side; a breakpoint is a multiple of ``2**-e``, so
+    the quotient is exact there (docs/hls4ml-testbench.md)."""
+    return (2 * int(k) - 1).bit_length()
+
+
+def lut_table_size(rec, in_fmt):
+    """hls4ml ``table_size`` that gives one table entry per input code of a sigmoid / tanh record
+    (``range * 2**F_in``, range 16 / 8), and whether hls4ml's clamping outside its input range
+    ``[-range/2, range/2)`` changes no output; ``(None, False)`` when ``range * 2**F_in`` is not an
+    integer >= 2."""
+    rng = _TABLE_RANGE.get(rec.function)
+    if rng is None or in_fmt.frac < 2 - rng.bit_length():          # fewer than 2 entries
+        return None, False
+    size = rng << in_fmt.frac if in_fmt.frac >= 0 else rng >> -in_fmt.frac
+    half = size // 2
+    codes = np.arange(in_fmt.min_code, in_fmt.max_code + 1)
+    clamped = np.clip(codes, max(-half, in_fmt.min_code), min(half - 1, in_fmt.max_code))
+    t = rec.table.astype(np.int64)
+    return size, bool(np.array_equal(t[codes - rec.index_offset], t[clamped - rec.index_offset]))
+
+
 def _layer(rec, in_fmts):
     """The hls4ml precision entries of one record, and a note on how hls4ml's layer compares."""
     f = rec.out_fmt
     p = {"result": f.hls_type}
-    note = None
+    note, extra = None, {}
     if isinstance(rec, R.Affine):
         W, c, acc_frac, d = common_frac_affine(rec)
         k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
@@ -108,44 +165,56 @@ def _layer(rec, in_fmts):
                 "y = x * slope rounded to the result type for x <= 0")
     elif isinstance(rec, R.AvgPool2d):
         k = rec.kernel_size[0] * rec.kernel_size[1]
-        p["accum"] = _ap(_signed_bits(-k * _amax(in_fmts[0]), k * _amax(in_fmts[0])), in_fmts[0].frac,
+        e = avgpool_extra_frac(k)
+        p["accum"] = _ap(_signed_bits(-k * _amax(in_fmts[0]), k * _amax(in_fmts[0])) + e, in_fmts[0].frac + e,
                          f.rounding, f.overflow)
-        note = ("window sum exact in accum; bit-exact with hls4ml when kh*kw is a power of two (else bll_ref "
-                f"multiplies by recip = {rec.recip} / 2^{rec.recip_shift})")
+        note = (f"window sum exact in accum; hls4ml's accum / {k} keeps {e} fractional bits more than the input "
+                f"(2^{e} >= 2*{k}), so converting it to result gives exactly the rounded mean bll_ref computes")
     elif isinstance(rec, R.Lut):
         t = QFormat(f.width, f.frac, f.signed, f.rounding, "saturate")
         p["table"] = t.hls_type
-        note = (f"{rec.function} table of 2^{in_fmts[0].width} entries indexed by every input code; hls4ml's "
-                "own tables sample another grid, so copy this table (HDF5 dataset 'table') to be bit-exact")
+        size, clamp_ok = lut_table_size(rec, in_fmts[0])
+        extra["table_size"] = size
+        note = (f"{rec.function} table of 2^{in_fmts[0].width} entries indexed by every input code; "
+                + (f"table_size {size} = {_TABLE_RANGE[rec.function]} * 2^{in_fmts[0].frac} gives hls4ml one entry "
+                   "per input code" + ("" if clamp_ok else ", but inputs outside hls4ml's table range clamp to "
+                                       "an entry that differs: copy the HDF5 dataset 'table'")
+                   if size else "no table_size gives one entry per code: copy the HDF5 dataset 'table'"))
     elif isinstance(rec, R.Add):
         note = "operands aligned exactly, added, converted once to the result type (hls4ml Merge 'add')"
-    return p, note
+    return p, note, extra
 
 
 def precision_table(exported) -> dict:
     """The per-layer precision table (JSON-able) of an export, in hls4ml's configuration vocabulary.
 
-    ``HLSConfig`` has hls4ml's shape (``Model`` / ``LayerName`` / ``<name>`` / ``Precision`` with
-    ``weight``, ``bias``, ``result``, ``accum`` and, where hls4ml names them so, ``scale``, ``param``,
-    ``table``); layer names are bll_ref's record names (layer paths), to be mapped onto the names
-    hls4ml gives the converted model.  ``layers`` lists every record with its kind, inputs,
-    per-sample output shape, fracs and a note on bit-exactness.
+    ``HLSConfig`` is hls4ml's configuration dictionary (``Model`` / ``LayerName`` / ``<name>`` /
+    ``Precision`` with ``weight``, ``bias``, ``result``, ``accum`` and, where hls4ml names them so,
+    ``scale``, ``param``, ``table``; ``table_size`` beside ``Precision`` for sigmoid / tanh), keyed
+    by the names hls4ml gives the layers (:func:`hls4ml_names`).  ``layers`` lists every record with
+    its kind, bll_ref name, hls4ml name, inputs, per-sample output shape, fracs and a note on
+    bit-exactness.
     """
     records = exported.records
     fmts = [r.out_fmt for r in records]
+    hls_names = hls4ml_names(records)
     names, layers = {}, []
     for i, rec in enumerate(records):
-        p, note = ({"result": rec.out_fmt.hls_type}, "the input codes") if i == 0 else \
+        p, note, extra = ({"result": rec.out_fmt.hls_type}, "the input codes", {}) if i == 0 else \
             _layer(rec, [fmts[j] for j in rec.inputs])
-        names[rec.name] = {"Precision": p}
-        layers.append({"index": i, "kind": rec.kind, "name": rec.name, "inputs": list(rec.inputs),
+        names[hls_names[rec.name]] = {"Precision": p, **{k: v for k, v in extra.items() if v is not None}}
+        layers.append({"index": i, "kind": rec.kind, "name": rec.name, "hls4ml_name": hls_names[rec.name],
+                       "inputs": list(rec.inputs),
                        "shape": list(exported.traces[i].shape[1:]), "result_frac": rec.out_fmt.frac,
-                       "Precision": p, **({"acc_frac": common_frac_affine(rec)[2]} if isinstance(rec, R.Affine) else {}),
+                       "Precision": p, **extra,
+                       **({"acc_frac": common_frac_affine(rec)[2]} if isinstance(rec, R.Affine) else {}),
                        **({"note": note} if note else {})})
-    return {"format": "bll_ref-hls4ml-precision", "version": 1,
+    return {"format": "bll_ref-hls4ml-precision", "version": 2,
             "HLSConfig": {"Model": {"Precision": records[0].out_fmt.hls_type}, "LayerName": names},
-            "input": {"name": records[0].name, "precision": records[0].out_fmt.hls_type},
-            "output": {"name": records[-1].name, "precision": records[-1].out_fmt.hls_type},
+            "input": {"name": records[0].name, "hls4ml_name": hls_names[records[0].name],
+                      "precision": records[0].out_fmt.hls_type},
+            "output": {"name": records[-1].name, "hls4ml_name": hls_names[records[-1].name],
+                       "precision": records[-1].out_fmt.hls_type},
             "layers": layers}
 
 

@@ -116,7 +116,10 @@ def run_record(rec, A, xs, in_q):
         return np.max(windows(x, rec["kernel_size"], rec["stride"]), axis=0)
     if kind == "avgpool2d":
         s = np.sum(windows(x, rec["kernel_size"], rec["stride"]), axis=0)
-        return overflow(round_shift(s * rec["recip"], rec["recip_shift"], q["rounding"]), q)
+        k = rec["kernel_size"][0] * rec["kernel_size"][1]
+        d, r = np.divmod(s, np.int64(k))                   # div_round: the exact mean, rounded
+        up = {"floor": 0 * r, "nearest": 2 * r >= k, "nearest_even": (2 * r > k) | ((2 * r == k) & (d % 2 == 1))}
+        return overflow(d + up[q["rounding"]], q)
     if kind == "flatten":
         return x.reshape(len(x), -1)
     if kind == "add":

@@ -176,7 +176,10 @@ def doc_reference_traces(path):
             y = np.max(_doc_windows(x, a["kernel_size"], a["stride"]), axis=0)
         elif kind == "avgpool2d":
             ssum = np.sum(_doc_windows(x, a["kernel_size"], a["stride"]), axis=0)
-            y = _doc_overflow(_doc_round(ssum * a["recip"], a["recip_shift"], q["rounding"]), q)
+            k = a["kernel_size"][0] * a["kernel_size"][1]
+            d, r = np.divmod(ssum, np.int64(k))            # div_round: the exact mean, rounded
+            up = {"floor": 0 * r, "nearest": 2 * r >= k, "nearest_even": (2 * r > k) | ((2 * r == k) & (d % 2 == 1))}
+            y = _doc_overflow(d + up[q["rounding"]], q)
         elif kind == "flatten":
             y = x.reshape(len(x), -1)
         elif kind == "add":

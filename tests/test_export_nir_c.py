@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from bll_ref import layers as L
 from bll_ref import models
-from bll_ref.fixedpoint import (RECORD_KINDS, IntegerModel, QFormat, compile_integer, fold_batchnorm,
+from bll_ref.fixedpoint import (RECORD_KINDS, IntegerModel, QFormat, compile_integer, div_round, fold_batchnorm,
                                 overflow, requantize, round_shift)
 from exporters import c_golden, c_header
 from exporters.c_header import compile_c, find_c_compiler, write_c
@@ -316,8 +316,9 @@ def test_c_test_program_reports_a_corrupted_expectation(tmp_path, cc):
 
 
 def test_c_integer_helpers_match_fixedpoint_on_edge_values(tmp_path, cc):
-    """round_shift / overflow / requantize in C against the Python reference, at int64 extremes,
-    exact halves, shifts of 0, 1, 62, 63, 64, 70 and negative (left) shifts."""
+    """round_shift / overflow / requantize / div_round in C against the Python reference, at int64
+    extremes, exact halves, shifts of 0, 1, 62, 63, 64, 70, negative (left) shifts, and divisors
+    1 .. 2**20 (average pooling's window sizes and beyond)."""
     big = [0, 1, -1, 2, -2, 3, -3, 5, -5, 6, -6, 7, -7, 8, -8, 1023, -1024, (1 << 40) + (1 << 39),
            -(1 << 40) - (1 << 39), (1 << 62) - 1, -(1 << 62), (1 << 63) - 1, -(1 << 63)]
     rs_cases = [(a, s, r) for a in big for s in (0, 1, 2, 3, 30, 62, 63, 64, 70) for r in range(3)]
@@ -328,11 +329,14 @@ def test_c_integer_helpers_match_fixedpoint_on_edge_values(tmp_path, cc):
     rq_cases = [(a, sh, QFormat(w, 3, True, rn, o)) for a in big + [(1 << 61), -(1 << 61)]
                 for sh in (-45, -20, -3, -1, 0, 1, 4, 63, 65) for w in (4, 16)
                 for rn in ("floor", "nearest", "nearest_even") for o in ("saturate", "wrap")]
+    dv_cases = [(a, k, r) for a in big + [9 * 9677, -9 * 9677, 4, -4, 2, -2] for k in (1, 2, 3, 4, 6, 9, 16, 49, 1 << 20)
+                for r in range(3)]
     rounding = ("floor", "nearest", "nearest_even")
     src = ("#include <stdint.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
            "#define BLL_FLOOR 0\n#define BLL_NEAREST 1\n#define BLL_NEAREST_EVEN 2\n"
            "#define BLL_SATURATE 0\n#define BLL_WRAP 1\n"
-           + c_golden._C_FROM_U64 + c_golden._C_ROUND_SHIFT + c_golden._C_REQUANTIZE + """
+           + c_golden._C_FROM_U64 + c_golden._C_ROUND_SHIFT + c_golden._C_OVERFLOW + c_golden._C_DIV_ROUND
+           + c_golden._C_REQUANTIZE + """
 int main(void)
 {
     char op[4];
@@ -341,6 +345,8 @@ int main(void)
     while (scanf("%3s %lld %d %d %d %d %d", op, &a, &s, &r, &w, &sg, &m) == 7) {
         if (op[0] == 'R')
             printf("%lld\\n", (long long)bll_round_shift((int64_t)a, s, r));
+        else if (op[0] == 'D')
+            printf("%lld\\n", (long long)bll_div_round((int64_t)a, s, r));
         else if (op[0] == 'O')
             printf("%lld\\n", (long long)bll_overflow((int64_t)a, w, sg, m));
         else
@@ -356,6 +362,9 @@ int main(void)
     for a, s, r in rs_cases:
         lines.append(f"R {a} {s} {r} 0 0 0")
         want.append(int(round_shift(np.array([a], np.int64), s, rounding[r])[0]))
+    for a, k, r in dv_cases:
+        lines.append(f"D {a} {k} {r} 0 0 0")
+        want.append(int(div_round(np.array([a], np.int64), k, rounding[r])[0]))
     for a, f in ov_cases:
         lines.append(f"O {a} 0 0 {f.width} {int(f.signed)} {int(f.overflow == 'wrap')}")
         want.append(int(overflow(np.array([a], np.int64), f)[0]))

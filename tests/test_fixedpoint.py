@@ -430,7 +430,14 @@ def test_leaky_relu_and_avgpool_integer_semantics_by_hand():
     assert trace[2].ravel().tolist() == [1]              # (-2 + 6 - 1 + 1) / 4 = 1
     im3 = compile_integer(L.Sequential(L.AvgPool2d(3)), np.arange(9.0).reshape(1, 1, 3, 3) / 8,
                           width=8, input_fmt=QFormat(8, 3))
-    assert im3.run(np.arange(9).reshape(1, 1, 3, 3))[-1].item() == 4     # 36 / 9 via reciprocal
+    assert im3.run(np.arange(9).reshape(1, 1, 3, 3))[-1].item() == 4     # 36 / 9, an exact division
+    for rounding, want in (("floor", [4, -4, 3, -5]), ("nearest", [4, -4, 4, -4]), ("nearest_even", [4, -4, 4, -4])):
+        fmt = QFormat(8, 3, rounding=rounding)
+        imf = compile_integer(L.Sequential(L.AvgPool2d(3)), np.arange(9.0).reshape(1, 1, 3, 3) / 8, width=8,
+                              rounding=rounding, input_fmt=fmt)
+        x = np.stack([np.arange(9), -np.arange(9), np.arange(9) - (np.arange(9) == 0),
+                      -np.arange(9) - (np.arange(9) == 0)]).reshape(4, 1, 3, 3)   # sums 36, -36, 35, -37
+        assert imf.run(x)[-1].ravel().tolist() == want, rounding   # floor(36 / 9) = 4, not 3 (issue 24)
 
 
 def test_lut_tables_sigmoid_and_tanh():

@@ -3,7 +3,8 @@
 =================  ===============================================================================
 module             what
 =================  ===============================================================================
-``qformat``        :class:`QFormat`, quantize / dequantize, round_shift / overflow / requantize
+``qformat``        :class:`QFormat`, quantize / dequantize, round_shift / div_round / overflow /
+                   requantize
                    (no layer knowledge)
 ``calibrate``      the Q format of a weight tensor or a batch of activations
 ``records``        one dataclass per record kind (dense, conv2d, scale, relu, ..., lut): validates
@@ -20,12 +21,13 @@ data alone (what an exporter wrote).
 from .compile import compile_integer
 from .model import IntegerModel
 from .calibrate import calibrate_activation, calibrate_weight
-from .qformat import OVERFLOW_MODES, ROUNDING_MODES, QFormat, dequantize, overflow, quantize, requantize, round_shift
+from .qformat import (OVERFLOW_MODES, ROUNDING_MODES, QFormat, dequantize, div_round, overflow, quantize, requantize,
+                      round_shift)
 from .records import RECORD_KINDS, RECORD_TYPES, Record
 from .walk import fold_batchnorm
 
 __all__ = [
-    "QFormat", "quantize", "dequantize", "round_shift", "overflow", "requantize",
+    "QFormat", "quantize", "dequantize", "round_shift", "div_round", "overflow", "requantize",
     "calibrate_weight", "calibrate_activation", "fold_batchnorm", "IntegerModel",
     "compile_integer", "ROUNDING_MODES", "OVERFLOW_MODES", "RECORD_KINDS", "RECORD_TYPES", "Record",
 ]

@@ -67,7 +67,7 @@ def calibrate_weight(w, width: int, *, signed=True, rounding="nearest", overflow
 
 def calibrate_activation(x, width: int, percentile: float = 100.0, *, signed=True,
                          rounding="nearest", overflow="saturate") -> QFormat:
-    """Per-tensor format from a calibration batch: with m = percentile(|x|, ``percentile``), fit
+    """Per-tensor format from a calibration batch: with ``m = percentile(|x|, percentile)``, fit
     the range [max(min x, -m), min(max x, m)] as :func:`calibrate_weight` does.  percentile=100
     fits every calibration value; lower values clip outliers (they saturate at run time)."""
     x = _finite_array(x, "calibrate_activation")

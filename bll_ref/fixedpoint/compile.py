@@ -23,7 +23,8 @@ def _hp(layer, key, default=None):
 
 
 def _avg_reciprocal(k):
-    """recip = round(2**30 / k) (half up, integer arithmetic); exact when k is a power of two."""
+    """recip = round(2**30 / k) (half up, integer arithmetic): the avgpool2d attributes that format
+    readers before issue 24 multiply by.  The record divides exactly and does not use them."""
     return ((1 << 31) // k + 1) // 2, 30
 
 
@@ -237,10 +238,9 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
       c_q is the bias at acc_frac = in_frac + w_frac; y = requantize(acc, acc_frac, out_fmt).
     - relu: y = max(x, 0).  leaky_relu: y = x if x > 0 else round_shift(x * slope_code,
       slope_frac) (slope as a 16-bit code), then overflow.  Both keep the input format.
-    - maxpool2d: max of codes.  avgpool2d: y = round_shift(sum * recip, 30) with
-      recip = round(2**30 / k) (k = window size): exact ``sum >> log2 k`` for power-of-two
-      windows, else a fixed-point reciprocal (error < 1 code step for windows < 2**14).
-      Both keep the input format.
+    - maxpool2d: max of codes.  avgpool2d: y = div_round(sum, k), the window sum divided by the
+      window size k = kh*kw exactly and rounded with the output rounding (= round_shift(sum,
+      log2 k) for power-of-two windows).  Both keep the input format.
     - flatten: reshape.  add (Residual): both operands are aligned exactly to the larger frac by
       left shifts, added in int64, then requantised once to the calibrated out_fmt.
     - lut (Sigmoid / Tanh): y = table[x - min_code], a table of 2**in_width entries (in_width
@@ -252,12 +252,12 @@ def compile_integer(model, calibration_x, *, width=8, rounding="nearest", overfl
     Parameters
     ----------
     model : Layer (usually Sequential of blocks), float weights, eval-mode BN statistics used
-    calibration_x : (N, *input_shape) float array
+    calibration_x : ``(N, *input_shape)`` float array
     width : int, 2..16, bits of weights and activations
     rounding, overflow : QFormat modes used everywhere
     percentile : float in (0, 100], activation calibration (100 = no clipping)
     input_fmt : QFormat or None (None: calibrated from calibration_x)
-    calibration : "percentile" (clip |x| at ``percentile``) or "mse" (the frac of least mean
+    calibration : "percentile" (clip ``|x|`` at ``percentile``) or "mse" (the frac of least mean
         squared quantisation error on the calibration batch; ``percentile`` unused)
     per_channel : bool, one power-of-two weight format per output channel
     unsigned : bool, unsigned formats where a tensor cannot be negative (see above)

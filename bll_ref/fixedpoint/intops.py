@@ -17,7 +17,7 @@ def _absmax(a) -> int:
 
 
 def exact_float(k, amax, bmax):
-    """The float dtype whose BLAS computes a sum of k products of integers |a| <= amax, |b| <= bmax
+    """The float dtype whose BLAS computes a sum of k products of integers ``|a| <= amax``, ``|b| <= bmax``
     exactly: float32 when every partial sum is provably an integer below 2**24, float64 below
     2**53 (in any summation order), else None (use int64).  ValueError if int64 could overflow."""
     bound = k * amax * bmax

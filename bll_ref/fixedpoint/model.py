@@ -81,7 +81,7 @@ class IntegerModel:
             raise ValueError(f"{who} expects {what} of shape (N, {', '.join(map(str, shape))}), got {x.shape}")
 
     def quantize_input(self, x) -> np.ndarray:
-        """Float input (N, *input_shape) -> input codes."""
+        """Float input ``(N, *input_shape)`` -> input codes."""
         x = np.asarray(x)
         self._check_shape(x, "IntegerModel", "input")
         return quantize(x, self.input_fmt)

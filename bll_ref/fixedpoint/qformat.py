@@ -1,7 +1,7 @@
 """Q formats: fixed-point number formats, float <-> code conversion, integer rescaling.
 
 A value x is stored as an integer *code* q with x ~= q * 2**-frac.  A :class:`QFormat` is the
-hls4ml / Vivado-HLS type ``ap_fixed<W, I, Q, O>`` (``ap_ufixed`` when unsigned) with
+hls4ml / Vivado-HLS type ``ap_fixed<W, I, Q, O>`` (``ap_ufixed`` when unsigned) with::
 
     W = width,  I = width - frac (integer bits incl. sign),
     rounding  "floor" = AP_TRN (toward -inf), "nearest" = AP_RND (half toward +inf),
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["QFormat", "quantize", "dequantize", "round_shift", "overflow", "requantize", "round_float",
-           "ROUNDING_MODES", "OVERFLOW_MODES", "CALIBRATIONS"]
+__all__ = ["QFormat", "quantize", "dequantize", "round_shift", "div_round", "overflow", "requantize",
+           "round_float", "ROUNDING_MODES", "OVERFLOW_MODES", "CALIBRATIONS"]
 
 ROUNDING_MODES = ("floor", "nearest", "nearest_even")
 OVERFLOW_MODES = ("saturate", "wrap")
@@ -145,7 +145,7 @@ def _as_int64(a, who) -> np.ndarray:
 # float <-> code
 # ------------------------------------------------------------------------------------------------
 def round_float(v, rounding):
-    """Round float64 integers-to-be exactly.  v - floor(v) is exact for |v| >= 1 and for
+    """Round float64 integers-to-be exactly.  v - floor(v) is exact for ``|v| >= 1`` and for
     0 <= v < 1; for -1 < v < 0 it may round, but monotonically, so the test ``>= 0.5`` is exact
     (a naive floor(v + 0.5) fails at v = 0.49999999999999994 and above 2**52)."""
     if rounding == "floor":
@@ -202,11 +202,13 @@ def dequantize(codes, fmt: QFormat) -> np.ndarray:
 def round_shift(acc, shift: int, rounding: str = "floor") -> np.ndarray:
     """Arithmetic right shift of int64 ``acc`` by ``shift`` bits with rounding: acc / 2**shift.
 
-    floor        : acc >> shift
-    nearest      : (acc + 2**(shift-1)) >> shift   (half toward +inf; computed as
-                   q + (r >= half) with q = acc >> shift, r = acc & (2**shift - 1), so it cannot
-                   overflow near 2**63)
-    nearest_even : q + (r > half or (r == half and q odd))
+    The rounding modes::
+
+        floor        : acc >> shift
+        nearest      : (acc + 2**(shift-1)) >> shift   (half toward +inf; computed as
+                       q + (r >= half) with q = acc >> shift, r = acc & (2**shift - 1), so it cannot
+                       overflow near 2**63)
+        nearest_even : q + (r > half or (r == half and q odd))
 
     ``shift == 0`` returns a copy; a negative shift is an exact left shift (ValueError if the
     result leaves int64).  Shifts of 64 and more give what the exact division gives (0 or -1).
@@ -240,6 +242,29 @@ def round_shift(acc, shift: int, rounding: str = "floor") -> np.ndarray:
     if rounding == "nearest":
         return q + (r >= half)
     return q + ((r > half) | ((r == half) & (np.bitwise_and(q, 1) == 1)))
+
+
+def div_round(acc, k: int, rounding: str = "floor") -> np.ndarray:
+    """Exact ``acc / k`` rounded, for int64 ``acc`` and an integer ``k >= 1`` (average pooling).
+
+    With the floor division ``q = floor(acc / k)`` and the remainder ``r = acc - q*k`` in ``[0, k)``:
+    floor: ``q``; nearest: ``q + (2*r >= k)``; nearest_even: ``q + (2*r > k or (2*r == k and q odd))``.
+    Those are round_shift's rules with ``k`` in place of ``2**shift``, so for ``k = 2**s`` it equals
+    ``round_shift(acc, s, rounding)``.  No reciprocal: a multiply-shift cannot be exact for
+    signed sums under floor (docs/hdf5-format.md, section 6, avgpool2d).  Returns int64.
+    """
+    acc = _as_int64(acc, "div_round")
+    k = operator.index(k)
+    if k < 1:
+        raise ValueError(f"div_round: the divisor must be a positive integer, got {k}")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"div_round: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    q, r = np.divmod(acc, np.int64(k))       # numpy's int divmod is floor division: 0 <= r < k
+    if rounding == "floor":
+        return q
+    if rounding == "nearest":
+        return q + (2 * r >= k)
+    return q + ((2 * r > k) | ((2 * r == k) & (np.bitwise_and(q, 1) == 1)))
 
 
 def overflow(codes, fmt: QFormat) -> np.ndarray:

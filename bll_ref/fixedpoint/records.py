@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 from ..fileio import to_json
 from .intops import channel_shape, conv2d_int, matmul_int, pair, windows
-from .qformat import QFormat, overflow, requantize, round_shift
+from .qformat import QFormat, div_round, overflow, requantize, round_shift
 
 __all__ = ["Record", "Input", "Dense", "Conv2d", "Scale", "ReLU", "LeakyReLU", "MaxPool2d", "AvgPool2d",
            "Flatten", "Add", "Lut", "Affine", "RECORD_TYPES", "RECORD_KINDS", "record_from_plain"]
@@ -298,14 +298,15 @@ class MaxPool2d(_Pool):
 
 @dataclass(eq=False, kw_only=True)
 class AvgPool2d(_Pool):
-    """y = round_shift(window sum * recip, recip_shift), recip = round(2**recip_shift / k)."""
+    """y = div_round(window sum, kh*kw): the exact mean, rounded (issue 24).  ``recip`` and
+    ``recip_shift`` (round(2**30 / k), 30) are kept for readers of older files; unused."""
     kind = "avgpool2d"
     recip: int = _attr("int")
     recip_shift: int = _attr("int")
 
     def run(self, xs, in_fmts):
         s = windows(xs[0], self.kernel_size, self.stride).sum(axis=(-2, -1))
-        r = round_shift(s * self.recip, self.recip_shift, self.out_fmt.rounding)
+        r = div_round(s, self.kernel_size[0] * self.kernel_size[1], self.out_fmt.rounding)
         return overflow(r, self.out_fmt).astype(self.out_fmt.code_dtype)
 
 
