@@ -91,7 +91,7 @@ def mac_count(records, shapes) -> dict:
 
     Dense: in * out; Conv2d: out_channels * in_channels * the in-bounds taps (the C skips zero
     padding); Scale (a BatchNorm on its own): one per element.  Other records do no MACs (the
-    per-element multiply of LeakyReLU and of AvgPool2d's reciprocal are not counted).
+    per-element multiply of LeakyReLU and AvgPool2d's division by the window size are not counted).
 
     records : list of Record; shapes : per-record output shape without the batch axis.
     """

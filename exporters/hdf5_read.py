@@ -216,7 +216,7 @@ def _int64_bound(rec, in_fmts):
     if isinstance(rec, R.LeakyReLU):
         return _amax(in_fmts[0]) * abs(rec.slope_code)
     if isinstance(rec, R.AvgPool2d):
-        return rec.kernel_size[0] * rec.kernel_size[1] * _amax(in_fmts[0]) * abs(rec.recip)
+        return rec.kernel_size[0] * rec.kernel_size[1] * _amax(in_fmts[0])  # the window sum; then s / k
     if isinstance(rec, R.Add):
         f = max(fm.frac for fm in in_fmts)
         return sum(_amax(fm) << (f - fm.frac) for fm in in_fmts)
