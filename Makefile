@@ -26,8 +26,15 @@ notebooks: $(VENV)/.installed-docs data
 	$(BIN)/python examples/notebooks/run_notebooks.py --out build/notebooks
 
 # The documentation site (Sphinx + MyST-NB: README, docs/, the executed notebooks, the API
-# reference from the docstrings) in build/docs/html; any warning is an error.
-docs: notebooks
+# reference from the docstrings) in build/docs/html; any warning is an error. It shows the
+# notebooks' executed copies: `make notebooks` runs first unless every copy in build/notebooks/ is
+# newer than its notebook and than every .py of bll_ref/ and exporters/ (so CI, which has just run
+# `make notebooks`, does not run them twice).
+docs: $(VENV)/.installed-docs
+	@stale=0; for nb in examples/notebooks/*.ipynb; do out=build/notebooks/$$(basename $$nb); \
+	  if [ ! -f $$out ] || [ -n "$$(find $$nb bll_ref exporters -newer $$out \( -name '*.py' -o -name '*.ipynb' \) -print -quit)" ]; \
+	  then stale=1; fi; done; \
+	if [ $$stale = 1 ]; then $(MAKE) --no-print-directory notebooks; fi
 	$(BIN)/python -m sphinx -W --keep-going -q -b html docs build/docs/html
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist when we can (root + apt); else the synthetic fallback.

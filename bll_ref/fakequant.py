@@ -1,5 +1,5 @@
 """Fake quantisation: the float model with the integer model's rounding put back in, so that
-``bll_ref.quant_finetune`` can train for the integer model ``bll-ref export --width W`` makes.
+``bll_ref.quant_finetune`` can train for the integer model ``bll-ref export --width W`` makes::
 
     input        x  -> Q(x, input_fmt)
     Dense/Conv2d W  -> Q(W, w_fmt) (per tensor, or per output channel), c -> Q(c, acc_frac),

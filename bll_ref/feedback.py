@@ -40,6 +40,8 @@ class LinearFeedback:
         None: solve on the current batch only. Otherwise keep running sufficient statistics
         S_yy <- decay S_yy + YᵀY, S_ya <- decay S_ya + YᵀA and solve on them (spans many batches).
 
+    Notes
+    -----
     Shapes: Y (N, n_classes) one-hot (or soft) labels, A (N, n_units); W (n_classes[+1], n_units).
     """
 

@@ -11,7 +11,7 @@ __all__ = ["check_layer", "numeric_gradient", "rel_error"]
 
 
 def rel_error(a, b) -> float:
-    """max |a - b| / max(max|a|, max|b|, 1e-12)."""
+    """``max |a - b| / max(max |a|, max |b|, 1e-12)``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-12)
     return float(np.abs(a - b).max(initial=0.0) / scale)

@@ -133,8 +133,9 @@ def finetune_q(model, x, y, calibration_x, *, width, epochs=1, lr=3e-4, batch_si
 
     Parameters
     ----------
-    model : Sequential of blocks (Dense / Conv2d, ReLU / LeakyReLU, MaxPool2d, Flatten); a BatchNorm
-        must be folded first (:func:`fold_batchnorms`)
+    model : Sequential
+        Blocks of Dense / Conv2d, ReLU / LeakyReLU, MaxPool2d, Flatten; a BatchNorm must be
+        folded first (:func:`fold_batchnorms`)
     x, y : training inputs (N, ...) float and labels (N,) int
     calibration_x : the batch that calibrates the activation formats, as ``bll-ref export`` will
         (its first ``--calibration`` training examples)

@@ -1,6 +1,6 @@
 """Resumable runs: at every epoch end the state of a run is written to RUN_DIR/state/.
 
-Layout (format ``bll_ref-runstate``, version 1):
+Layout (format ``bll_ref-runstate``, version 1)::
 
     state/learner<k>-epoch<e>.npz   one file per BLL learner (block, head, feedback, optimiser
                                     moments and step counters, statistics), or

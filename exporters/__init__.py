@@ -1,13 +1,13 @@
 """Exporters of trained bll_ref models.
 
-``exporters.hdf5``         one HDF5 file with float weights, integer codes, calibration data and
-                           traces (format in docs/hdf5-format.md); ``hdf5_layout`` (names and
-                           attributes of the file) and ``hdf5_read`` (the one reader) serve it
-``exporters.nir``          the float network as a NIR graph file
-``exporters.c_header``     C header + C99 golden model + test program (``c_golden`` writes the
-                           per-record C code)
-``exporters.from_checkpoint``  ``export_checkpoint``: a checkpoint file as ``bll-ref export`` writes
-                           it (its data, its fine-tuned formats); ``input_kind``
+* ``exporters.hdf5``: one HDF5 file with float weights, integer codes, calibration data and
+  traces (format in docs/hdf5-format.md); ``hdf5_layout`` (names and attributes of the file) and
+  ``hdf5_read`` (the one reader) serve it
+* ``exporters.nir``: the float network as a NIR graph file
+* ``exporters.c_header``: C header + C99 golden model + test program (``c_golden`` writes the
+  per-record C code)
+* ``exporters.from_checkpoint``: ``export_checkpoint``, a checkpoint file as ``bll-ref export``
+  writes it (its data, its fine-tuned formats); ``input_kind``
 
 The ``bll-ref export`` / ``verify`` / ``nir`` / ``c-header`` commands are in ``bll_ref.cli.export``;
 nothing here imports a command line.

@@ -49,7 +49,7 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
     ----------
     model : Sequential of blocks, or a list of blocks (eval-mode BN statistics are used)
     path : str or PathLike, the file to write (replaced atomically; no half file on failure)
-    calibration_x : (N, *input_shape) float array; all N samples calibrate the activation formats
+    calibration_x : ``(N, *input_shape)`` float array; all N samples calibrate the activation formats
     width, rounding, overflow, percentile, calibration, per_channel, out_formats, output_width : see
         :func:`bll_ref.fixedpoint.compile_integer` (per_channel files are format version 2)
     n_traces : int or None, store inputs and traces of the first ``n_traces`` samples (None: all N)

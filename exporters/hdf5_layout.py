@@ -41,9 +41,9 @@ class ExportedModel:
     ----------
     records : list of :class:`~bll_ref.fixedpoint.records.Record` (plain-data dicts
         ``{"attrs": dict, "arrays": {name: ndarray}}`` are accepted too); records[0] is the input.
-    traces : list of ndarray, one per record, shape (N, *record output shape), record code dtype
+    traces : list of ndarray, one per record, shape ``(N, *record output shape)``, record code dtype
         integer output codes for the N traced calibration samples; traces[0] = input codes.
-    calibration_x : (N, *input_shape) float array, the traced calibration inputs
+    calibration_x : ``(N, *input_shape)`` float array, the traced calibration inputs
     model_config : dict, ``Sequential.config()`` of the float model (a Sequential of blocks)
     float_state : dict "params/<key>" | "buffers/<key>" -> array, ``layers.state_dict(model)``
     aux : dict name -> array (BLL heads ``head{k}/...``, feedback ``feedback{k}/W``, ...)

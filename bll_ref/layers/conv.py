@@ -116,6 +116,8 @@ class Conv2d(Layer):
         nn.Conv2d default).
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: x (N, in_channels, H, W) -> y (N, out_channels, H_out, W_out);
     params W (out_channels, in_channels, kh, kw), c (out_channels,).
     """

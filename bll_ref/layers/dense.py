@@ -21,6 +21,8 @@ class Dense(Layer):
         a PyTorch replication of the papers).
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: x (N, ..., in_features) -> y (N, ..., out_features) (token-wise on sequences);
     params W (in, out), c (out,).
     """

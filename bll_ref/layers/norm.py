@@ -25,6 +25,8 @@ class BatchNorm(Layer):
         biased one), so weights and statistics compare with nn.BatchNorm1d/2d.
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: x (N, C) or (N, C, H, W) -> y of the same shape; statistics over N (and H, W).
     params gamma (C,) = 1, beta (C,) = 0; buffers running_mean (C,) = 0, running_var (C,) = 1.
 
@@ -122,6 +124,8 @@ class LayerNorm(Layer):
         False: no parameters (y = normalised x). BLL uses LN without affine on block outputs.
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: x (N, D) or (N, T, D) -> y of the same shape; params gamma (D,) = 1, beta (D,) = 0
     when ``affine``. Same in train and eval (no running statistics).
     """

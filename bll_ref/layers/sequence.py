@@ -21,6 +21,8 @@ class Embedding(Layer):
         E ~ N(0, 1) (PyTorch's nn.Embedding default).
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: ids (N, T) integer -> y (N, T, dim); param E (V, dim). ``backward`` returns None
     (integer ids have no gradient) and scatters dy into grads["E"] (repeated ids add up).
     """
@@ -83,6 +85,8 @@ class PositionalEncoding(Layer):
         Only used when ``learned``.
     dtype : float32 | float64
 
+    Notes
+    -----
     Shapes: x (N, T, dim) -> y (N, T, dim); P (max_len, dim).
     """
 
@@ -146,7 +150,9 @@ class SelfAttention(Layer):
         Weights and biases ~ U(-1/sqrt(dim), 1/sqrt(dim)) (nn.Linear's default, as ``Dense``).
     dtype : float32 | float64
 
-    Shapes: x (N, T, dim) -> y (N, T, dim); params W* (dim, dim) used as x @ W, b* (dim,).
+    Notes
+    -----
+    Shapes: x (N, T, dim) -> y (N, T, dim); params ``W*`` (dim, dim) used as x @ W, ``b*`` (dim,).
     """
 
     runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name

@@ -43,8 +43,11 @@ _jit = dict(cache=True, nogil=True, error_model="numpy")
 _jit_sums = dict(_jit, fastmath={"reassoc"})
 
 # Lavin & Gray 2016, F(2x2, 3x3): input transform B^T, kernel transform G, output transform A^T
+#: Input transform B^T (4, 4) of F(2x2, 3x3): a 4x4 input tile d becomes B^T d B.
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+#: Kernel transform G (4, 3): a 3x3 kernel g becomes G g G^T.
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+#: Output transform A^T (2, 4): the elementwise product m gives the 2x2 output A^T m A.
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 
 

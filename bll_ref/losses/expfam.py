@@ -7,22 +7,24 @@ A family is a small frozen dataclass with three elementwise functions of the nat
 - ``var(eta)``           its variance, sigma^2 = A''(eta) (the "posterior weight" of Eq. 7)
 - ``log_partition(eta)`` A(eta)
 
-| family              | mu              | var            | A                  | paper        |
-|---------------------|-----------------|----------------|--------------------|--------------|
-| ``Bernoulli()``     | S(eta)          | mu (1 - mu)    | log(1 + e^eta)     | Eq. S9, S10  |
-| ``Gaussian(s2=1)``  | s2 eta          | s2             | s2 eta^2 / 2       | Eq. S11, S12 |
-| ``Poisson()``       | e^eta           | e^eta          | e^eta              | Eq. S13      |
+==================  ==============  =============  =================  ============
+family              mu              var            A                  paper
+==================  ==============  =============  =================  ============
+``Bernoulli()``     S(eta)          mu (1 - mu)    log(1 + e^eta)     Eq. S9, S10
+``Gaussian(s2=1)``  s2 eta          s2             s2 eta^2 / 2       Eq. S11, S12
+``Poisson()``       e^eta           e^eta          e^eta              Eq. S13
+==================  ==============  =============  =================  ============
 
 ``Gaussian`` has a known (constant) variance ``s2`` and sufficient statistic T(z) = z, so its
 natural parameter is eta = mean / s2. At s2 = 1 the natural parameter is the mean, which is how
 Eq. S11 is printed ("<T(z)>_rho = phi").
 
 Numerics: every function is finite and warning-free (no overflow, invalid or divide) for
-|eta| <= 1e3 in float32 and float64. ``exp`` is only ever taken of -|eta| (which may underflow
+``|eta| <= 1e3`` in float32 and float64. ``exp`` is only ever taken of ``-|eta|`` (which may underflow
 to 0: that is the correct value, and the underflow flag is silenced locally), except in
 ``Poisson``, which clips eta at ``Poisson.eta_max`` (default 80) before exponentiating: e^80 =
 5.5e34, so mu, var and A stay finite and var * (gamma - phi) stays below float32's maximum
-(3.4e38) for |gamma - phi| <= 6e3. Beyond eta_max the Poisson functions are constant (their
+(3.4e38) for ``|gamma - phi| <= 6e3``. Beyond eta_max the Poisson functions are constant (their
 derivative there is 0); the local estimators document this where it matters.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _float_array(eta) -> np.ndarray:
 
 
 def _exp_neg_abs(eta: np.ndarray) -> np.ndarray:
-    """e^{-|eta|} in (0, 1]; underflow to 0 for large |eta| is the intended value."""
+    """``e^{-|eta|}`` in (0, 1]; underflow to 0 for large ``|eta|`` is the intended value."""
     with np.errstate(under="ignore"):
         return np.exp(-np.abs(eta))
 
@@ -56,13 +58,13 @@ class Bernoulli:
     name: ClassVar[str] = "bernoulli"
 
     def mu(self, eta):
-        """Logistic sigmoid S(eta) = 1 / (1 + e^{-eta}), written with e = e^{-|eta|} so it never overflows."""
+        """Logistic sigmoid S(eta) = 1 / (1 + e^{-eta}), written with ``e = e^{-|eta|}`` so it never overflows."""
         eta = _float_array(eta)
         e = _exp_neg_abs(eta)
         return np.where(eta >= 0, 1, e).astype(eta.dtype, copy=False) / (1 + e)
 
     def var(self, eta):
-        """S(eta) S(-eta) = e / (1 + e)^2 with e = e^{-|eta|}.
+        """S(eta) S(-eta) = e / (1 + e)^2 with ``e = e^{-|eta|}``.
 
         Computed from eta, not as mu (1 - mu): 1 - mu cancels to 0 once mu rounds to 1.
         """
@@ -71,7 +73,7 @@ class Bernoulli:
         return e / ((1 + e) * (1 + e))
 
     def log_partition(self, eta):
-        """Softplus log(1 + e^eta) = max(eta, 0) + log1p(e^{-|eta|})."""
+        """Softplus log(1 + e^eta) = ``max(eta, 0) + log1p(e^{-|eta|})``."""
         eta = _float_array(eta)
         return np.maximum(eta, 0) + np.log1p(_exp_neg_abs(eta))
 
@@ -107,7 +109,7 @@ class Poisson:
     """Poisson units, z in {0, 1, 2, ...}: mu = var = A = e^eta (Eq. S13), eta clipped at ``eta_max``.
 
     The clip (default 80, at most 88 so that e^eta_max is finite in float32) keeps every quantity
-    finite for |eta| up to 1e3; see the module docstring.
+    finite for ``|eta|`` up to 1e3; see the module docstring.
     """
 
     eta_max: float = 80.0

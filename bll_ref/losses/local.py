@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Log-variances in ``gaussian_kl_s15`` and the S16/S17 metrics are clipped to +-LOGVAR_BOUND
-#: (variances 2e-22 .. 5e21), so e^{-s} (mu* - mu)^2 stays finite in float32 for |mu* - mu| <= 1e3.
+#: (variances 2e-22 .. 5e21), so ``e^{-s} (mu* - mu)^2`` stays finite in float32 for ``|mu* - mu| <= 1e3``.
 LOGVAR_BOUND = 50.0
 
 
@@ -131,6 +131,8 @@ def ef_gradients(family, phi, gamma):
     g_gamma : ndarray, shape of phi
         dKL/dgamma = var(gamma) (gamma - phi) / N   (Eq. 7 "posterior weight", sign flipped).
 
+    Notes
+    -----
     For Poisson, gamma or phi above ``eta_max`` sit where the clipped family is flat; the formulas
     are then the gradients of the unclipped KL evaluated with clipped mu and var.
     """
@@ -172,7 +174,7 @@ def eq8_chain_rule_gap(family, a, b, m):
     With gamma = a + m b, the exact gradient (``ef_chain_rule``) has posterior terms
     var(gamma) m b / N in g_a and var(gamma) m^2 b / N in g_b, whereas Eq. 8 (Bernoulli,
     var = rho (1 - rho)), S12 (Gaussian, var = s2) and S13 (Poisson, var = rho) print
-    var(gamma) b / N in both places. The forward terms agree. So, exactly,
+    var(gamma) b / N in both places. The forward terms agree. So, exactly::
 
         printed g_a - chain g_a = (1 - m)   var(gamma) b / N
         printed g_b - chain g_b = (1 - m^2) var(gamma) b / N
@@ -210,6 +212,8 @@ def bernoulli_eq8(a, b, m):
     g_b : ndarray, shape of a
         rho (1 - rho) b / N.
 
+    Notes
+    -----
     At m = 1 this equals ``ef_chain_rule("bernoulli", a, b, 1)``; for m != 1 it differs by
     ``eq8_chain_rule_gap``: (1 - m) rho (1 - rho) b / N in g_a, (1 - m^2) rho (1 - rho) b / N in g_b.
     """
@@ -326,8 +330,10 @@ def gaussian_kl_s15(mu_pred, logvar_pred, target_mu, target_logvar):
     g_mu : ndarray
         dL/dmu = (mu - mu*) e^{-s} / N.
     g_logvar : ndarray
-        dL/ds = (1 - (e^{s*} + (mu* - mu)^2) e^{-s}) / (2N); 0 where |s| > LOGVAR_BOUND.
+        dL/ds = (1 - (e^{s*} + (mu* - mu)^2) e^{-s}) / (2N); 0 where ``|s| > LOGVAR_BOUND``.
 
+    Notes
+    -----
     Computed in float64, returned in the dtype of the inputs. Log-variances are clipped to
     +-LOGVAR_BOUND (the loss is flat beyond, hence the zero gradient there).
     """

@@ -156,6 +156,8 @@ class BLL(Method):
     rng : seed or Generator for the heads and trained feedback
     sample_input : a few input rows, to size the heads and feedback networks
 
+    Notes
+    -----
     An option that does not apply to the chosen variant raises ValueError instead of being ignored.
     """
 
@@ -267,7 +269,7 @@ class BLL(Method):
 
     # --- diagnostics and state ---------------------------------------------------------------------
     def epoch_diagnostics(self, x, y):
-        """Per block: mean local losses and |a|, |b| over the epoch's steps; between-class variance
+        """Per block: mean local losses and ``|a|``, ``|b|`` over the epoch's steps; between-class variance
         fraction of the block output and the local head's accuracy on (x, y)."""
         out = {"epoch": self.epoch, "m": self.mixing(), "blocks": []}
         h = self._batch(x)

@@ -252,11 +252,11 @@ class HiddenLearner(_Learner):
         return dx if self.pass_down else None
 
     def variational(self, a, Y, b_fb=None):
-        """The variational term alone on a given a (and message b_fb): (loss, g_a, g_b, mean |b|)."""
+        """The variational term alone on a given a (and message b_fb): (loss, g_a, g_b, mean ``|b|``)."""
         return self.term.grads(self, a, Y, b_fb)
 
     def diagnostics(self, h_in, y):
-        """(dict, h_out): the epoch's mean local losses and |a|, |b|; between-class variance
+        """(dict, h_out): the epoch's mean local losses and ``|a|``, ``|b|``; between-class variance
         fraction of the block output and the head's accuracy on (h_in, y)."""
         st = {k: float(v) for k, v in self.stats.items()}
         n = max(st["steps"], 1)

@@ -18,7 +18,7 @@ __all__ = ["mean_abs", "loss_kernels", "NoTerm", "Similarity", "GaussianLN", "Ga
 
 
 def mean_abs(x):
-    """mean |x|: a float on the CPU, a device scalar on the GPU (read once per epoch, not per step)."""
+    """mean ``|x|``: a float on the CPU, a device scalar on the GPU (read once per epoch, not per step)."""
     m = backend.array_module(x).abs(x).mean()
     return m if backend.is_device_array(m) else float(m)
 

@@ -4,7 +4,7 @@
 
 * ``curves.png``        test accuracy (%) and training loss per epoch, one colour per run;
 * ``blocks-<run>.png``  for every BLL run, the per-block diagnostics over epochs (var_loss,
-                        head_loss, mean |a|, mean |b|, between-class fraction, head accuracy);
+                        head_loss, mean ``|a|``, mean ``|b|``, between-class fraction, head accuracy);
 * ``report.md``         one row per run: final and best test accuracy, final test top-3 and train
                         top-1 accuracy (paper 001 Table 1's test-3 / train-1; n/a for histories
                         that lack them), epochs, wall time, samples/s.
@@ -49,6 +49,8 @@ def make_report(run_dirs, out_dir, *, log=print, dpi=100) -> dict:
     recorded), best_epoch, epochs, wall_seconds, samples_per_s (None if unknown))
     and "paths" ({"markdown": path, "curves": path or None, "blocks": {run name: path}}).
 
+    Notes
+    -----
     Raises ReportError (a ValueError) with one line naming the path when a run is unusable.
     """
     run_dirs = [os.fspath(d) for d in run_dirs]
