@@ -27,7 +27,7 @@ from bll_ref.fixedpoint import compile_integer
 from bll_ref.layers import as_sequential, state_dict
 
 from .hdf5_layout import (FORMAT, FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs, _json, _model_path,
-                          _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
+                          _node_path, _q_attrs, _rec_name, _sha256, _Tree, input_normalisation, record_widths)
 from .hdf5_read import _decode, read_checked
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ExportFormatError", "ExportedModel", "export", "write",
@@ -54,7 +54,8 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
         :func:`bll_ref.fixedpoint.compile_integer` (per_channel files are format version 2)
     n_traces : int or None, store inputs and traces of the first ``n_traces`` samples (None: all N)
     aux : dict name -> array or None (feedback weights, heads; from ``checkpoint.load``)
-    meta : JSON-able dict or None (e.g. the checkpoint's meta)
+    meta : JSON-able dict or None (e.g. the checkpoint's meta); its ``data`` entry decides the stored
+        ``input_normalisation`` (:func:`exporters.hdf5_layout.input_normalisation`)
     labels : (N,) int array or None, labels of calibration_x (stored for the traced samples)
 
     Returns
@@ -82,7 +83,8 @@ def export(model, path, calibration_x, *, width=8, rounding="nearest", overflow=
     e = ExportedModel(
         records=im.records, traces=traces, calibration_x=x[:n].copy(), model_config=model.config(),
         float_state=state_dict(model), aux={k: np.asarray(v) for k, v in (aux or {}).items()},
-        labels=labels, meta=dict(meta or {}), format_version=needed_version(im.records),
+        labels=labels, meta=dict(meta or {}), format_version=FORMAT_VERSION,
+        input_normalisation=input_normalisation(meta, im.records[0], x.dtype),
         options={"width": int(width), "rounding": rounding, "overflow": overflow,
                  "percentile": float(percentile), "n_calibration": int(x.shape[0]),
                  **({"calibration": calibration} if calibration != "percentile" else {}),
@@ -200,9 +202,15 @@ def _encode(e: ExportedModel, records) -> dict:
     if not e.traces or len(e.traces) != len(records):
         raise ValueError(f"ExportedModel needs one trace per record, got {len(e.traces)} traces for "
                          f"{len(records)} records")
+    v3 = int(e.format_version) >= 3          # version 3: input_normalisation and the record widths
     group("/", format=FORMAT, format_version=int(e.format_version), created_by=str(e.created_by),
           model_config=_json(e.model_config, "model_config"), meta=_json(e.meta, "meta"),
           options=_json(e.options, "options"), __type__="NIRGraphData")
+    if v3:
+        norm = e.input_normalisation
+        if norm is None:
+            norm = input_normalisation(e.meta, records[0], np.asarray(e.calibration_x).dtype)
+        tree["/"][1]["input_normalisation"] = _json(norm, "input_normalisation")
     group("/model")
     for key, a in e.float_state.items():
         role, _, k = key.partition("/")
@@ -213,7 +221,8 @@ def _encode(e: ExportedModel, records) -> dict:
     group("/integer/records")
     for i, rec in enumerate(records):
         g = f"/integer/records/{_rec_name(i, rec)}"
-        group(g, kind=rec.kind, name=rec.name, record=_json(rec.attrs, g))
+        widths = record_widths(rec, [records[j].out_fmt for j in rec.inputs]) if v3 else {}
+        group(g, kind=rec.kind, name=rec.name, record=_json(rec.attrs, g), **widths)
         for name, arr in rec.arrays.items():
             dataset(f"{g}/{name}", arr, **(_code_attrs(rec, name) or {}))
     group("/aux")

@@ -20,8 +20,9 @@ from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.records import record_from_plain
 from bll_ref.layers import layer_from_config, state_dict
 
-from .hdf5_layout import (_REC_NAME, FORMAT, MAX_FORMAT_VERSION, ExportedModel, ExportFormatError, _code_attrs,
-                          _model_path, _node_path, _q_attrs, _rec_name, _sha256, _Tree, needed_version)
+from .hdf5_layout import (_REC_NAME, FORMAT, MAX_FORMAT_VERSION, WIDTH_KEYS, ExportedModel, ExportFormatError,
+                          _amax, _code_attrs, _decode_normalisation, _model_path, _node_path, _q_attrs, _rec_name,
+                          _sha256, _Tree, needed_version, record_widths)
 
 __all__ = ["read_checked"]
 
@@ -39,9 +40,12 @@ def _decode(tree, source, known=None):
     float_state = _decode_model(t, model_config)
     im = _decode_records(t, known)
     records = im.records
-    if t.attr(root, "format_version", int) < needed_version(records):
+    version = t.attr(root, "format_version", int)
+    if version < needed_version(records):
         t.fail(f"records with per-channel weight formats (array w_frac) need format_version "
-               f"{needed_version(records)}, the file says {t.attr(root, 'format_version', int)}")
+               f"{needed_version(records)}, the file says {version}")
+    widths = _decode_widths(t, records, version)
+    norm = _decode_normalisation(t, records[0], version)
     t.group("/aux")
     aux = {p[len("/aux/"):]: t.dataset(p) for p in t.datasets_below("/aux")}
     traces = _decode_traces(t, records)
@@ -70,8 +74,39 @@ def _decode(tree, source, known=None):
             t.fail(f"dataset /calibration/labels has dtype {labels.dtype}, expected integers")
     e = ExportedModel(records=records, traces=traces, calibration_x=x, model_config=model_config,
                       float_state=float_state, aux=aux, labels=labels, meta=meta, options=options,
-                      created_by=t.attr(root, "created_by", str), format_version=t.attr(root, "format_version", int))
+                      created_by=t.attr(root, "created_by", str), format_version=version,
+                      input_normalisation=norm, widths=widths)
     return e, im
+
+
+def _decode_widths(t, records, version):
+    """Version 3: each record group's accumulator / bias widths (section 6), equal to what the
+    records give (hdf5_layout.record_widths); older files may lack them (None is returned)."""
+    out = []
+    for i, rec in enumerate(records):
+        g = f"/integer/records/{_rec_name(i, rec)}"
+        want = record_widths(rec, [records[j].out_fmt for j in rec.inputs])
+        attrs = t.group(g)
+        if version < 3 and not any(k in attrs for k in WIDTH_KEYS):
+            out = None
+            continue
+        got = {}
+        for k in WIDTH_KEYS:
+            if k not in want:
+                if k in attrs:
+                    t.fail(f"group {g} has attribute {k!r}, but a {rec.kind!r} record has no "
+                           f"{k.split('_')[0]} (section 6)")
+                continue
+            got[k] = t.attr(g, k, int)
+            lo, hi = (1, 128) if k.endswith("width") else (-512, 512)
+            if not lo <= got[k] <= hi:
+                t.fail(f"group {g} attribute {k!r} is {got[k]}, outside {lo}..{hi}")
+            if got[k] != want[k]:
+                t.fail(f"group {g} attribute {k!r} is {got[k]}, but its record's codes need {want[k]} "
+                       "(section 6: recomputed from the record and its input formats); the file was altered")
+        if out is not None:
+            out.append(got)
+    return out
 
 
 def _check_header(t):
@@ -199,10 +234,6 @@ def _record_datasets(kind):
     if cls is None:
         return None
     return {f.name for f in dataclasses.fields(cls) if "array" in f.metadata} | set(_INFO_DATASETS.get(kind, ()))
-
-
-def _amax(fmt):
-    return max(-fmt.min_code, fmt.max_code)
 
 
 def _int64_bound(rec, in_fmts):

@@ -26,6 +26,7 @@ from bll_ref.fixedpoint import QFormat
 from bll_ref.fixedpoint import records as R
 
 from .hdf5 import read
+from .hdf5_layout import avgpool_extra_frac, common_frac_affine, record_widths
 
 __all__ = ["write_tb", "precision_table", "hls4ml_names", "avgpool_extra_frac", "lut_table_size", "fixed_values",
            "LAYOUTS", "INPUT_FILE", "OUTPUT_FILE", "PRECISION_FILE"]
@@ -58,34 +59,9 @@ def _write_dat(path, values):
             fh.write("".join(repr(float(v)) + " " for v in row) + "\n")
 
 
-def _signed_bits(lo, hi):
-    """Bits of the smallest two's complement integer type holding every integer in [lo, hi]."""
-    return max(int(lo).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
-
-
 def _ap(width, frac, rounding, overflow, signed=True):
     base = "ap_fixed" if signed else "ap_ufixed"
     return f"{base}<{width},{width - frac},{_HLS_Q[rounding]},{_HLS_O[overflow]}>"
-
-
-def common_frac_affine(rec):
-    """A dense / conv2d / scale record's weight and bias codes at one common frac, for hls4ml's
-    one type per tensor: per-channel weight formats (array ``w_frac``) are aligned to the finest
-    channel by exact left shifts.  Returns (W int64, c int64, acc_frac, d) with d = the bits added."""
-    W, c = rec.W.astype(np.int64), np.asarray(rec.c, np.int64)
-    w_frac = getattr(rec, "w_frac", None)
-    if w_frac is None:
-        return W, c, rec.acc_frac, 0
-    shift = np.asarray(w_frac, np.int64).max() - np.asarray(w_frac, np.int64)     # (out,)
-    axis = 1 if isinstance(rec, R.Dense) else 0
-    shape = [1] * W.ndim
-    shape[axis] = -1
-    d = int(shift.max())
-    return W << shift.reshape(shape), c << shift, rec.acc_frac + d, d
-
-
-def _amax(fmt):
-    return max(-fmt.min_code, fmt.max_code)
 
 
 def hls4ml_names(records) -> dict:
@@ -112,17 +88,6 @@ def hls4ml_names(records) -> dict:
     return out
 
 
-def avgpool_extra_frac(k) -> int:
-    """Fractional bits hls4ml's average-pooling accumulator needs beyond the input's for the exact
-    rounded mean of a k-value window: ``e = ceil(log2(2*k))``.  hls4ml divides the window sum in
-    ``accum_t`` (ap_fixed division: the quotient truncated at accum_t's frac), then converts it to
-    the result type.  A mean ``s/k`` that is not a rounding breakpoint (an integer or a half, in
-    code steps) lies at least ``1/(2*k)`` from every breakpoint, the truncated quotient within
-    ``2**-e <= 1/(2*k)`` of ``s/k`` on the same side; a breakpoint is a multiple of ``2**-e``, so
-    the quotient is exact there (docs/hls4ml-testbench.md)."""
-    return (2 * int(k) - 1).bit_length()
-
-
 def lut_table_size(rec, in_fmt):
     """hls4ml ``table_size`` that gives one table entry per input code of a sigmoid / tanh record
     (``range * 2**F_in``, range 16 / 8), and whether hls4ml's clamping outside its input range
@@ -145,15 +110,13 @@ def _layer(rec, in_fmts):
     p = {"result": f.hls_type}
     note, extra = None, {}
     if isinstance(rec, R.Affine):
-        W, c, acc_frac, d = common_frac_affine(rec)
-        k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
-        c_lo, c_hi = int(c.min(initial=0)), int(c.max(initial=0))
-        bound = k * _amax(in_fmts[0]) * int(np.abs(W).max(initial=0)) + max(-c_lo, c_hi)
+        d = common_frac_affine(rec)[3]
+        w = record_widths(rec, in_fmts)
         wf = rec.w_fmt
         p[("scale" if isinstance(rec, R.Scale) else "weight")] = _ap(wf.width + d, wf.frac + d, wf.rounding,
                                                                      wf.overflow, wf.signed)
-        p["bias"] = _ap(_signed_bits(c_lo, c_hi), acc_frac, f.rounding, f.overflow)
-        p["accum"] = _ap(_signed_bits(-bound, bound), acc_frac, f.rounding, f.overflow)
+        p["bias"] = _ap(w["bias_width"], w["bias_frac"], f.rounding, f.overflow)
+        p["accum"] = _ap(w["accum_width"], w["accum_frac"], f.rounding, f.overflow)
         note = ("bias codes and every partial sum are exact in these types; result = the accumulator "
                 "converted with the result type's rounding and overflow")
         if d:
@@ -166,8 +129,8 @@ def _layer(rec, in_fmts):
     elif isinstance(rec, R.AvgPool2d):
         k = rec.kernel_size[0] * rec.kernel_size[1]
         e = avgpool_extra_frac(k)
-        p["accum"] = _ap(_signed_bits(-k * _amax(in_fmts[0]), k * _amax(in_fmts[0])) + e, in_fmts[0].frac + e,
-                         f.rounding, f.overflow)
+        w = record_widths(rec, in_fmts)
+        p["accum"] = _ap(w["accum_width"], w["accum_frac"], f.rounding, f.overflow)
         note = (f"window sum exact in accum; hls4ml's accum / {k} keeps {e} fractional bits more than the input "
                 f"(2^{e} >= 2*{k}), so converting it to result gives exactly the rounded mean bll_ref computes")
     elif isinstance(rec, R.Lut):

@@ -172,7 +172,7 @@ def read_and_check(path):
     """Rerun every record from the file; returns (per-record equality with the stored trace,
     x_codes == quantised x, float twins == rebuilt from /model)."""
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] <= 2
+        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] <= 3
         g = f["integer/records"]
         names = sorted(g, key=lambda s: int(s.split("_")[0]))
         assert len(names) == f["integer"].attrs["n_records"]
@@ -307,7 +307,7 @@ def test_doc_reader_agrees_with_verify_on_per_channel_and_mse_exports(tmp_path):
             assert any(len(set(r.w_frac.tolist())) > 1 for r in e.records if getattr(r, "w_frac", None) is not None)
             same, inputs_ok, _ = read_and_check(path)
             rep = hdf5.verify(path)
-            assert rep["format_version"] == 2 and inputs_ok and all(same) and rep["ok"], (net, width)
+            assert rep["format_version"] == 3 and inputs_ok and all(same) and rep["ok"], (net, width)
 
 
 @pytest.mark.parametrize("net", sorted(NETS))

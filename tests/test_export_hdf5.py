@@ -270,7 +270,7 @@ def test_code_datasets_carry_their_q_format(tmp_path):
             {**w_fmt, "signed": 1}
         c = f["integer/records/001_dense/c"]
         assert c.dtype == np.int64 and c.attrs["frac"] == e.records[1].acc_frac
-        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "bll_ref-fixedpoint" and f.attrs["format_version"] == hdf5.FORMAT_VERSION
         assert json.loads(f.attrs["model_config"]) == e.model_config
         assert f["model/0/0/W"].attrs["role"] == "param"
 
@@ -395,9 +395,9 @@ def test_tampered_q_format_attribute_is_named(tmp_path):
 def test_newer_format_version_asks_for_an_upgrade(tmp_path):
     path, _, _, _ = _export(tmp_path, "mlp")
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 3
+        f.attrs["format_version"] = 4
         del f["integer"]                         # a newer layout: must be refused before parsing it
-    with pytest.raises(ExportFormatError, match=r"format version 3 is newer than supported 2; upgrade bll_ref"):
+    with pytest.raises(ExportFormatError, match=r"format version 4 is newer than supported 3; upgrade bll_ref"):
         hdf5.read(path)
 
 

@@ -718,9 +718,9 @@ def test_per_channel_export_is_format_version_2_and_round_trips(tmp_path):
     plain, pc = tmp_path / "plain.h5", tmp_path / "pc.h5"
     hdf5.export(model, plain, x)
     e = hdf5.export(model, pc, x, per_channel=True, calibration="mse")
-    assert hdf5.verify(plain)["format_version"] == 1
+    assert hdf5.verify(plain)["format_version"] == 3
     rep = hdf5.verify(pc)
-    assert rep["ok"] and rep["format_version"] == 2 and rep["options"]["per_channel"] is True
+    assert rep["ok"] and rep["format_version"] == 3 and rep["options"]["per_channel"] is True
     back = hdf5.read(pc)
     np.testing.assert_array_equal(back.records[1].w_frac, e.records[1].w_frac)
     assert len(set(back.records[1].w_frac.tolist())) > 1

@@ -59,7 +59,7 @@ def add_export_commands(subparsers):
                    help="activation formats: percentile (clip |x| at --percentile) or mse (least squared "
                    "quantisation error); default percentile, or what finetune-q trained the checkpoint for")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
-                   help="one power-of-two weight format per output channel (file format version 2); "
+                   help="one power-of-two weight format per output channel (docs/hdf5-format.md section 12); "
                    "default off, or what finetune-q trained the checkpoint for")
     p.add_argument("--output-width", type=int, default=None, metavar="BITS",
                    help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
