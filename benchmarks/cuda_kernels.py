@@ -167,13 +167,13 @@ def launch_paths(cp, np, repeats, n=128 * 1024, calls=1000):
     """The same plain-SGD update launched five ways: (device s/call, host s/call) each."""
     from numba import cuda as nbcuda
 
-    from bll_ref import backend
     from bll_ref.gpu import optim_kernels as ok
     from bll_ref.losses.cuda import KernelLauncher
     p, g = cp.zeros(n, cp.float32), cp.ones(n, cp.float32)
     lr, wd = np.float32(1e-3), np.float32(0.0)
     grid = -(-n // ok.THREADS)
-    stream = backend.numba_stream()
+    ptr = cp.cuda.get_current_stream().ptr  # numba's own launch needs CuPy's stream as a numba stream
+    stream = nbcuda.external_stream(ptr) if ptr else nbcuda.default_stream()
     k = ok._sgd_plain_kernel[grid, ok.THREADS, stream]
     pn, gn = nbcuda.as_cuda_array(p, sync=False), nbcuda.as_cuda_array(g, sync=False)
     elementwise = cp.ElementwiseKernel("T g, T lr, T wd", "T p", "p -= lr * (g + wd * p)", "bll_sgd_plain")

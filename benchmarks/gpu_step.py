@@ -30,8 +30,9 @@ from bll_ref import backend, models  # noqa: E402
 from bll_ref.methods import make  # noqa: E402
 
 from common import machine, write  # noqa: E402
+from step_time import SIZES as MLP  # noqa: E402  the benchmark MLP and the PyTorch twins of step_time.py
+from step_time import torch_cnn, torch_mlp  # noqa: E402
 
-MLP = (784, 1024, 1024, 1024, 10)
 EPOCH_STEPS = 469  # ceil(60000 / 128)
 
 
@@ -58,26 +59,6 @@ def torch_step(torch, net, x, y, fused):
         opt.step()
         return loss
     return step
-
-
-def torch_mlp(torch):
-    torch.manual_seed(0)
-    layers = []
-    for i, o in zip(MLP[:-2], MLP[1:-1]):
-        layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
-    layers.append(torch.nn.Linear(MLP[-2], MLP[-1]))
-    return torch.nn.Sequential(*layers)
-
-
-def torch_cnn(torch, channels=(32, 64, 128)):
-    torch.manual_seed(0)
-    layers, c, s = [], 1, 28
-    for co in channels:
-        layers += [torch.nn.Conv2d(c, co, 3, padding=1), torch.nn.BatchNorm2d(co), torch.nn.MaxPool2d(2),
-                   torch.nn.ReLU()]
-        c, s = co, s // 2
-    layers += [torch.nn.Flatten(), torch.nn.Linear(c * s * s, 10)]
-    return torch.nn.Sequential(*layers)
 
 
 def torch_resnet18(torch, width=64):

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["DEVICES", "DeviceError", "array_module", "is_device_array", "asnumpy", "to_device",
            "device_of", "gpu_module", "loss_kernels_gpu", "cupy_module", "require_cuda", "resolve_device",
-           "numba_stream", "synchronize", "device_info"]
+           "synchronize", "device_info"]
 
 #: Device names the API and ``bll-ref train --device`` take (``auto``: the GPU when one works).
 DEVICES = ("cpu", "cuda", "auto")
@@ -137,20 +137,6 @@ def gpu_module(name):
 def loss_kernels_gpu():
     """``bll_ref.losses.cuda``: the numba.cuda local-loss kernels, imported on first use."""
     return importlib.import_module("bll_ref.losses.cuda")
-
-
-_streams = {}
-
-
-def numba_stream():
-    """A numba.cuda stream object for CuPy's current stream, so numba kernels run in order with
-    CuPy's work (and inside a CuPy stream per block learner). Cached per stream pointer."""
-    from numba import cuda
-    ptr = _cupy.cuda.get_current_stream().ptr
-    s = _streams.get(ptr)
-    if s is None:
-        s = _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-    return s
 
 
 def synchronize():

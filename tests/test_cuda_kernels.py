@@ -30,6 +30,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+#: Prepended to every simulator script: what a call raises, as text (None if it raises nothing).
+SIM_ERROR_HELPER = '''
+def error(f):
+    try:
+        f()
+    except ValueError as e:
+        return "ValueError: " + str(e)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+'''
+
+
 def _python(code, timeout=600, **env):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env=dict(os.environ, PYTHONPATH=PYTHONPATH, **env))
@@ -233,16 +246,6 @@ kf = cuda.bernoulli_eq8(fa, fb, 0.4)
 out["foreign"] = {"routed": seen, "types": describe(kf), "err": errs(host(kf), local.bernoulli_eq8(a, b, 0.4))}
 
 
-def error(f):
-    try:
-        f()
-    except ValueError as e:
-        return "ValueError: " + str(e)
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 d64, d32 = nbcuda.to_device(a), nbcuda.to_device(a.astype(np.float32))
 zd, yd = nbcuda.to_device(np.zeros((4, 3))), nbcuda.to_device(np.zeros(4, np.int64))
 out["errors"] = {
@@ -295,14 +298,20 @@ print(json.dumps(out))
 '''
 
 
-@pytest.fixture(scope="module")
-def sim():
+def run_simulator(code):
+    """Run a simulator script (``SIM_ERROR_HELPER`` prepended) -> the JSON of its last line; skip
+    when the simulator cannot start here."""
     probe = _python("from numba import cuda; assert cuda.is_available()", timeout=120, NUMBA_ENABLE_CUDASIM="1")
     if probe.returncode != 0:
         pytest.skip(f"numba.cuda simulator cannot start here: {probe.stderr.strip().splitlines()[-1:]}")
-    res = _python(_SIM_CODE, NUMBA_ENABLE_CUDASIM="1")
+    res = _python(SIM_ERROR_HELPER + code, NUMBA_ENABLE_CUDASIM="1")
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return run_simulator(_SIM_CODE)
 
 
 NAMES = ("eq8", "s12", "s13", "kl_bernoulli", "kl_gaussian", "kl_poisson")

@@ -29,6 +29,8 @@ import textwrap
 
 import pytest
 
+from test_cuda_kernels import SIM_ERROR_HELPER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PTX_CODE = r'''
@@ -222,16 +224,6 @@ views["col2im_into_slice"] = bool(np.array_equal(d_dx.copy_to_host(), ref_dx, eq
 report["views"] = views
 
 
-def error(f):
-    try:
-        f()
-    except ValueError as e:
-        return "ValueError: " + str(e)
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 x = cuda.to_device(extreme(16, np.float32))
 y8, m8 = cuda.to_device(np.empty(8, np.float32)), cuda.to_device(np.empty(8, np.bool_))
 x4 = extreme((N, C, H, W), np.float32)
@@ -266,7 +258,7 @@ def _report(proc, what):
 @pytest.fixture(scope="module")
 def _procs():
     importlib.metadata.version("numba-cuda")  # PackageNotFoundError: the test extra is incomplete
-    procs = {"ptx": _start(_PTX_CODE, sim=False), "sim": _start(_SIM_CODE, sim=True)}
+    procs = {"ptx": _start(_PTX_CODE, sim=False), "sim": _start(SIM_ERROR_HELPER + _SIM_CODE, sim=True)}
     yield procs
     for p in procs.values():
         if p.poll() is None:

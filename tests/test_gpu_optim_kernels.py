@@ -4,13 +4,12 @@ As tests/test_cuda_kernels.py: every kernel compiles to PTX for sm_90 and sm_75 
 without the simulator; fails when numba-cuda is missing), the semantics run in ONE simulator
 subprocess that prints a JSON report, and the CuPy path runs for real where a GPU is present.
 """
-import json
 import math
 
 import numpy as np
 import pytest
 
-from test_cuda_kernels import _gpu, _python, check_ptx, ptx_report
+from test_cuda_kernels import _gpu, check_ptx, ptx_report, run_simulator
 
 
 def test_every_optimiser_kernel_compiles_to_ptx_for_sm90_and_sm75():
@@ -105,16 +104,6 @@ ok.sgd_plain(e, e, 0.1, 0.0)
 out["empty_ok"] = True
 
 
-def error(f):
-    try:
-        f()
-    except ValueError as exc:
-        return "ValueError: " + str(exc)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 d64, d32 = nbcuda.to_device(np.zeros(8)), nbcuda.to_device(np.zeros(8, np.float32))
 out["errors"] = {
     "dtype_mismatch": error(lambda: ok.sgd_plain(d64, d32, 0.1, 0.0)),
@@ -129,12 +118,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sim():
-    probe = _python("from numba import cuda; assert cuda.is_available()", timeout=120, NUMBA_ENABLE_CUDASIM="1")
-    if probe.returncode != 0:
-        pytest.skip(f"numba.cuda simulator cannot start here: {probe.stderr.strip().splitlines()[-1:]}")
-    res = _python(_SIM_CODE, NUMBA_ENABLE_CUDASIM="1")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_simulator(_SIM_CODE)
 
 
 CASES = [(dt, wd, scale) for dt in ("float64", "float32") for wd in (0.0, 0.05) for scale in (1.0, 1e3)]

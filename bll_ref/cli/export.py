@@ -28,7 +28,7 @@ from exporters.hls4ml_tb import INPUT_FILE, OUTPUT_FILE, PRECISION_FILE, write_t
 from exporters.nir import write_nir
 
 from .. import checkpoint
-from ..fileio import check_output, creatable_dir_problem
+from ..fileio import check_output, creatable_dir_problem, regular_input
 from ..fixedpoint import OVERFLOW_MODES, ROUNDING_MODES
 from ..fixedpoint.qformat import CALIBRATIONS
 from .common import add_data_option
@@ -144,12 +144,9 @@ def cmd_export(args):
 
 
 def _input_file(path):
-    """An input that exists and is a file (a directory gets one clear line, not HDF5's message)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; give the file written by bll-ref export")
-    return path
+    """An input that exists and is a regular file, said in one line before any work (a directory,
+    FIFO or device gets a clear line, not HDF5's message)."""
+    return regular_input(path, "file written by bll-ref export")
 
 
 def _creatable_dir(option, path):

@@ -6,8 +6,8 @@ learner k-1's stream right after k-1's forward pass, and nothing else. While blo
 local loss, backward and optimiser step on its stream, block k forwards and updates on its own,
 and the GPU overlaps them. Updates are the same as the sequential loop's (each learner forwards
 with its pre-update weights and updates from its own loss); only the order in which independent
-kernels execute differs, so results agree with the one-stream run up to the non-determinism of
-nothing: every kernel here is deterministic, and each stream's work is the same sequence.
+kernels execute differs, and since every kernel here is deterministic and each stream's work is
+the same sequence, the results are those of the one-stream run, bit for bit.
 
 Memory: arrays handed between streams (h_{k-1}) are allocated on stream k-1 and read on stream k.
 The streams are CuPy blocking streams, which the legacy default stream synchronises with: the
