@@ -175,14 +175,14 @@ def test_c_div_round_is_exact_for_every_sum_of_16_bit_codes_and_equals_python(tm
            + c_golden._C_DIV_ROUND + _C_MAIN)
     (tmp_path / "d.c").write_text(src)
     exe = tmp_path / "d"
-    subprocess.run([*cc.split(), *c_header.CFLAGS, "-o", str(exe), str(tmp_path / "d.c")], check=True)
+    subprocess.run([*cc.split(), *c_header.CFLAGS, "-o", str(exe), str(tmp_path / "d.c")], check=True, timeout=120)
     for k in KERNELS:
         lo, hi = k * -(1 << 15), k * ((1 << 16) - 1)
         s = np.arange(lo, hi + 1, dtype=np.int64)
         weights = (2 * np.arange(s.size, dtype=np.uint64) + 1)
         for m, mode in enumerate(ROUNDING_MODES):
             out = subprocess.run([str(exe), str(k), str(lo), str(hi), str(m)], capture_output=True, text=True,
-                                 check=True).stdout.split()
+                                 check=True, timeout=120).stdout.split()
             h = int((div_round(s, k, mode).astype(np.uint64) * weights).sum(dtype=np.uint64))
             assert out == ["0", str(h)], (k, mode)
 

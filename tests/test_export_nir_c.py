@@ -357,7 +357,7 @@ int main(void)
 """)
     (tmp_path / "h.c").write_text(src)
     exe = tmp_path / "h"
-    subprocess.run([*cc.split(), *c_header.CFLAGS, "-o", str(exe), str(tmp_path / "h.c")], check=True)
+    subprocess.run([*cc.split(), *c_header.CFLAGS, "-o", str(exe), str(tmp_path / "h.c")], check=True, timeout=120)
     lines, want = [], []
     for a, s, r in rs_cases:
         lines.append(f"R {a} {s} {r} 0 0 0")
@@ -372,7 +372,7 @@ int main(void)
         lines.append(f"Q {a} {sh} {rounding.index(f.rounding)} {f.width} 1 {int(f.overflow == 'wrap')}")
         want.append(int(requantize(np.array([a], np.int64), f.frac + sh, f)[0]))
     res = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                         check=True)
+                         check=True, timeout=120)
     got = [int(v) for v in res.stdout.split()]
     bad = [(ln, g, w) for ln, g, w in zip(lines, got, want) if g != w]
     assert len(got) == len(want) and not bad, bad[:10]
