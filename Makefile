@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data bench clean firmware firmware-toolchain notebooks docs
+.PHONY: demo test install data bench clean firmware firmware-toolchain firmware-learn notebooks docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -83,6 +83,18 @@ firmware: install data firmware-toolchain
 	$(BIN)/bll-ref train --method bll --model cnn --epochs 1 --limit-train 512 --limit-test 256 --out $(FW)/cnn
 	$(BIN)/bll-ref export $(FW)/cnn/checkpoint.npz --out $(FW)/cnn-w8.h5 --width 8
 	$(BIN)/bll-ref firmware $(FW)/cnn-w8.h5 --workdir $(FW)/cnn-fw
+
+# On-device block-local learning (docs/on-device-learning.md): train the MLP on the host, export it at
+# 8 bits, then on QEMU's Cortex-M4 blocks 2 and 3 adapt to low-contrast images from 1,000 labelled
+# samples with the integer BLL update, every learned code checked against the Python twin after every
+# step (exit 1 if not).  The last line is the summary of issue 25.
+FWL := out/firmware-learn
+firmware-learn: install data firmware-toolchain
+	$(BIN)/bll-ref train --method bll --sizes 784,128,128,10 --activation relu --epochs 5 \
+	  --limit-train 20000 --limit-test 2000 --out $(FWL)/mlp
+	$(BIN)/bll-ref export $(FWL)/mlp/checkpoint.npz --out $(FWL)/mlp-w8.h5 --width 8
+	$(BIN)/bll-ref firmware-learn $(FWL)/mlp-w8.h5 --workdir $(FWL)/learn --learn-blocks 2,3 --lr-shift 9,8 \
+	  --samples 1000 --test 2000 --shift contrast
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

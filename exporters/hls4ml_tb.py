@@ -136,6 +136,9 @@ def _layer(rec, in_fmts):
     elif isinstance(rec, R.Lut):
         t = QFormat(f.width, f.frac, f.signed, f.rounding, "saturate")
         p["table"] = t.hls_type
+        # hls4ml 1.3.0 types an Activation's table from the layer-level key table_t (Layer.__init__
+        # applies *_t keys), not from Precision.table: without it the entries are cut to fixed<18,8>
+        extra["table_t"] = t.hls_type
         size, clamp_ok = lut_table_size(rec, in_fmts[0])
         extra["table_size"] = size
         note = (f"{rec.function} table of 2^{in_fmts[0].width} entries indexed by every input code; "

@@ -1,5 +1,5 @@
 """``bll-ref`` command line: train, eval, demo, report, doctor, finetune-q, export, verify, nir,
-c-header, firmware. Parsing and printing only: every command is a call of the library
+c-header, firmware, firmware-learn, qonnx. Parsing and printing only: every command is a call of the library
 (``bll_ref``) or of ``exporters``, which never import this package.
 
 Exit codes: 0 success; 1 a verified mismatch (verify, c-header --compile); 2 bad input or
@@ -19,6 +19,8 @@ from ..parallel import WorkerError
 from .commands import add_commands
 from .common import Help
 from .export import add_export_commands
+from .learn import add_learn_command
+from .qonnx import add_qonnx_command
 from .train import add_train_command, given_train_options
 
 __all__ = ["main"]
@@ -32,6 +34,8 @@ def main(argv=None):
     add_train_command(sub)
     add_commands(sub)
     add_export_commands(sub)
+    add_learn_command(sub)
+    add_qonnx_command(sub)
     for p in sub.choices.values():
         p.formatter_class = Help
     args = parser.parse_args(argv)

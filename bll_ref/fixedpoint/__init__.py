@@ -13,6 +13,9 @@ module             what
 ``walk``           the one walk over a float model (flattening, BatchNorm folding), shared with
                    ``exporters.nir``
 ``compile``        :func:`compile_integer`: float model -> records -> IntegerModel
+``learn``          on-device learning: the integer BLL update of Dense blocks and its checks
+                   (docs/on-device-learning.md)
+``learn_float``    the float twin of that update, the closed-form feedback table
 =================  ===============================================================================
 
 :meth:`IntegerModel.from_records` rebuilds the same bit-exact inference from the records' plain
