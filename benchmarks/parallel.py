@@ -1,39 +1,53 @@
-"""Steps per second of BLL's pipeline schedules against the sequential loop, and the pipeline model.
+"""Steps per second of BLL's pipeline schedules (stages x replicas) against the sequential loop,
+with the pipeline model's predictions written before any parallel run.
 
-Model: the 4-block MLP 784-1024-1024-1024-10, BLL default recipe, batch 128, float32, random
-inputs and labels, one BLAS thread per worker. Variants, alternated in rounds so that machine
-drift hits all alike (medians over rounds; speed-ups are medians of per-round ratios):
+Models: the 4-block MLP 784-1024-1024-1024-10 (and, on 16 or more cores, a 16-block MLP of 1024-wide
+blocks), BLL default recipe, batch 128, float32, random inputs and labels, one BLAS thread per
+worker. Variants, alternated in rounds so that machine drift hits all alike (medians over rounds;
+speed-ups are medians of per-round ratios against the sequential run of the same model):
 
-    seq      SequentialSchedule(blas=1)                    one process
-    threads  ThreadPipeline, 2 workers                     one process
-    mpi2     MPIPipeline, 2 ranks (mpiexec subprocess)     one process per rank
-    mpi4     MPIPipeline, 4 ranks (mpiexec subprocess)
-    torch    PyTorch-CPU BP, Adam, set_num_threads(2)      only where torch is importable
+    seq        SequentialSchedule                               one process
+    seq_mb2    SequentialSchedule, --micro-batches 2            the arithmetic of 2 replicas
+    threads    ThreadPipeline, 2 workers                        one process
+    mpi2       2 ranks = 2 stages x 1 replica                   mpiexec subprocess
+    mpi2r      2 ranks = 1 stage x 2 replicas
+    mpi4       4 ranks = 4 stages x 1 replica
+    mpi4r      4 ranks = 2 stages x 2 replicas
+    mpi8r      8 ranks = 4 stages x 2 replicas                  16 or more cores only
+    seq16      the 16-block MLP, sequentially                   16 or more cores only
+    mpi16      the 16-block MLP on 16 ranks (16 x 1)            16 or more cores only
+    torch      PyTorch-CPU BP, Adam, set_num_threads(2)         only where torch is importable
 
-Every measurement builds a fresh model, runs ``--warmup`` steps (Numba kernels, caches, Adam
-state), then times ``--steps`` steps. steps/s is the steady-state rate of the last stage,
-(n - 1) / (t_n - t_1) over its step completion times, so pipeline fill and drain are left out
-(the whole-run rate, fill and drain included, is the next column). The losses of the pipelined runs
-are compared with the sequential run's: they must agree bit for bit (docs/architecture.md, "Why a
-pipeline of block learners is exact").
+Every measurement builds a fresh model, runs ``--warmup`` steps, then times ``--steps`` steps.
+steps/s is the steady-state rate of the last stage, (n - 1) / (t_n - t_1). The losses of every
+variant are compared with the sequential run of the same model and micro-batches: they must agree
+bit for bit.
 
-Pipeline model (``bll_ref.parallel.pipeline_seconds_per_step``): a step takes the slowest group's
-time plus one activation message. Block costs are each learner's forward + update alone
-(``measure_learner_seconds``); the message time is an MPI ping-pong of one (128, 1024) float32
-activation between 2 ranks (median round trip / 2). The same model, with 64 blocks each costing
-the measured 1024x1024 hidden block and messages of latency + bytes / link rate, predicts the
-speed-up of a deeper model for 4..64 workers on 1, 10 and 100 Gbit/s links.
+Predict first: before any parallel run the script measures each block's cost (forward + update
+alone, at 128, 64, ..., 2 rows) and MPI messages (ping-pong over shared memory and over TCP on
+loopback, 8 bytes and one (128, 1024) float32 activation), computes the pipeline model's
+prediction for every variant, on this machine's cores and on 16 cores, and for 8..64 ranks on
+deeper models (8- and 16-block MLP, ResNet-18), and writes them to the results file. The measured
+table then shows those predictions, unchanged, beside the measurements, with the error.
+``--predict`` stops after writing the predictions.
+
+Pipeline model for S stages x R replicas (``predict_step``): a replica of stage g processes N / R
+rows through its blocks (cost_k(N / R), measured at that many rows), exchanges its gradients with the other R - 1 replicas (a ring Allgather: (R - 1) messages
+of the stage's parameter bytes, message time = latency + bytes / bandwidth from the ping-pong), and
+sends its activations on (one message of N / R rows); packing and summing the R replicas'
+gradients costs (R + 2) x their bytes at the measured memory copy rate. A step takes the slowest
+stage's time. With
+W = S R ranks on C < W cores, the ranks share the cores: the compute part is stretched by W / C
+(waiting ranks poll), and never faster than the total work over min(C, W).
 
     python benchmarks/parallel.py [--rounds 5] [--steps 60] [--warmup 10]
-    python benchmarks/parallel.py --quick                      # smoke run, seconds
-    python benchmarks/parallel.py --torch-python /tmp/torchvenv/bin/python
+    python benchmarks/parallel.py --predict                    # the predictions alone, no parallel run
+    python benchmarks/parallel.py --quick --results /tmp/p     # smoke run, seconds
 
 As root, mpiexec needs OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; the script sets
-them for its own mpiexec subprocesses. 4 ranks on a 2-core machine are oversubscribed: the table
-also gives the prediction on this machine's cores (total work over the cores; W > cores MPI ranks
-busy-poll while waiting, so each runs at cores / W speed).
+them for its own mpiexec subprocesses. More ranks than cores are run oversubscribed.
 
-Writes benchmarks/results/parallel.{json,md,png}.
+Writes benchmarks/results/parallel.{json,md,png} (``--results`` another directory).
 """
 from __future__ import annotations
 
@@ -57,11 +71,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SIZES = (784, 1024, 1024, 1024, 10)
 N = 128
 SEED = 0
-LINKS_GBIT = (1, 10, 100)
-DEEP_BLOCKS = 64
-DEEP_WORKERS = (4, 8, 16, 32, 64)
 ACT_BYTES = N * 1024 * 4  # one (128, 1024) float32 activation
-WORKERS = {"seq": 1, "threads": 2, "mpi2": 2, "mpi4": 4}
+DEEP_RANKS = (8, 16, 32, 64)
+BIG_CORES = 16  # the machine the issue's bars are for
+
+MODELS = {"mlp4": SIZES, "mlp8": (784,) + (1024,) * 7 + (10,), "mlp16": (784,) + (1024,) * 15 + (10,)}
+# name: (model, schedule, stages, replicas); replicas R means R micro-batches
+VARIANTS = {"seq": ("mlp4", "seq", 1, 1), "seq_mb2": ("mlp4", "seq", 1, 2), "threads": ("mlp4", "threads", 2, 1),
+            "mpi2": ("mlp4", "mpi", 2, 1), "mpi2r": ("mlp4", "mpi", 1, 2), "mpi4": ("mlp4", "mpi", 4, 1),
+            "mpi4r": ("mlp4", "mpi", 2, 2), "mpi8r": ("mlp4", "mpi", 4, 2),
+            "seq16": ("mlp16", "seq", 1, 1), "mpi16": ("mlp16", "mpi", 16, 1)}
+SMALL = ("seq", "seq_mb2", "threads", "mpi2", "mpi2r", "mpi4", "mpi4r")
+BIG = SMALL + ("mpi8r", "seq16", "mpi16")
+NAMES = {"seq": "sequential", "seq_mb2": "sequential, 2 micro-batches", "threads": "threads, 2 workers",
+         "mpi2": "MPI 2 ranks (2 x 1)", "mpi2r": "MPI 2 ranks (1 x 2)", "mpi4": "MPI 4 ranks (4 x 1)",
+         "mpi4r": "MPI 4 ranks (2 x 2)", "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
+         "mpi16": "16-block MLP, MPI 16 ranks (16 x 1)", "torch": "PyTorch BP, 2 threads"}
+
+
+def ranks_of(v):
+    model, sched, stages, replicas = VARIANTS[v]
+    return 1 if sched == "seq" else stages * replicas
 
 
 # --- the run every variant shares ------------------------------------------------------------
@@ -71,9 +101,10 @@ def make_batches(n):
     return [(rng.standard_normal((N, SIZES[0])).astype(np.float32), rng.integers(0, 10, N)) for _ in range(n)]
 
 
-def build_method(x):
+def build_method(x, model="mlp4"):
     from bll_ref import methods, models
-    return methods.make("bll", models.mlp(SIZES, rng=SEED), sample_input=x[:8])
+    blocks = models.build("resnet18", rng=SEED) if model == "resnet18" else models.mlp(MODELS[model], rng=SEED)
+    return methods.make("bll", blocks, sample_input=x[:8])
 
 
 def timed_run(run_epoch, warm, timed, barrier=None):
@@ -97,10 +128,11 @@ def rates(run, n_steps):
 
 
 # --- in-process variants ---------------------------------------------------------------------
-def run_sequential(batches, warmup):
+def run_sequential(batches, warmup, model="mlp4", micro=1):
     from bll_ref.parallel import SequentialSchedule
-    m = build_method(batches[0][0])
-    run = timed_run(lambda b, f: SequentialSchedule(blas=1).run_epoch(m, b, f), batches[:warmup], batches[warmup:])
+    m = build_method(batches[0][0], model)
+    sched = SequentialSchedule(blas=1, micro_batches=micro, method=m)
+    run = timed_run(lambda b, f: sched.run_epoch(m, b, f), batches[:warmup], batches[warmup:])
     return {**rates(run, len(batches) - warmup), "losses": run["losses"]}
 
 
@@ -185,15 +217,21 @@ def groups_arg(groups):
     return ";".join(",".join(map(str, g)) for g in groups)
 
 
-def run_mpi(ranks, steps, warmup, groups, timeout):
-    return run_subprocess([mpiexec(), "-n", str(ranks), "--oversubscribe", sys.executable, "-m", "mpi4py",
+def run_mpi(v, steps, warmup, groups, timeout):
+    model, _, stages, replicas = VARIANTS[v]
+    return run_subprocess([mpiexec(), "-n", str(stages * replicas), "--oversubscribe", sys.executable, "-m", "mpi4py",
                            os.path.abspath(__file__), "--mpi-worker", "pipeline", "--steps", str(steps),
-                           "--warmup", str(warmup), "--groups", groups_arg(groups)], timeout)
+                           "--warmup", str(warmup), "--groups", groups_arg(groups), "--model", model,
+                           "--replicas", str(replicas)], timeout)
 
 
-def run_pingpong(reps, timeout):
-    return run_subprocess([mpiexec(), "-n", "2", "--oversubscribe", sys.executable, "-m", "mpi4py",
-                           os.path.abspath(__file__), "--mpi-worker", "pingpong", "--reps", str(reps)], timeout)
+TCP = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
+
+
+def run_pingpong(reps, timeout, tcp=False):
+    return run_subprocess([mpiexec(), "-n", "2", "--oversubscribe", *(TCP if tcp else []), sys.executable, "-m",
+                           "mpi4py", os.path.abspath(__file__), "--mpi-worker", "pingpong", "--reps", str(reps)],
+                          timeout)
 
 
 def run_torch(python, steps, warmup, timeout):
@@ -208,8 +246,9 @@ def mpi_pipeline_worker(args):
     comm = world()
     groups = [[int(k) for k in g.split(",")] for g in args.groups.split(";")]
     batches = make_batches(args.warmup + args.steps)
-    m = build_method(batches[0][0])
-    pipe = MPIPipeline(m, comm, groups, batches[0][0][:8], blas=1)
+    m = build_method(batches[0][0], args.model)
+    pipe = MPIPipeline(m, comm, groups, batches[0][0][:8], blas=1, replicas=args.replicas,
+                       micro_batches=args.replicas)
     run = timed_run(lambda b, f: pipe.run_epoch(m, b, f), batches[:args.warmup], batches[args.warmup:],
                     barrier=comm.Barrier)
     if pipe.last:
@@ -273,59 +312,130 @@ def torch_worker(args):
 
 
 # --- the model -------------------------------------------------------------------------------
-def measure_blocks(batches, repeats):
+ROWS = tuple(N >> i for i in range(7))  # 128, 64, ..., 2: the rows of a replica's slice for R = 1..64
+
+
+def measure_blocks(batches, model="mlp4", rows=ROWS, repeats=5):
+    """{rows: [seconds of forward + update of each learner alone]} on one batch, 1 BLAS thread."""
     from bll_ref.parallel import blas_threads, measure_learner_seconds
     x, y = batches[0]
+    if model == "resnet18":
+        x = x.reshape(-1, 1, 28, 28)
     with blas_threads(1):
-        return measure_learner_seconds(build_method(x), x, y, repeats=repeats)
+        m = build_method(x, model)
+        return {n: measure_learner_seconds(m, x[:n], y[:n], repeats=repeats) for n in rows}
 
 
-def deep_speedups(block_s, message_s, workers=DEEP_WORKERS, blocks=DEEP_BLOCKS):
-    """{workers: predicted speed-up over one worker} for a ``blocks``-block model, every block
-    costing ``block_s``, every step sending one activation of ``message_s``."""
-    from bll_ref.parallel import balanced_groups, pipeline_seconds_per_step
-    costs = [block_s] * blocks
-    return {w: sum(costs) / pipeline_seconds_per_step(costs, balanced_groups(costs, w), message_s) for w in workers}
+def cost_at(costs, n):
+    """Per-block seconds at ``n`` rows, as measured (``costs`` is keyed by rows, int or str)."""
+    by_rows = {int(k): v for k, v in costs.items()}
+    if int(n) != n or int(n) not in by_rows:
+        raise ValueError(f"no block costs measured at {n} rows (measured: {sorted(by_rows)})")
+    return by_rows[int(n)]
 
 
-def link_message_s(gbit, latency_s):
-    return latency_s + ACT_BYTES * 8 / (gbit * 1e9)
+def message_s(msg, nbytes):
+    """latency + bytes / bandwidth, both from a ping-pong of 8 bytes and of one activation."""
+    lat, act = msg["small_8B"]["one_way_s"], msg["activation"]["one_way_s"]
+    return lat + nbytes * max(act - lat, 0.0) / msg["activation"]["bytes"]
 
 
-def plot(path, res):
-    """Measured speed-ups (points) and the pipeline model (lines) over workers, log-log."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.6, 4.8))
-    ws = [1, *DEEP_WORKERS]
-    ax.plot(ws, ws, ":", color="0.5", label="ideal (speed-up = workers)")
-    deep = res["deep_model"]["speedup"]
-    # drawn widest first: on fast links the lines lie on top of each other
-    for (link, sp), color, lw in reversed(list(zip(deep.items(), ("C0", "C1", "C2"), (1.5, 3.0, 4.5)))):
-        ax.plot(ws, [1.0, *sp.values()], "-", color=color, lw=lw, alpha=0.8,
-                label=f"predicted, {DEEP_BLOCKS}-block model, {link}")
-    for key, style, what in (("predicted_speedup", "--", "MPI, shared memory"),
-                             ("predicted_speedup_cores", "-.", f"MPI, this machine's {res['cores']} cores")):
-        pts = {1: 1.0, **{WORKERS[v]: res[key][v] for v in ("mpi2", "mpi4") if v in res[key]}}
-        if len(pts) > 1:
-            ax.plot(sorted(pts), [pts[w] for w in sorted(pts)], style, color="C3",
-                    label=f"predicted, 4-block MLP, {what}")
-    for v, marker in (("threads", "s"), ("mpi2", "o"), ("mpi4", "D")):
-        sp = res["speedup"].get(v, float("nan"))
-        if sp == sp:  # NaN where the variant failed or was skipped
-            ax.plot([WORKERS[v]], [sp], marker, color="C4" if v == "threads" else "C3", markersize=8,
-                    linestyle="none", label=f"measured, 4-block MLP, {NAMES[v]}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("workers (pipeline stages)")
-    ax.set_ylabel("speed-up over sequential (steps/s ratio)")
-    ax.set_title(f"BLL pipeline, batch {N}: measured vs pipeline model")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def stage_param_bytes(model):
+    """Bytes of the gradients each learner's replicas exchange (block + head + trained parts):
+    the parameters of its state, float32."""
+    import re
+    m = build_method(make_batches(1)[0][0].reshape(-1, 1, 28, 28) if model == "resnet18"
+                     else make_batches(1)[0][0], model)
+    return [sum(v.nbytes for k, v in l.state_dict().items() if re.search(r"(^|/)params/", k)) for l in m.learners]
+
+
+def copy_bytes_per_s(nbytes=16 << 20, repeats=20):
+    """Memory copy rate of this machine (median of ``repeats`` copies of ``nbytes``)."""
+    src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
+    times = []
+    for _ in range(repeats + 2):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return nbytes / float(np.median(times[2:]))
+
+
+def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rate, act_bytes=ACT_BYTES):
+    """Seconds per step of ``groups`` (stages) x ``replicas`` on ``cores`` cores (module docstring)."""
+    c = cost_at(costs, N / replicas)
+    comm = message_s(msg, act_bytes / replicas) if len(groups) > 1 else 0.0
+    stage = []
+    for g in groups:
+        b = sum(pbytes[k] for k in g)
+        # ring Allgather of the gradients, plus packing them and summing R of them (memory copies)
+        exch = (replicas - 1) * message_s(msg, b) + (replicas + 2) * b / copy_rate if replicas > 1 else 0.0
+        stage.append(sum(c[k] for k in g) + exch)
+    w = len(groups) * replicas
+    compute = max(stage)
+    if w > cores:
+        compute *= w / cores
+    work = replicas * sum(c)
+    return max(compute, work / min(cores, w)) + comm
+
+
+def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rate):
+    """The (stages, replicas, speed-up) with stages x replicas = ranks that the model likes best."""
+    from bll_ref.parallel import balanced_groups
+    seq = sum(cost_at(costs, N))
+    best = None
+    for r in (1, 2, 4, 8, 16, 32, 64):
+        s = ranks // r
+        if s * r != ranks or s > n_blocks or s < 1 or N % r:
+            continue
+        sp = seq / predict_step(costs, balanced_groups(cost_at(costs, N), s), r, msg, pbytes, cores, copy_rate)
+        if best is None or sp > best[2]:
+            best = (s, r, sp)
+    return best
+
+
+def predict(args, variants, batches, setup):
+    """Every prediction of this run, from measurements taken before any parallel run."""
+    from bll_ref.parallel import pipeline_seconds_per_step
+    costs, msg, pbytes, groups = setup["costs"], setup["message"], setup["param_bytes"], setup["groups"]
+    out = {"written_at": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": os.cpu_count(), "variants": {}, "deep": {}}
+    for v in variants:
+        if v == "torch":
+            continue
+        model, sched, stages, replicas = VARIANTS[v]
+        c = costs[model]
+        seq = sum(cost_at(c, N))
+        row = {}
+        for label, cores in (("here", os.cpu_count() or 1), (f"{BIG_CORES} cores", BIG_CORES)):
+            if sched == "seq":
+                step = sum(cost_at(c, N))  # micro-batches: R slices of N / R rows cost about one batch
+                step = sum(cost_at(c, N / replicas)) * replicas if replicas > 1 else step
+            elif sched == "threads":
+                step = max(pipeline_seconds_per_step(cost_at(c, N), groups[v], 0.0),
+                           seq / min(cores, stages))
+            else:
+                step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rate"])
+            row[label] = {"step_s": step, "speedup": seq / step}
+        out["variants"][v] = row
+    for model, c in costs.items():
+        n_blocks = len(next(iter(c.values())))
+        out["deep"][model] = {}
+        for ranks in DEEP_RANKS:
+            for link in ("shm", "tcp"):
+                b = best_split(c, ranks, msg[link], pbytes[model], ranks, n_blocks, setup["copy_rate"])
+                if b:
+                    out["deep"][model].setdefault(str(ranks), {})[link] = {"stages": b[0], "replicas": b[1],
+                                                                            "speedup": b[2]}
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------
+def _median(v):
+    v = [x for x in v if x == x]
+    return float(np.median(v)) if v else float("nan")
+
+
+def _fmt(v, f="{:.2f}"):
+    return "n/a" if v is None or v != v else f.format(v)
 
 
 def _nan_to_none(v):
@@ -339,30 +449,26 @@ def _nan_to_none(v):
     return v
 
 
-# --- main ------------------------------------------------------------------------------------
-def _median(v):
-    v = [x for x in v if x == x]
-    return float(np.median(v)) if v else float("nan")
-
-
-def _fmt(v, f="{:.2f}"):
-    return "n/a" if v is None or v != v else f.format(v)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="rounds of all variants (medians over rounds)")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of a few steps")
-    ap.add_argument("--no-mpi", action="store_true", help="skip the MPI variants and the ping-pong")
+    ap.add_argument("--predict", action="store_true", help="write the predictions and stop (no parallel run)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset (default: {','.join(SMALL)}; on {BIG_CORES}+ cores also "
+                         "mpi8r,seq16,mpi16)")
+    ap.add_argument("--results", default=None, help="directory for parallel.{json,md,png} (default results/)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-python", default=None,
                     help="interpreter with torch for the PyTorch row (default: this one, if it has torch)")
-    ap.add_argument("--timeout", type=float, default=180, help="seconds before an mpiexec/torch run is ended")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds before an mpiexec/torch run is ended")
     ap.add_argument("--mpi-worker", choices=("pipeline", "pingpong"), help=argparse.SUPPRESS)
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--groups", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="mlp4", help=argparse.SUPPRESS)
+    ap.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=200, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -376,12 +482,19 @@ def main():
         args.rounds, args.steps, args.warmup, args.reps = 1, 6, 2, 20
     if args.steps < 2:
         ap.error("--steps must be at least 2 (the steady-state rate needs two step times)")
-    run_benchmark(args)
+    if not mpiexec():
+        ap.error("no mpiexec found; pip install 'bll_ref[mpi]'")
+    variants = args.variants.split(",") if args.variants else list(BIG if (os.cpu_count() or 1) >= BIG_CORES else SMALL)
+    unknown = [v for v in variants if v not in VARIANTS and v != "torch"]
+    if unknown or "seq" not in variants:
+        ap.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)}, torch); 'seq' must be one")
+    run_benchmark(args, variants)
 
 
-def run_benchmark(args):
+def run_benchmark(args, variants):
     from bll_ref.parallel import blas_threads
     from common import RESULTS, gemm_gflops, machine, write
+    results = args.results or RESULTS
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
           f"on {os.cpu_count()} CPUs", flush=True)
@@ -389,78 +502,88 @@ def run_benchmark(args):
         gf_before = gemm_gflops(repeats=3 if args.quick else 10)
     print(f"float32 1024^3 GEMM, 1 BLAS thread: {gf_before:.0f} GFLOP/s", flush=True)
     batches = make_batches(args.warmup + args.steps)
-    setup = measure_setup(args, batches)
-    variants, torch_python = choose_variants(args)
-    per_round, errors = run_rounds(args, variants, batches, setup["groups"], torch_python)
-    with blas_threads(1):
-        gf_after = gemm_gflops(repeats=3 if args.quick else 10)
-    load_end = os.getloadavg()
-    res = {"machine": machine(),
-           "gemm_gflops_1thread": {"before": gf_before, "after": gf_after, "mean": (gf_before + gf_after) / 2},
-           "loadavg": {"start": list(load_start), "end": list(load_end)},
-           "env_threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                                          "NUMBA_NUM_THREADS")},
-           "config": {"sizes": SIZES, "batch": N, "rounds": args.rounds, "steps": args.steps,
-                      "warmup": args.warmup, "quick": args.quick, "torch_python": torch_python},
-           **summarize(setup, variants, per_round), "errors": errors}
-    os.makedirs(RESULTS, exist_ok=True)
-    png = os.path.join(RESULTS, "parallel.png")
-    plot(png, res)
-    write("parallel", _nan_to_none(res), markdown(res))
-    print(f"\nwrote {os.path.join(RESULTS, 'parallel.json')}, parallel.md, {png}")
-
-
-def measure_setup(args, batches):
-    """Block costs, the 2- and 4-worker assignments and the MPI message times (printed)."""
-    from bll_ref.parallel import balanced_groups, describe
-    costs = measure_blocks(batches, repeats=4 if args.quick else 10)
-    labels = [f"block {k + 1} ({i}->{o})" for k, (i, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
-    for lab, c in zip(labels, costs):
-        print(f"  {lab}: {1e3 * c:.2f} ms forward + update", flush=True)
-    groups = {w: balanced_groups(costs, w) for w in (2, 4)}
-    for w, g in groups.items():
-        print(f"{w} workers: {describe(g, costs)}", flush=True)
-    ping, msg_s, lat_s = None, float("nan"), float("nan")
-    if not args.no_mpi and mpiexec():
-        ping = run_pingpong(args.reps, args.timeout)
-        if "error" in ping:
-            print(f"ping-pong failed: {ping['error']}", flush=True)
-        else:
-            msg_s, lat_s = ping["activation"]["one_way_s"], ping["small_8B"]["one_way_s"]
-            print(f"MPI message, 2 ranks, ping-pong median / 2: (128, 1024) float32 {1e6 * msg_s:.0f} us, "
-                  f"8 bytes {1e6 * lat_s:.1f} us", flush=True)
-    return {"costs": costs, "labels": labels, "groups": groups, "message": ping, "message_s": msg_s,
-            "latency_s": lat_s, "describe": {w: describe(g, costs) for w, g in groups.items()}}
-
-
-def choose_variants(args):
+    setup = measure_setup(args, variants, batches)
+    # predict first: written to the results file before any parallel run, never changed after
+    predictions = predict(args, variants, batches, setup)
+    head = {"machine": machine(), "config": {"batch": N, "rounds": args.rounds, "steps": args.steps,
+                                             "warmup": args.warmup, "quick": args.quick, "variants": variants},
+            "setup": {k: v for k, v in setup.items() if k != "groups"},
+            "groups": {v: g for v, g in setup["groups"].items()}, "predictions": predictions}
+    write("parallel", _nan_to_none({**head, "measured": None}), markdown_predictions(predictions), out=results)
+    print(f"predictions written to {os.path.join(results, 'parallel.json')} before any parallel run", flush=True)
+    if args.predict:
+        return
+    with open(os.path.join(results, "parallel.json")) as f:
+        predictions = json.load(f)["predictions"]  # the table compares with what was written, as written
     torch_python = None
     if not args.no_torch:
         import importlib.util
         torch_python = args.torch_python or (sys.executable if importlib.util.find_spec("torch") else None)
-    mpi = not args.no_mpi and mpiexec() is not None
-    if not mpi:
-        print("MPI variants skipped" + ("" if args.no_mpi else " (no mpiexec found; pip install 'bll_ref[mpi]')"))
-    if not torch_python:
+    if torch_python:
+        variants = variants + ["torch"]
+    else:
         print("PyTorch row skipped" + ("" if args.no_torch else " (torch not importable; see --torch-python)"))
-    return ["seq", "threads"] + (["mpi2", "mpi4"] if mpi else []) + (["torch"] if torch_python else []), torch_python
+    per_round, errors = run_rounds(args, variants, batches, setup["groups"], torch_python)
+    with blas_threads(1):
+        gf_after = gemm_gflops(repeats=3 if args.quick else 10)
+    res = {**head, "predictions": predictions,
+           "gemm_gflops_1thread": {"before": gf_before, "after": gf_after, "mean": (gf_before + gf_after) / 2},
+           "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+           "measured": summarize(variants, per_round, predictions), "errors": errors}
+    os.makedirs(results, exist_ok=True)
+    png = os.path.join(results, "parallel.png")
+    plot(png, res)
+    write("parallel", _nan_to_none(res), markdown(res), out=results)
+    print(f"\nwrote {os.path.join(results, 'parallel.json')}, parallel.md, {png}")
+
+
+def measure_setup(args, variants, batches):
+    """Block costs of every model, the groupings, parameter bytes and MPI message times (printed)."""
+    from bll_ref.parallel import balanced_groups, describe
+    reps = 2 if args.quick else 5
+    models = sorted({VARIANTS[v][0] for v in variants if v in VARIANTS} | {"mlp8", "mlp16", "resnet18"})
+    costs, pbytes = {}, {}
+    for model in models:
+        costs[model] = measure_blocks(batches, model, repeats=reps)  # medians: one slow repeat would set a stage
+        pbytes[model] = stage_param_bytes(model)
+        print(f"{model}: block costs at {N} rows (ms) "
+              + ", ".join(f"{1e3 * c:.2f}" for c in costs[model][N]), flush=True)
+    groups = {}
+    for v in variants:
+        if v in VARIANTS and VARIANTS[v][1] != "seq":
+            model, _, stages, _ = VARIANTS[v]
+            groups[v] = balanced_groups(costs[model][N], stages)
+            print(f"{v}: {describe(groups[v], costs[model][N])}", flush=True)
+    msg = {}
+    for link in ("shm", "tcp"):
+        ping = run_pingpong(args.reps, args.timeout, tcp=link == "tcp")
+        if "error" in ping:
+            raise SystemExit(f"ping-pong over {link} failed: {ping['error']}")
+        msg[link] = ping
+        print(f"MPI message over {link}, ping-pong median / 2: (128, 1024) float32 "
+              f"{1e6 * ping['activation']['one_way_s']:.0f} us, 8 bytes {1e6 * ping['small_8B']['one_way_s']:.1f} us",
+              flush=True)
+    copy_rate = copy_bytes_per_s()
+    print(f"memory copy: {copy_rate / 1e9:.1f} GB/s", flush=True)
+    return {"costs": {m: {str(n): c for n, c in cs.items()} for m, cs in costs.items()}, "param_bytes": pbytes,
+            "groups": groups, "message": msg, "copy_rate": copy_rate}
 
 
 def run_rounds(args, variants, batches, groups, torch_python):
     """{variant: [result of each round]}, {variant: first error}; a failed run counts as NaN."""
-    per_round, errors = {v: [] for v in variants + ["block_costs"]}, {}
+    per_round, errors = {v: [] for v in variants}, {}
     for r in range(args.rounds):
-        # the model's block costs are measured in every round too, so drift hits them alike
-        per_round["block_costs"].append(measure_blocks(batches, repeats=2 if args.quick else 5))
         for v in variants:
-            if v == "seq":
-                res = run_sequential(batches, args.warmup)
-            elif v == "threads":
-                res = run_threads(batches, args.warmup, groups[2])
-            elif v.startswith("mpi"):
-                res = run_mpi(WORKERS[v], args.steps, args.warmup, groups[WORKERS[v]], args.timeout)
-            else:
+            if v == "torch":
                 res = run_torch(torch_python, args.steps, args.warmup, args.timeout)
+            else:
+                model, sched, stages, replicas = VARIANTS[v]
+                if sched == "seq":
+                    res = run_sequential(batches, args.warmup, model, replicas)
+                elif sched == "threads":
+                    res = run_threads(batches, args.warmup, groups[v])
+                else:
+                    res = run_mpi(v, args.steps, args.warmup, groups[v], args.timeout)
             if "error" in res:
                 errors.setdefault(v, res["error"])
                 print(f"round {r + 1} {v}: FAILED\n{res['error']}", flush=True)
@@ -472,115 +595,116 @@ def run_rounds(args, variants, batches, groups, torch_python):
     return per_round, errors
 
 
-def summarize(setup, variants, per_round):
-    """Medians over rounds, the pipeline model's predictions and their errors, the deep model."""
-    from bll_ref.parallel import pipeline_seconds_per_step
-    groups, msg_s, lat_s = setup["groups"], setup["message_s"], setup["latency_s"]
-    costs = [float(c) for c in np.median(per_round["block_costs"], axis=0)]  # per block, over rounds
-    # every measurement trains a fresh model on the same batches: the losses must match in every round
-    seq_losses = per_round["seq"][0].get("losses")
-    exact = {v: all(res["losses"] == seq_losses for res in per_round[v] if "losses" in res)
-             for v in variants if v != "torch" and any("losses" in res for res in per_round[v])}
-    sps = {v: _median([res["steps_per_s"] for res in per_round[v]]) for v in variants}
-    sps_whole = {v: _median([res["steps_per_s_whole"] for res in per_round[v]]) for v in variants}
-    speedup = {v: _median([res["steps_per_s"] / base["steps_per_s"]
-                           for res, base in zip(per_round[v], per_round["seq"])]) for v in variants}
-    total, cores = sum(costs), os.cpu_count() or 1
-    pred_step = {"seq": total, "threads": pipeline_seconds_per_step(costs, groups[2], 0.0)}  # queues pass references
-    for v in ("mpi2", "mpi4"):
-        if v in variants:
-            pred_step[v] = pipeline_seconds_per_step(costs, groups[WORKERS[v]], msg_s)
-    predicted = {v: total / s for v, s in pred_step.items()}
-    # With more workers than cores, the cores set the pace: never faster than the total work over
-    # the cores; and MPI ranks busy-poll while they wait (OpenMPI's progress loop spins), so each of
-    # W ranks on C < W cores holds a core all the time and runs at C / W speed.
-    def on_cores(v, s):
-        w = WORKERS.get(v, 1)
-        if v.startswith("mpi") and w > cores:
-            s = (s - msg_s) * w / cores + msg_s
-        return max(s, total / min(cores, w) + (msg_s if v.startswith("mpi") else 0.0))
-    predicted_cores = {v: total / on_cores(v, s) for v, s in pred_step.items()}
-    block_s = float(np.median(costs[1:-1]))  # the 1024x1024 hidden blocks
-    latency = lat_s if lat_s == lat_s else 0.0
-    return {
-        "variants": variants, "block_seconds": dict(zip(setup["labels"], costs)),
-        "block_seconds_before_rounds": dict(zip(setup["labels"], setup["costs"])),
-        "block_seconds_per_round": per_round["block_costs"],
-        "groups": {str(w): g for w, g in groups.items()},
-        "assignment": {str(w): d for w, d in setup["describe"].items()},
-        "message": setup["message"], "message_s": msg_s, "latency_s": lat_s,
-        "steps_per_s": sps, "steps_per_s_whole": sps_whole, "speedup": speedup,
-        "predicted_step_s": pred_step, "predicted_speedup": predicted,
-        "error_pct": {v: 100 * (predicted[v] - speedup[v]) / speedup[v] for v in predicted},
-        "cores": cores, "predicted_speedup_cores": predicted_cores,
-        "error_pct_cores": {v: 100 * (predicted_cores[v] - speedup[v]) / speedup[v] for v in predicted},
-        "losses_equal_sequential": exact,
-        "per_round": {v: [{k: x for k, x in res.items() if k != "losses"} for res in per_round[v]] for v in variants},
-        "deep_model": {
-            "blocks": DEEP_BLOCKS, "block_s": block_s, "latency_s": latency, "activation_bytes": ACT_BYTES,
-            "message_s": {f"{g} Gbit/s": link_message_s(g, latency) for g in LINKS_GBIT},
-            "speedup": {f"{g} Gbit/s": deep_speedups(block_s, link_message_s(g, latency)) for g in LINKS_GBIT},
-            "speedup_shared_memory": deep_speedups(block_s, msg_s) if msg_s == msg_s else None},
-    }
+def reference_of(v, variants):
+    """The sequential variant whose losses ``v`` must equal (same model and micro-batches)."""
+    model, _, _, replicas = VARIANTS[v]
+    for u in variants:
+        if u in VARIANTS and VARIANTS[u][:2] == (model, "seq") and VARIANTS[u][3] == replicas:
+            return u
+    return None
 
 
-NAMES = {"seq": "sequential (1 process)", "threads": "threads, 2 workers", "mpi2": "MPI, 2 ranks",
-         "mpi4": "MPI, 4 ranks", "torch": "PyTorch BP, 2 threads"}
+def summarize(variants, per_round, predictions):
+    """Medians over rounds, speed-ups against the sequential run of the same model, the errors of
+    the predictions written before the runs, and whether the losses equal the reference's."""
+    out = {"steps_per_s": {}, "speedup": {}, "losses_equal_reference": {}, "error_pct": {}, "per_round": {}}
+    for v in variants:
+        out["steps_per_s"][v] = _median([res["steps_per_s"] for res in per_round[v]])
+        base = "seq16" if v in VARIANTS and VARIANTS[v][0] == "mlp16" else "seq"
+        if base in per_round:
+            out["speedup"][v] = _median([a["steps_per_s"] / b["steps_per_s"]
+                                         for a, b in zip(per_round[v], per_round[base])])
+        ref = reference_of(v, variants) if v in VARIANTS else None
+        if ref is not None and ref != v:
+            want = per_round[ref][0].get("losses")
+            out["losses_equal_reference"][v] = {"reference": ref, "equal": all(
+                res.get("losses") == want for res in per_round[v]) if want else None}
+        pred = predictions["variants"].get(v, {}).get("here", {}).get("speedup")
+        sp = out["speedup"].get(v, float("nan"))
+        out["error_pct"][v] = 100 * (pred - sp) / sp if pred is not None and sp == sp and sp else float("nan")
+        out["per_round"][v] = [{k: x for k, x in res.items() if k != "losses"} for res in per_round[v]]
+    return out
+
+
+def markdown_predictions(pred):
+    md = (f"Predictions written {pred['written_at']} on {pred['cores']} CPUs, before any parallel run "
+          "(benchmarks/parallel.py, pipeline model in its docstring).\n\n"
+          f"| variant | predicted speed-up here | predicted, {BIG_CORES} cores |\n|---|---|---|")
+    for v, row in pred["variants"].items():
+        md += f"\n| {NAMES[v]} | {row['here']['speedup']:.2f} | {row[f'{BIG_CORES} cores']['speedup']:.2f} |"
+    md += ("\n\nDeeper models, W ranks on W cores, the best stages x replicas the model finds "
+           "(shared memory / TCP on loopback messages):\n\n| model | " + " | ".join(f"{w} ranks" for w in DEEP_RANKS)
+           + " |\n|---|" + "---|" * len(DEEP_RANKS))
+    for model, rows in pred["deep"].items():
+        cells = []
+        for w in DEEP_RANKS:
+            d = rows.get(str(w))
+            cells.append(" / ".join(f"{d[l]['stages']}x{d[l]['replicas']}: {d[l]['speedup']:.1f}x" for l in ("shm", "tcp")
+                                    if l in d) if d else "-")
+        md += f"\n| {model} | " + " | ".join(cells) + " |"
+    return md
 
 
 def markdown(res):
-    v_all, cfg, gf, load = res["variants"], res["config"], res["gemm_gflops_1thread"], res["loadavg"]
-    md = (f"BLL default recipe, MLP {'-'.join(map(str, SIZES))}, batch {N}, float32, 1 BLAS thread per worker; "
-          f"median of {cfg['rounds']} interleaved rounds of {cfg['steps']} timed steps after {cfg['warmup']} "
-          f"warm-up steps; {res['cores']} CPUs, 1-minute load average {load['start'][0]:.2f} at start, "
-          f"{load['end'][0]:.2f} at end; float32 1024^3 GEMM {gf['mean']:.0f} GFLOP/s on 1 thread "
-          f"(before {gf['before']:.0f}, after {gf['after']:.0f})\n\n"
-          f"| variant | steps/s | steps/s whole run | speed-up vs sequential | predicted speed-up | error % | "
-          f"predicted, {res['cores']} cores | error % | losses = sequential |\n|---|---|---|---|---|---|---|---|---|")
-    for v in v_all:
-        ex = res["losses_equal_sequential"].get(v)
-        md += (f"\n| {NAMES[v]} | {_fmt(res['steps_per_s'][v])} | {_fmt(res['steps_per_s_whole'][v])} | "
-               f"{_fmt(res['speedup'][v])} | {_fmt(res['predicted_speedup'].get(v))} | "
-               f"{_fmt(res['error_pct'].get(v), '{:+.0f}')} | {_fmt(res['predicted_speedup_cores'].get(v))} | "
-               f"{_fmt(res['error_pct_cores'].get(v), '{:+.0f}')} | "
-               f"{'-' if ex is None else ('yes' if ex else 'NO')} |")
-    if "torch" in v_all:
-        ratio = _median([a["steps_per_s"] / b["steps_per_s"]
-                         for a, b in zip(res["per_round"]["threads"], res["per_round"]["torch"])])
-        md += f"\n\nour BLL on 2 worker threads / PyTorch BP on 2 threads, steps/s (median over rounds): {_fmt(ratio)}"
-    md += ("\n\nsteps/s: steady state of the last stage, (n - 1) / (t_n - t_1); whole run: n / time from the "
-           "start, pipeline fill and drain included. speed-up: median over rounds of variant / sequential in "
-           "the same round. predicted: sum of block costs / (slowest group + one message; none for threads); "
-           f"predicted, {res['cores']} cores: no faster than the sum of block costs over min(cores, workers), "
-           "and W > cores busy-polling MPI ranks each run at cores / W speed; "
-           "error = (predicted - measured) / measured. losses = sequential: the same losses bit for bit.")
-    costs = res["block_seconds"]
-    md += ("\n\nper-block cost (forward + update of each learner alone; median over rounds, each round's a "
-           "median over repeated steps; the assignment below used the costs measured before the rounds):"
-           "\n\n| block | ms |\n|---|---|\n"
-           + "\n".join(f"| {lab} | {1e3 * c:.2f} |" for lab, c in costs.items())
-           + f"\n| sum | {1e3 * sum(costs.values()):.2f} |")
-    if res["steps_per_s"]["seq"] == res["steps_per_s"]["seq"]:
-        ratio = sum(costs.values()) * res["steps_per_s"]["seq"]
-        md += f"\n\nsum of block costs / measured sequential step: {ratio:.2f}"
-    md += "\n\nassignment: " + "; ".join(f"{w} workers: {d}" for w, d in res["assignment"].items())
-    if res["message_s"] == res["message_s"]:
-        md += (f"\n\nMPI message between 2 ranks (shared memory), ping-pong median / 2: (128, 1024) float32 "
-               f"{1e6 * res['message_s']:.0f} us, 8 bytes {1e6 * res['latency_s']:.1f} us")
-    deep = res["deep_model"]
-    cols = list(deep["speedup"]) + (["shared memory (measured message)"] if deep["speedup_shared_memory"] else [])
-    md += (f"\n\npredicted speed-up of a {DEEP_BLOCKS}-block model, each block the measured 1024x1024 hidden "
-           f"block ({1e3 * deep['block_s']:.2f} ms), one message per step = {1e6 * deep['latency_s']:.1f} us "
-           f"latency (the measured 8-byte shared-memory latency; a network adds 1-50 us, small next to a "
-           f"block) + {ACT_BYTES} bytes / link rate "
-           + ", ".join(f"{k}: {1e3 * m:.3f} ms" for k, m in deep["message_s"].items())
-           + ":\n\n| workers | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for w in DEEP_WORKERS:
-        md += f"\n| {w} | " + " | ".join(f"{sp[w]:.1f}" for sp in deep["speedup"].values())
-        md += (f" | {deep['speedup_shared_memory'][w]:.1f} |" if deep["speedup_shared_memory"] else " |")
+    m, pred, cfg = res["measured"], res["predictions"], res["config"]
+    gf, load = res["gemm_gflops_1thread"], res["loadavg"]
+    md = (f"BLL default recipe, batch {N}, float32, 1 BLAS thread per worker; median of {cfg['rounds']} interleaved "
+          f"rounds of {cfg['steps']} timed steps after {cfg['warmup']} warm-up steps; {res['machine']['cpus']} CPUs, "
+          f"1-minute load average {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end; float32 1024^3 "
+          f"GEMM {gf['mean']:.0f} GFLOP/s on 1 thread\n\n"
+          f"| variant | steps/s | speed-up | predicted (written first) | error % | predicted, {BIG_CORES} cores "
+          "| losses = sequential |\n|---|---|---|---|---|---|---|")
+    for v in cfg["variants"] + (["torch"] if "torch" in m["steps_per_s"] else []):
+        p = pred["variants"].get(v, {})
+        eq = m["losses_equal_reference"].get(v)
+        eq_s = "-" if eq is None else f"{'yes' if eq['equal'] else 'NO'} ({eq['reference']})"
+        md += (f"\n| {NAMES[v]} | {_fmt(m['steps_per_s'][v])} | {_fmt(m['speedup'].get(v))} | "
+               f"{_fmt(p.get('here', {}).get('speedup'))} | {_fmt(m['error_pct'].get(v), '{:+.0f}')} | "
+               f"{_fmt(p.get(f'{BIG_CORES} cores', {}).get('speedup'))} | {eq_s} |")
+    md += (f"\n\nspeed-up: median over rounds of variant / sequential (same model) in the same round; predicted: "
+           f"the pipeline model, from block costs and ping-pong message times measured before any parallel run "
+           f"and written to the results file then; error = (predicted - measured) / measured. The {BIG_CORES}-core "
+           "column is a prediction only unless this ran on such a machine.")
+    md += "\n\n" + markdown_predictions(pred)
+    for link, ping in res["setup"]["message"].items():
+        md += (f"\n\nMPI message over {link} (2 ranks, ping-pong median / 2): (128, 1024) float32 "
+               f"{1e6 * ping['activation']['one_way_s']:.0f} us, 8 bytes {1e6 * ping['small_8B']['one_way_s']:.1f} us")
     if res["errors"]:
         md += "\n\nfailed variants: " + "; ".join(f"{v}: {e.splitlines()[0]}" for v, e in res["errors"].items())
     return md
+
+
+def plot(path, res):
+    """Measured speed-ups (points) and the predictions written before the runs, per rank count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.6, 4.8))
+    m, pred = res["measured"], res["predictions"]
+    for v, p in pred["variants"].items():
+        w = ranks_of(v)
+        ax.plot([w], [p["here"]["speedup"]], "x", color="C0", markersize=8)
+        ax.plot([w], [p[f"{BIG_CORES} cores"]["speedup"]], "+", color="C2", markersize=9)
+        sp = m["speedup"].get(v)
+        if sp is not None and sp == sp:
+            ax.plot([w], [sp], "o", color="C3", markersize=6)
+            ax.annotate(v, (w, sp), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for model, rows in pred["deep"].items():
+        ws = [int(w) for w in rows]
+        ax.plot(ws, [rows[str(w)]["shm"]["speedup"] for w in ws], "-", lw=1, label=f"predicted, {model}, W cores")
+    ax.plot([], [], "x", color="C0", label="predicted, this machine")
+    ax.plot([], [], "+", color="C2", label=f"predicted, {BIG_CORES} cores (not measured here)")
+    ax.plot([], [], "o", color="C3", label="measured")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("MPI ranks (stages x replicas)")
+    ax.set_ylabel("speed-up over sequential (steps/s ratio)")
+    ax.set_title(f"BLL pipeline x replicas, batch {N}: predicted first, then measured")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

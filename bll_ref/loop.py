@@ -12,7 +12,7 @@ from . import backend, runstate
 from .data import batches
 from .fileio import write_json_atomic
 from .methods.common import accuracy, evaluate, predict, topk_accuracy
-from .parallel import SequentialSchedule
+from .parallel import SequentialSchedule, blas_threads
 
 __all__ = ["fit", "Diverged", "TIMING_FIELDS", "LOSS_RISE", "MAX_PARAM"]
 
@@ -185,18 +185,20 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         if big > MAX_PARAM:
             raise _diverged(method, epoch + 1, steps, f"a parameter reached |w| = {big:.3g} (weights exploding, "
                             f"more than {MAX_PARAM:.0e})", finite=True)
-        logits = predict(method.model, data["x_test"], eval_batch)
-        acc = accuracy(logits, data["y_test"])
-        top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
-        n_te = min(int(train_eval), len(x))
-        train_acc = evaluate(method.model, x[:n_te], y[:n_te], eval_batch) if n_te > 0 else None
-        diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
+        with blas_threads(getattr(schedule, "blas", None)):  # as many as training: every schedule, same bits
+            logits = predict(method.model, data["x_test"], eval_batch)
+            acc = accuracy(logits, data["y_test"])
+            top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
+            n_te = min(int(train_eval), len(x))
+            train_acc = evaluate(method.model, x[:n_te], y[:n_te], eval_batch) if n_te > 0 else None
+            diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
         history["epochs"].append(epoch + 1)
         history["test_acc"].append(acc)
         for key, v in (("test_top3", top3), ("train_acc", train_acc)):
             history.setdefault(key, []).append(v)  # setdefault: a resumed run of an older version
         history["train_eval_samples"] = n_te
         history["train_loss"].append(float(np.mean(losses)))
+        history.setdefault("step_losses", []).append([float(v) for v in losses])  # per step, for comparisons
         history["epoch_seconds"].append(seconds)
         history["samples_per_s"].append(len(x) / seconds)
         history["diagnostics"].append(diag)

@@ -26,14 +26,14 @@ from .fileio import RunLock, check_output, creatable_dir_problem
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
-from .parallel import SCHEDULES, make_schedule
+from .parallel import SCHEDULE_OPTIONS, SCHEDULES, make_schedule, resolve_micro_batches
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resume", "RESUMABLE", "CONFIG_VERSION"]
 
 CONFIG_VERSION = 2
 #: what ``resume`` may change: the schedule gives the same updates whichever it is, the device
 #: only moves them, and more epochs extend the run
-RESUMABLE = frozenset({"epochs", "parallel", "workers", "blas_threads", "device"})
+RESUMABLE = frozenset({"epochs", "parallel", "workers", "blas_threads", "device", "replicas"})
 # BLL's keywords that the config holds under the same name (the others: no_anneal, no_head,
 # no_kernels, eq8_terms as text, n_classes fixed by the data)
 _BLL_KEYS = tuple(k for k in BLL_OPTIONS if k not in ("n_classes", "anneal", "head", "eq8_terms", "use_kernels"))
@@ -68,6 +68,8 @@ class TrainConfig:
     parallel: str = "none"
     workers: int | None = None
     blas_threads: int = 1
+    micro_batches: int = 1  # >1: each batch in slices, gradients summed in slice order (docs/parallel.md)
+    replicas: int | None = None  # MPI ranks per pipeline stage (divides micro_batches)
     variational: str | None = None
     feedback: str | None = None
     var_weight: float | None = None
@@ -150,6 +152,7 @@ class TrainConfig:
                              "streams (one CUDA stream per block) or none")
         if self.parallel == "none" and self.workers not in (None, 1):
             raise ValueError("--workers needs --parallel threads or mpi")
+        self.micro_batches = resolve_micro_batches(self, given)
         return self
 
     def _given(self):
@@ -270,8 +273,7 @@ def _run(cfg, lock, log, resuming):
     method = make(cfg.method, blocks, sample_input=d["x_train"][:8], rng=cfg.seed, **cfg.method_options())
     if cfg.device != "cpu":
         method.to(cfg.device)  # built on the host (same initial weights as a CPU run), then moved
-    schedule = make_schedule(method, d, parallel=cfg.parallel, workers=cfg.workers, blas_threads=cfg.blas_threads,
-                             batch_size=cfg.batch_size, log=log)
+    schedule = make_schedule(method, d, log=log, **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
@@ -316,13 +318,14 @@ def resume(run_dir, *, log=print, given=None, **changes) -> TrainResult:
                           for k in changed[:3])
         raise ValueError(f"--resume continues {run_dir} with its own options; {shown} would change the run: "
                          "leave them out, or start a new run with another --out (only --epochs, --parallel, "
-                         "--workers, --blas-threads and --device may change)")
+                         "--workers, --replicas, --blas-threads and --device may change)")
     if changes.get("out") is not None and os.path.abspath(changes["out"]) != os.path.abspath(run_dir):
         raise ValueError(f"--out {changes['out']} with --resume {run_dir}: a resumed run writes to its own "
                          "directory; leave --out out (or copy the run directory first)")
     for k in RESUMABLE:
         if changes.get(k) is not None:
             setattr(cfg, k, changes[k])
+    cfg.replicas = cfg.replicas if cfg.parallel == "mpi" else None  # resumed elsewhere: the same slices, no replicas
     cfg.out = run_dir
     if isinstance(cfg.epochs, int) and cfg.epochs < t["epoch"]:
         raise ValueError(f"--epochs {cfg.epochs}: {run_dir} has already completed {t['epoch']} epochs "

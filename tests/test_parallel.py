@@ -8,6 +8,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +70,13 @@ def _cli(args, timeout=120, mpi=0, **env):
         cmd = [MPIEXEC, "-n", str(mpi), "--oversubscribe", sys.executable, "-m", "mpi4py", "-m", "bll_ref.cli",
                *args, "--parallel", "mpi"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+
+
+def fault_seconds(r):
+    """Seconds from an injected fault (the time the failing rank printed) to the job's end."""
+    m = re.search(r"injected fault \S+ at (\d+\.\d+)", r.stderr)
+    assert m, r.stderr[-2000:]
+    return time.time() - float(m.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +201,8 @@ def test_mpi_cnn_equals_sequential(tmp_path):
 @pytest.mark.parametrize("kind", ["kill", "raise"])
 def test_a_dead_mpi_rank_ends_the_job_within_seconds(tmp_path, kind):
     out = tmp_path / "run"
-    t = time.perf_counter()
     r = _cli(TRAIN + ["--epochs", "2", "--out", str(out)], mpi=2, timeout=60, BLL_REF_FAULT=f"{kind}:1:0:3")
-    # the job, MPI start-up included, ends well within the issue's 10 s after the fault
-    assert time.perf_counter() - t < 20
+    assert fault_seconds(r) < 10  # from the fault (the time the failing rank printed) to the job's end
     assert r.returncode != 0
     text = r.stdout + r.stderr
     assert "worker 1: blocks" in text  # the printed assignment names rank 1's blocks
@@ -205,7 +211,7 @@ def test_a_dead_mpi_rank_ends_the_job_within_seconds(tmp_path, kind):
     else:
         assert "rank 1" in text
     assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
-    assert not [p for p in os.listdir(out) if "tmp" in p]
+    assert not out.exists() or not [p for p in os.listdir(out) if "tmp" in p]  # an empty run directory is removed
 
 
 # ------------------------------------------------------------------------------ resume

@@ -69,6 +69,12 @@ def add_train_options(p):
     g.add_argument("--blas-threads", type=int, default=1,
                    help="BLAS threads per worker (default 1: every schedule then makes the same updates, "
                         "bit for bit; more can be faster for --parallel none on an idle machine)")
+    g.add_argument("--micro-batches", type=int, default=1, metavar="R",
+                   help="BLL: split every batch into R slices whose gradients are summed in slice order before "
+                        "each optimiser step (default 1: the plain step); every schedule gives the same result")
+    g.add_argument("--replicas", type=int, default=None, metavar="R",
+                   help="mpi: run every pipeline stage on R ranks (world = stages x R), each taking its share "
+                        "of the slices; bit-identical to --micro-batches (default: --replicas R means R slices)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR from its last complete epoch with its own options")
     g = p.add_argument_group("BLL options (an option that does not apply to the chosen variant is an error)")

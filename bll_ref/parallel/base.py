@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import time
 
 from threadpoolctl import threadpool_limits
 
 from .plan import balanced_groups, describe, measure_learner_seconds
+from .slices import check_sliceable, combine, split, stage_slices
 
 __all__ = ["SCHEDULES", "SequentialSchedule", "blas_threads", "WorkerError", "check_pipelinable", "plan_groups",
-           "fault_point"]
+           "fault_point", "micro_step"]
 
 SCHEDULES = ("none", "threads", "mpi", "streams")  # streams: one CUDA stream per block (--device cuda)
 
@@ -30,25 +33,40 @@ class SequentialSchedule:
     """Every learner of a step in one loop, in one process (``BLL.train_step``, or any method's).
 
     ``blas`` : BLAS threads while training (None: the library's default).
+
+    ``micro_batches`` : R > 1 splits every batch into R slices whose gradients are summed in slice
+    order before each optimiser steps (``slices.py``); 1 is the plain step.
     """
 
     name, workers, is_root = "none", 1, True
 
-    def __init__(self, blas=None):
-        self.blas = blas
+    def __init__(self, blas=None, micro_batches=1, method=None):
+        self.blas, self.micro_batches = blas, int(micro_batches)
+        if self.micro_batches > 1 and method is not None:
+            check_sliceable(method)
 
     def run_epoch(self, method, batches, on_step):
         losses = []
         with blas_threads(self.blas):
             for step, (xb, yb) in enumerate(batches, 1):
                 fault_point(0, method.epoch, step)
-                loss = method.train_step(xb, yb)
+                loss = (method.train_step(xb, yb) if self.micro_batches == 1
+                        else micro_step(method.learners, xb, yb, method.one_hot(yb), self.micro_batches))
                 losses.append(loss)
                 on_step(step, loss)
         return losses
 
     def gather(self, method):
         pass
+
+
+def micro_step(learners, x, y, Y, slices):
+    """One step of ``learners`` (a whole model) with the batch in ``slices`` micro-batches; returns
+    the output learner's loss (the slices' losses weighted by their share of the batch)."""
+    _, records = stage_slices(learners, *split(x, y, Y, slices))
+    for learner, recs in zip(learners, records):
+        combine(learner, recs)
+    return learners[-1].last_loss
 
 
 def check_pipelinable(method):
@@ -74,14 +92,17 @@ def plan_groups(method, workers, x, y, log=print):
 
 
 def fault_point(worker, epoch, step):
-    """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL) or "raise:W:E:S" makes
-    worker W fail at step S (1-based) of epoch E (0-based)."""
+    """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S" or
+    "hang:W:E:S" (sleeps for an hour) makes worker W fail at step S (1-based) of epoch E (0-based)."""
     spec = os.environ.get("BLL_REF_FAULT")
     if not spec:
         return
     kind, w, e, s = spec.split(":")
     if (int(w), int(e), int(s)) != (worker, epoch, step):
         return
+    print(f"bll-ref: injected fault {spec} at {time.time():.3f}", file=sys.stderr, flush=True)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        time.sleep(3600)
     raise RuntimeError(f"injected fault (BLL_REF_FAULT={spec})")

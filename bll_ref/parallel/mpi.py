@@ -1,4 +1,4 @@
-"""MPI pipeline: one rank per contiguous group of block learners (mpi4py).
+"""MPI pipeline: one stage per contiguous group of block learners, R replica ranks per stage (mpi4py).
 
 Every rank builds the same model from the same seed, loads the same data and draws the same
 seeded batch order, so only activations travel: rank r receives h for batch t from rank r - 1
@@ -6,6 +6,17 @@ into a preallocated buffer (buffer-based ``Recv`` of a contiguous float array, n
 forwards it through its learners, sends the result on with ``Isend`` (at most two in flight),
 then updates its learners. At the epoch end every rank sends its learners' state to rank 0,
 which evaluates and writes the run directory exactly as a sequential run does.
+
+Replicas (``--replicas R``, world = stages x R, rank = stage * R + replica): the batch is split into
+``--micro-batches M`` slices (``slices.py``), replica q of a stage takes slices q M/R .. (q+1) M/R - 1
+and talks only to replica q of the stages beside it. Before its optimisers step, a stage's
+replicas exchange their slices' records with one ``Iallgather`` on the stage's communicator and
+every replica sums them in slice (= rank) order, so all replicas make the same step, and the
+same one as a sequential run with ``--micro-batches M``.
+
+Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
+that hears nothing from a neighbour for ``deadline`` seconds (after the first step of an epoch,
+when rank 0 may still be evaluating) prints which rank and blocks it waited for and aborts the job.
 
 Launch: ``mpiexec -n K python -m mpi4py -m bll_ref.cli train --parallel mpi`` (``-m mpi4py``
 turns an uncaught exception on one rank into MPI_Abort of the whole job instead of a hang).
@@ -15,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 import traceback
 
 import numpy as np
@@ -22,8 +35,11 @@ import numpy as np
 from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
+from .shard import release_others, state_bytes
+from .slices import (combine, pack_records, record_bytes, record_layout, slice_bounds, split, stage_slices,
+                     unpack_records)
 
-__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays"]
+__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays", "hang_deadline"]
 
 _ACT_TAG, _STATE_TAG, _LOSS_TAG = 5, 7, 8
 
@@ -36,6 +52,13 @@ def world():
         raise ValueError(f"--parallel mpi needs mpi4py and an MPI runtime ({e}); "
                          "pip install 'bll_ref[mpi]' and launch with mpiexec") from None
     return MPI.COMM_WORLD
+
+
+def hang_deadline(costs):
+    """Seconds a rank waits for a neighbour inside an epoch before declaring it dead or hung:
+    BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
+    env = os.environ.get("BLL_REF_MPI_DEADLINE")
+    return float(env) if env else 3.0 + 20 * float(sum(costs))
 
 
 def bcast_groups(comm, groups):
@@ -73,79 +96,189 @@ def recv_arrays(comm, source, tag=_STATE_TAG) -> dict:
 
 
 class MPIPipeline:
-    """This rank's part of the pipeline: ``groups[rank]`` learners of ``method``.
+    """This rank's part of the pipeline: stage ``rank // replicas`` runs ``groups[stage]`` learners
+    of ``method`` on its share of every batch.
 
     ``sample_input``: a few input rows, to learn the shape of every group's input.
+    ``deadline``: seconds to wait for a neighbour within an epoch (``hang_deadline``).
     """
 
     name = "mpi"
 
-    def __init__(self, method, comm, groups, sample_input, blas=1):
+    def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
+                 log=None):
         check_pipelinable(method)
-        self.blas = blas
+        self.log, self.held, self._xbuf, self._watch = log, None, None, None
+        threading.Thread(target=self._watchdog, name="bll-mpi-watchdog", daemon=True).start()
+        self.blas, self.deadline = blas, float(deadline)
         self.comm, self.groups = comm, [list(g) for g in groups]
         self.rank, self.workers = comm.Get_rank(), comm.Get_size()
-        if len(self.groups) != self.workers:
-            raise ValueError(f"{len(self.groups)} groups of blocks for {self.workers} MPI ranks")
-        self.is_root, self.last = self.rank == 0, self.rank == self.workers - 1
-        self.mine = [method.learners[k] for k in self.groups[self.rank]]
+        self.replicas, self.micro = int(replicas), int(micro_batches)
+        self.stages = self.workers // self.replicas
+        if len(self.groups) != self.stages or self.stages * self.replicas != self.workers:
+            raise ValueError(f"{len(self.groups)} groups of blocks x {self.replicas} replicas for {self.workers} MPI ranks")
+        self.stage, self.replica = divmod(self.rank, self.replicas)
+        self.share = self.micro // self.replicas
+        self.stage_comm = comm.Split(self.stage, self.replica) if self.replicas > 1 else None
+        self.is_root, self.last_stage = self.rank == 0, self.stage == self.stages - 1
+        self.last = self.last_stage and self.replica == 0  # the rank that reports the losses
+        self.mine = [method.learners[k] for k in self.groups[self.stage]]
         h = sample_input[:2]
         shapes = [h.shape[1:]]
         for learner in method.learners:
             h = learner.forward(h, train=False)
             shapes.append(h.shape[1:])
-        self.in_shape = shapes[self.groups[self.rank][0]]
+        self.in_shape = shapes[self.groups[self.stage][0]]
         self.dtype = h.dtype
 
+    def _label_of(self, rank) -> str:
+        stage, replica = divmod(rank, self.replicas)
+        rep = f", replica {replica}" if self.replicas > 1 else ""
+        return f"rank {rank} ({blocks_label(self.groups[stage])}{rep})"
+
     def label(self) -> str:
-        return f"rank {self.rank} ({blocks_label(self.groups[self.rank])})"
+        return self._label_of(self.rank)
+
+    def _wait(self, req, peer, step):
+        """Complete ``req`` (a message to or from rank ``peer``, or an exchange: peer None) with
+        MPI's own blocking ``Wait`` (mpi4py releases the GIL in it); the watchdog thread aborts
+        the job if it blocks longer than the deadline within an epoch."""
+        self._watch = (time.perf_counter(), self.deadline if step > 1 else max(self.deadline, 600.0), peer, step)
+        req.Wait()
+        self._watch = None
+
+    def _watchdog(self):
+        """Daemon thread: ends the job when the main thread has waited too long for a neighbour."""
+        while True:
+            time.sleep(0.2)
+            w = self._watch
+            if w is not None and time.perf_counter() - w[0] > w[1]:
+                _, limit, peer, step = w
+                who = self._label_of(peer) if peer is not None else \
+                    f"the other replicas of stage {self.stage} ({blocks_label(self.groups[self.stage])})"
+                self._die(f"no message from {who} for {limit:.0f} s at step {step}; it is dead or hung")
+
+    def _die(self, why):
+        print(f"bll-ref train: {self.label()}: {why}", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
+
+    def hold_only_mine(self, method):
+        """Ranks other than 0 let go of the learners they do not train (``shard.py``); rank 0
+        logs the bytes of model state every rank holds before and after. Returns this rank's
+        (before, after)."""
+        before = state_bytes(method.learners)
+        if not self.is_root:
+            release_others(method, self.groups[self.stage])
+        after = state_bytes(method.learners)
+        every = np.zeros((self.workers, 2), np.int64) if self.is_root else None
+        self.comm.Gather(np.array([before, after], np.int64), every, root=0)
+        if self.is_root and self.log:
+            per = ", ".join(f"{r}: {a / 1e6:.2f}" for r, (_, a) in enumerate(every))
+            self.log(f"model state per rank (MB): {per} (each held {every[0][0] / 1e6:.2f} before the first step; "
+                     "rank 0 keeps every block to evaluate)")
+        self.held = (before, after)
+        return self.held
 
     def run_epoch(self, method, batches, on_step):
+        if self.held is None:
+            self.hold_only_mine(method)
         with blas_threads(self.blas):
             return self._run_epoch(method, batches, on_step)
 
+    def _recv(self, shape, step):
+        h = np.empty(tuple(shape) + tuple(self.in_shape), self.dtype)
+        src = self.rank - self.replicas
+        self._wait(self.comm.Irecv(h, source=src, tag=_ACT_TAG), src, step)
+        return h
+
+    def _send(self, h, pending, step):
+        h = np.ascontiguousarray(h)
+        dest = self.rank + self.replicas
+        pending.append((self.comm.Isend(h, dest=dest, tag=_ACT_TAG), h, dest))  # h stays alive until sent
+        while len(pending) > 2 * max(self.share, 1):
+            req, _, peer = pending.pop(0)
+            self._wait(req, peer, step)
+
+    def _step_whole(self, xb, yb, Y, pending, step):
+        h = xb if self.stage == 0 else self._recv((len(xb),), step)
+        for learner in self.mine:
+            h = learner.forward(h)
+        if not self.last_stage:
+            self._send(h, pending, step)
+        for learner in reversed(self.mine):
+            learner.update(yb, Y)
+
+    def _step_sliced(self, xb, yb, Y, pending, step):
+        keep = range(self.replica * self.share, (self.replica + 1) * self.share)
+        xs, ys, Ys, ws = split(xb, yb, Y, self.micro, keep)
+        if self.stage > 0:
+            b = slice_bounds(len(xb), self.micro)
+            xs = [self._recv((b[r + 1] - b[r],), step) for r in keep]
+        hs, records = stage_slices(self.mine, xs, ys, Ys, ws)
+        if not self.last_stage:
+            for h in hs:
+                self._send(h, pending, step)
+        if self.replicas > 1:
+            records = self._exchange(records, step)
+        for learner, recs in zip(self.mine, records):
+            combine(learner, recs)
+
+    def _exchange(self, records, step):
+        """Every replica's records of this stage, in slice (rank) order, per learner. One
+        ``Iallgather`` of a buffer allocated once (the layout is the same every step); another
+        replica's records are views into the receive buffer, this replica's its own."""
+        layouts = [record_layout(recs[0]) for recs in records]
+        sizes = [record_bytes(l) * self.share for l in layouts]
+        if self._xbuf is None or len(self._xbuf[0]) != sum(sizes):
+            self._xbuf = (np.empty(sum(sizes), np.uint8), np.empty(sum(sizes) * self.replicas, np.uint8))
+        mine, every = self._xbuf
+        pos = 0
+        for recs, n in zip(records, sizes):
+            pack_records(recs, out=mine[pos:pos + n])
+            pos += n
+        self._wait(self.stage_comm.Iallgather(mine, every), None, step)
+        out = [[] for _ in records]
+        for q in range(self.replicas):
+            pos = q * len(mine)
+            for i, (layout, n) in enumerate(zip(layouts, sizes)):
+                out[i] += records[i] if q == self.replica else unpack_records(every[pos:pos + n], layout, self.share)
+                pos += n
+        return out
+
     def _run_epoch(self, method, batches, on_step):
-        comm, rank = self.comm, self.rank
         pending, losses = [], []
         for step, (xb, yb) in enumerate(batches, 1):
-            fault_point(rank, method.epoch, step)
+            fault_point(self.rank, method.epoch, step)
             Y = method.one_hot(yb)
-            if rank == 0:
-                h = xb
+            if self.micro == 1:
+                self._step_whole(xb, yb, Y, pending, step)
             else:
-                h = np.empty((len(xb),) + tuple(self.in_shape), self.dtype)
-                comm.Recv(h, source=rank - 1, tag=_ACT_TAG)
-            for learner in self.mine:
-                h = learner.forward(h)
-            if not self.last:
-                h = np.ascontiguousarray(h)
-                pending.append((comm.Isend(h, dest=rank + 1, tag=_ACT_TAG), h))  # h stays alive until sent
-                if len(pending) > 2:
-                    pending.pop(0)[0].Wait()
-            for learner in reversed(self.mine):
-                learner.update(yb, Y)
+                self._step_sliced(xb, yb, Y, pending, step)
             if self.last:
                 losses.append(self.mine[-1].last_loss)
                 on_step(step, losses[-1])
-        for req, _ in pending:
-            req.Wait()
+        for req, _, peer in pending:
+            self._wait(req, peer, 1)
         # the root reports the epoch: it needs the output learner's losses
+        reporter = (self.stages - 1) * self.replicas
         if self.last and not self.is_root:
-            comm.Send(np.asarray(losses, np.float64), dest=0, tag=_LOSS_TAG)
+            self.comm.Send(np.asarray(losses, np.float64), dest=0, tag=_LOSS_TAG)
         elif self.is_root and not self.last:
             losses = np.empty(step, np.float64)
-            comm.Recv(losses, source=self.workers - 1, tag=_LOSS_TAG)
+            self._wait(self.comm.Irecv(losses, source=reporter, tag=_LOSS_TAG), reporter, step)
             losses = [float(v) for v in losses]
         return losses
 
     def gather(self, method):
-        """Every rank's learner states to rank 0, which loads them into its copy of the model."""
-        if not self.is_root:
-            send_arrays(self.comm, pack_states(self.mine), dest=0)
+        """Every stage's learner states (from its replica 0) to rank 0, which loads them into its
+        copy of the model."""
+        if self.replica != 0 or self.is_root:
+            if self.is_root:
+                for s in range(1, self.stages):
+                    for k, state in unpack_states(recv_arrays(self.comm, source=s * self.replicas)).items():
+                        method.learners[k].load_state_dict(state)
             return
-        for r in range(1, self.workers):
-            for k, state in unpack_states(recv_arrays(self.comm, source=r)).items():
-                method.learners[k].load_state_dict(state)
+        send_arrays(self.comm, pack_states(self.mine), dest=0)
 
     def abort(self, error):
         """Print one line naming this worker and end the whole job (no rank is left waiting)."""

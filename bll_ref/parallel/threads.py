@@ -12,6 +12,7 @@ import threading
 
 from .base import WorkerError, blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
+from .slices import check_sliceable, combine, split, stage_slices
 
 __all__ = ["ThreadPipeline"]
 
@@ -24,9 +25,12 @@ class ThreadPipeline:
 
     name, is_root = "threads", True
 
-    def __init__(self, method, groups, depth=2, blas=1):
+    def __init__(self, method, groups, depth=2, blas=1, micro_batches=1):
         check_pipelinable(method)
         self.groups, self.depth, self.blas = [list(g) for g in groups], int(depth), blas
+        self.micro_batches = int(micro_batches)
+        if self.micro_batches > 1:
+            check_sliceable(method)
         self.workers = len(self.groups)
 
     def _put(self, q, item, failed):
@@ -58,6 +62,15 @@ class ThreadPipeline:
                     return
                 step, h, y, Y = item
                 fault_point(w, method.epoch, step)
+                if self.micro_batches > 1:  # h: the list of slices (slices.py)
+                    h, records = stage_slices(learners, h, *split(y, y, Y, self.micro_batches)[1:])
+                    if not last and not self._put(q_out, (step, h, y, Y), failed):
+                        return
+                    for learner, recs in zip(learners, records):
+                        combine(learner, recs)
+                    if last:
+                        results.put((step, learners[-1].last_loss))
+                    continue
                 for learner in learners:
                     h = learner.forward(h)
                 if not last and not self._put(q_out, (step, h, y, Y), failed):
@@ -95,7 +108,9 @@ class ThreadPipeline:
                 t.start()
             try:
                 for step, (xb, yb) in enumerate(batches, 1):
-                    if not self._put(qs[0], (step, xb, yb, method.one_hot(yb)), failed):
+                    Y = method.one_hot(yb)
+                    h = xb if self.micro_batches == 1 else split(xb, yb, Y, self.micro_batches)[0]
+                    if not self._put(qs[0], (step, h, yb, Y), failed):
                         break
                     fed += 1
                     collect(block=False)

@@ -1,0 +1,39 @@
+"""The run options of the schedules, checked before anything is built: ``--micro-batches`` and
+``--replicas`` (docs/parallel.md)."""
+from __future__ import annotations
+
+__all__ = ["SCHEDULE_OPTIONS", "resolve_micro_batches"]
+
+#: the training options ``make_schedule`` takes (same names as ``TrainConfig``'s)
+SCHEDULE_OPTIONS = ("parallel", "workers", "blas_threads", "batch_size", "micro_batches", "replicas")
+
+
+def _count(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+
+
+def resolve_micro_batches(cfg, given=()) -> int:
+    """The run's number of micro-batches for a ``TrainConfig`` (``--replicas R`` alone means R),
+    or ValueError for a combination that cannot run."""
+    micro, replicas = cfg.micro_batches, cfg.replicas
+    _count("micro_batches", micro)
+    _count("replicas", replicas)
+    if replicas not in (None, 1):
+        if cfg.parallel != "mpi":
+            raise ValueError("--replicas runs each pipeline stage on several MPI ranks; it needs --parallel mpi")
+        if micro == 1 and "micro_batches" not in given:
+            micro = replicas
+        if micro % replicas:
+            raise ValueError(f"--replicas {replicas} must divide --micro-batches {micro} "
+                             "(every replica takes the same number of slices)")
+    if micro == 1:
+        return 1
+    if cfg.method != "bll":
+        raise ValueError(f"--micro-batches splits the steps of BLL's block learners, not {cfg.method!r}; "
+                         "leave it at 1")
+    if micro > cfg.batch_size:
+        raise ValueError(f"--micro-batches {micro} is more than --batch-size {cfg.batch_size}")
+    if cfg.device != "cpu":
+        raise ValueError("--micro-batches runs on the CPU; leave it at 1 with --device cuda")
+    return micro

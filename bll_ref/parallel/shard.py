@@ -1,0 +1,51 @@
+"""What an MPI rank holds of the model: only its own learners (block, head, feedback, optimisers).
+
+Every rank builds the whole model from the seed, because the initial weights of block k are drawn
+after those of blocks 0..k-1 from one generator (and a resumed run loads every learner's state).
+At its first epoch a rank other than 0 then lets go of every learner that is not its own: the
+learner is replaced by a ``Released`` placeholder and its block in the model by an empty
+``Sequential``, so the arrays are freed. Rank 0 keeps the whole model: it evaluates and assembles
+the checkpoint from the states the other ranks send at every epoch end.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..layers import Sequential
+
+__all__ = ["Released", "release_others", "state_bytes"]
+
+
+class Released:
+    """Stands in for learner k on a rank that does not train it: no arrays, no statistics."""
+
+    def __init__(self, k):
+        self.k, self.stats, self.epoch = k, {}, 0
+
+    def begin_epoch(self, epoch):
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state):
+        raise RuntimeError(f"learner {self.k} is trained on another MPI rank; this rank does not hold it")
+
+
+def state_bytes(learners) -> int:
+    """Bytes of everything ``learners`` train with (parameters, buffers, optimiser moments, head,
+    feedback): the arrays of their state dicts."""
+    return int(sum(np.asarray(v).nbytes for l in learners for v in l.state_dict().values()))
+
+
+def release_others(method, keep):
+    """Replace every learner of ``method`` whose index is not in ``keep`` by ``Released`` and its
+    block by an empty Sequential (in the model and in ``method.blocks``)."""
+    keep = set(keep)
+    for k, learner in enumerate(method.learners):
+        if k in keep or isinstance(learner, Released):
+            continue
+        method.learners[k] = Released(k)
+        method.model.layers[k] = Sequential()
+        if hasattr(method, "blocks"):
+            method.blocks[k] = method.model.layers[k]

@@ -1,0 +1,248 @@
+"""Micro-batches: a batch split into R slices whose gradients are summed in a fixed order before
+each optimiser steps (``--micro-batches R``), the arithmetic that MPI replicas of a pipeline stage
+reproduce bit for bit (``--replicas``).
+
+For one learner and one step, slice r (rows ``bounds[r]:bounds[r+1]`` of the batch, n_r of N rows)
+is run by ``run_slice``: forward with the pre-step weights, then the learner's own ``update`` with
+every optimiser's ``step`` deferred. What the step would have changed is kept in a **record**
+(a flat dict of arrays, the same layout for every slice of a learner):
+
+* ``g<i>/<name>``: optimiser i's gradients times w_r = n_r / N. Every loss of a learner is a mean
+  over its batch (softmax cross-entropy, the variational terms, the head), so the slice gradients
+  times w_r sum to the full-batch gradient in exact arithmetic (up to what depends on the slice,
+  below);
+* ``stat/<name>``: the slice's statistics times w_r (the per-step means; ``steps`` counts steps);
+* ``bn<j>/<buffer>``: BatchNorm j's running-statistics increment ``momentum * batch statistic``,
+  measured by running the slice from zeroed buffers (0 * (1 - momentum) + inc = inc exactly);
+* ``W``: the closed-form feedback fitted on the slice (the last slice's is kept).
+
+``combine`` then applies the records in slice order: gradients summed left to right (r = 0, 1, ...)
+into the layers' gradient arrays and each optimiser stepped once; statistics and the loss summed
+in the same order; the BatchNorm running buffers updated once per slice, in order, exactly as R
+sequential forwards would. A sequential run, a thread pipeline and MPI replicas (which exchange
+records with ``Allgather`` and sum them in rank order, never in the order ``Allreduce`` picks) all
+call these two functions, so they agree bit for bit.
+
+What depends on the slice, not the batch (documented in docs/parallel.md): BatchNorm normalises
+with the slice's statistics, and closed-form feedback is fitted on the slice. Running
+feedback statistics (``--feedback-decay``) would chain through the slices, which replicas cannot
+do in parallel: micro-batches refuse them. ``R = 1`` never comes here (the learner's plain step).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["slice_bounds", "split", "run_slice", "combine", "check_sliceable", "stage_slices", "pack_records",
+           "unpack_records", "record_layout", "record_bytes"]
+
+
+def slice_bounds(n, slices) -> list[int]:
+    """Row bounds of ``slices`` near-equal slices of n rows (the first n % slices one row longer)."""
+    if n < slices:
+        raise ValueError(f"a batch of {n} rows cannot be split into {slices} micro-batches; use a batch size "
+                         f"(and a training-set size) whose every batch has at least {slices} rows")
+    q, rem = divmod(n, slices)
+    sizes = [q + (r < rem) for r in range(slices)]
+    return [int(v) for v in np.concatenate([[0], np.cumsum(sizes)])]
+
+
+def split(x, y, Y, slices, keep=None):
+    """(xs, ys, Ys, weights): the batch as ``slices`` slices and their weights n_r / N; ``keep``
+    (a range of slice indices) returns only those (an MPI replica's share)."""
+    bounds = slice_bounds(len(x), slices)
+    keep = range(slices) if keep is None else keep
+    rows = Y.shape[0] // len(x)  # one-hot rows per example (sequence labels give T each)
+    parts = [(x[bounds[r]:bounds[r + 1]], y[bounds[r]:bounds[r + 1]], Y[rows * bounds[r]:rows * bounds[r + 1]],
+              (bounds[r + 1] - bounds[r]) / len(x)) for r in keep]
+    return tuple(list(t) for t in zip(*parts))
+
+
+def _leaves(layer):
+    if hasattr(layer, "layers"):
+        for child in layer.layers:
+            yield from _leaves(child)
+    elif hasattr(layer, "body"):
+        yield from _leaves(layer.body)
+        if layer.shortcut is not None:
+            yield from _leaves(layer.shortcut)
+    else:
+        yield layer
+
+
+def _norms(learner):
+    """The layers with running buffers (BatchNorm) of the learner's block and head, in order."""
+    parts = [learner.block] + ([learner.head] if getattr(learner, "head", None) is not None else [])
+    return [leaf for part in parts for leaf in _leaves(part) if leaf.buffers]
+
+
+def _optimisers(learner):
+    """Block, head and trained-feedback optimisers, in a fixed order (absent ones skipped)."""
+    net = getattr(getattr(learner, "source", None), "net", None)
+    cands = (learner.opt, getattr(learner, "head_opt", None), getattr(net, "opt", None))
+    return [o for o in cands if o is not None]
+
+
+def check_sliceable(method):
+    """ValueError unless every learner of ``method`` can be micro-batched exactly."""
+    if not hasattr(method, "learners"):
+        raise ValueError(f"--micro-batches splits the steps of BLL's block learners; method {method.name!r} has "
+                         "none (leave --micro-batches at 1)")
+    if method.span != 1 or method.twin is not None:
+        raise ValueError("--micro-batches needs span 1 and closed or trained feedback (span 2 and twin "
+                         "feedback pass messages between blocks); leave it at 1")
+    for learner in method.learners:
+        net = getattr(getattr(learner, "source", None), "net", None)
+        if getattr(net, "decay", None) is not None:
+            raise ValueError("--feedback-decay keeps running statistics that chain through the micro-batches; "
+                             "leave it out or --micro-batches at 1")
+        for layer in _norms(learner):
+            if not hasattr(layer, "momentum"):
+                raise ValueError(f"block {learner.k + 1}: {type(layer).__name__} keeps buffers that micro-batches "
+                                 "do not know how to combine")
+
+
+def run_slice(learner, h, y, Y, weight):
+    """Forward slice ``h`` through ``learner`` and take its update with the optimiser steps
+    deferred. Returns (h_out, record); the learner's parameters, optimiser states, statistics
+    and buffers are as before the call (its caches are the slice's)."""
+    rec = {}
+    opts = _optimisers(learner)
+    w = np.float64(weight)
+
+    def deferred(i, opt):
+        def step():
+            for name, g in opt.layer.grads.items():
+                rec[f"g{i}/{name}"] = g * g.dtype.type(weight)
+        return step
+
+    norms = _norms(learner)
+    saved = [{k: v.copy() for k, v in layer.buffers.items()} for layer in norms]
+    for layer in norms:
+        for v in layer.buffers.values():
+            v[...] = 0
+    net = getattr(getattr(learner, "source", None), "net", None)
+    closed = net is not None and not hasattr(net, "opt")  # closed form: W is fitted on each slice
+    W = net.W if closed else None
+    stats = learner.stats
+    learner.stats = {k: 0.0 for k in learner.STATS}
+    for i, opt in enumerate(opts):
+        opt.step = deferred(i, opt)
+    try:
+        h_out = learner.forward(h)
+        learner.update(y, Y)
+        for k, v in learner.stats.items():
+            rec[f"stat/{k}"] = np.float64(float(v)) * w
+        if hasattr(learner, "last_loss"):
+            rec["loss"] = np.float64(float(learner.last_loss)) * w
+        for j, layer in enumerate(norms):
+            rec.update({f"bn{j}/{k}": v.copy() for k, v in layer.buffers.items()})
+        if closed:
+            rec["W"] = np.array(net.W)
+    finally:
+        for opt in opts:
+            del opt.step  # the class's step again
+        learner.stats = stats
+        if closed:
+            net.W = W
+        for layer, old in zip(norms, saved):
+            for k, v in layer.buffers.items():
+                v[...] = old[k]
+    return h_out, rec
+
+
+def combine(learner, records):
+    """Apply ``records`` (slice order) to ``learner``: summed gradients, one step per optimiser,
+    statistics, loss, BatchNorm buffers and the last slice's closed-form W."""
+    first = records[0]
+    for i, opt in enumerate(_optimisers(learner)):
+        grads = opt.layer.grads
+        if any(f"g{i}/{name}" not in first for name in opt.layer.params):
+            raise RuntimeError(f"learner {learner.k}: optimiser {i} took no step in a micro-batch")
+        if set(grads) != set(opt.layer.params) or any(grads[k].shape != p.shape for k, p in opt.layer.params.items()):
+            opt.layer.zero_grads()  # a replica whose layer has no gradient arrays yet
+            grads = opt.layer.grads
+        for name, g in grads.items():
+            acc = first[f"g{i}/{name}"].copy()
+            for rec in records[1:]:
+                acc += rec[f"g{i}/{name}"]
+            g[...] = acc  # in place: these are the arrays the optimiser reads
+        opt.step()
+    for k in learner.STATS:
+        if k == "steps":
+            learner.stats[k] += 1
+            continue
+        acc = 0.0
+        for rec in records:
+            acc += float(rec[f"stat/{k}"])
+        learner.stats[k] += acc
+    if "loss" in first:
+        acc = 0.0
+        for rec in records:
+            acc += float(rec["loss"])
+        learner.last_loss = acc
+    for j, layer in enumerate(_norms(learner)):
+        mom = layer.momentum
+        for rec in records:  # the update BatchNorm.forward makes, once per slice, in slice order
+            for k, v in layer.buffers.items():
+                v *= 1 - mom
+                v += rec[f"bn{j}/{k}"]
+    if "W" in first:
+        net = learner.source.net
+        net.W = records[-1]["W"].copy()
+
+
+def stage_slices(learners, hs, ys, Ys, weights):
+    """Run slices ``hs`` (list) through consecutive ``learners``: returns (outputs, records per
+    learner). Nothing is stepped yet: hand the outputs on, then ``combine`` each learner."""
+    all_records = []
+    for learner in learners:
+        outs, recs = [], []
+        for h, y, Y, w in zip(hs, ys, Ys, weights):
+            out, rec = run_slice(learner, h, y, Y, w)
+            outs.append(out)
+            recs.append(rec)
+        all_records.append(recs)
+        hs = outs
+    return hs, all_records
+
+
+def record_layout(record) -> list:
+    """[(name, dtype str, shape)] of a record, in the order ``pack_records`` writes it."""
+    return [(n, np.asarray(record[n]).dtype.str, np.shape(record[n])) for n in sorted(record)]
+
+
+def record_bytes(layout) -> int:
+    return int(sum(np.dtype(d).itemsize * int(np.prod(shape, dtype=np.int64)) for _, d, shape in layout))
+
+
+def pack_records(records, out=None) -> tuple[np.ndarray, list]:
+    """Records of one learner (same keys each) into one uint8 buffer (``out``, or a new one) and
+    their layout."""
+    layout = record_layout(records[0])
+    size = record_bytes(layout)
+    buf = np.empty(size * len(records), np.uint8) if out is None else out
+    if len(buf) != size * len(records):
+        raise ValueError(f"micro-batch records need {size * len(records)} bytes, the buffer has {len(buf)}")
+    pos = 0
+    for rec in records:
+        for name, _, _ in layout:
+            v = np.ascontiguousarray(rec[name]).reshape(-1).view(np.uint8)
+            buf[pos:pos + len(v)] = v
+            pos += len(v)
+    return buf, layout
+
+
+def unpack_records(buf, layout, count) -> list[dict]:
+    """Inverse of ``pack_records`` for ``count`` records of ``layout``."""
+    out, pos = [], 0
+    for _ in range(count):
+        rec = {}
+        for name, dtype, shape in layout:
+            dt = np.dtype(dtype)
+            n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            rec[name] = buf[pos:pos + n].view(dt).reshape(shape)  # a view: ``buf`` is the caller's, fresh
+            pos += n
+        out.append(rec)
+    if pos != len(buf):
+        raise ValueError(f"micro-batch records: {len(buf)} bytes for {count} records of {pos // max(count, 1)}")
+    return out

@@ -1,0 +1,213 @@
+"""Micro-batches and MPI replicas (issue 26): a batch split into R slices whose gradients are summed
+in slice order makes the same updates under every schedule, bit for bit: sequential
+``--micro-batches R``, the thread pipeline, and MPI pipelines whose stages run on several replica
+ranks (checkpoint and every learner state by sha256, history.json without its timings and schedule
+name, and every step's loss). In exact arithmetic the slices' summed gradients are the full
+batch's (checked in float64). The network path (TCP on loopback, the docs' hostfile command), a
+dead or hung rank, and resuming a replicated run into another world size are tested here too.
+
+Every test that starts processes has a timeout, so a hang fails instead of stalling CI."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bll_ref import models
+from bll_ref.cli import main
+from bll_ref.loop import TIMING_FIELDS, fit
+from bll_ref.methods import make
+from bll_ref.parallel import SequentialSchedule, ThreadPipeline
+from bll_ref.parallel.base import micro_step
+from bll_ref.parallel.slices import pack_records, run_slice, slice_bounds, unpack_records
+from test_parallel import MPIEXEC, _assert_same_run, _cli, _digest, _env, _method, _task, fault_seconds, needs_mpi
+
+MLP = ["train", "--data", "synthetic", "--limit-train", "320", "--limit-test", "64", "--batch-size", "32",
+       "--sizes", "784,64,48,32,10"]
+CNN = ["train", "--data", "synthetic", "--model", "cnn", "--limit-train", "96", "--limit-test", "32",
+       "--batch-size", "32"]
+ARGS = {"mlp": MLP, "cnn": CNN}
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "parallel.md")
+
+
+def _history(run_dir):
+    with open(os.path.join(run_dir, "history.json")) as f:
+        h = json.load(f)
+    return {k: v for k, v in h.items() if k not in (*TIMING_FIELDS, "schedule", "workers")}
+
+
+def _assert_same_history(a, b):
+    ha, hb = _history(a), _history(b)
+    assert ha["step_losses"] and ha["step_losses"] == hb["step_losses"]  # every step's loss, exactly
+    assert ha == hb
+
+
+# ------------------------------------------------------------------------------ the arithmetic
+def test_slice_bounds_cover_the_batch_in_near_equal_slices():
+    assert slice_bounds(32, 3) == [0, 11, 22, 32]
+    assert slice_bounds(7, 7) == list(range(8))
+    with pytest.raises(ValueError, match="cannot be split"):
+        slice_bounds(2, 3)
+
+
+@pytest.mark.parametrize("opts", [dict(variational="none"), dict(variational="eq8", feedback="trained")],
+                         ids=["head only", "eq8 + trained feedback"])
+def test_micro_batched_gradients_sum_to_the_full_batch_gradient_in_float64(opts):
+    """Losses are means over the batch, so slice gradients times n_r / N add up to the full batch's;
+    with the label-only feedback and no BatchNorm nothing else depends on the slice. SGD makes the
+    parameter change the gradient itself."""
+    x, y = _task()["x_train"][:30], _task()["y_train"][:30]
+    states = []
+    for slices in (1, 3, 4):
+        m = make("bll", models.mlp((32, 24, 20, 4), rng=1, dtype=np.float64), sample_input=x[:4].astype(np.float64),
+                 n_classes=4, optimizer="sgd", lr=0.5, **opts)
+        xb = x.astype(np.float64)
+        (m.train_step(xb, y) if slices == 1 else micro_step(m.learners, xb, y, m.one_hot(y), slices))
+        states.append({k: v for k, v in m.state_dict().items() if "/block/" in k or "/head/" in k or "feedback" in k})
+    for other in states[1:]:
+        assert set(other) == set(states[0])
+        for k in states[0]:
+            np.testing.assert_allclose(other[k], states[0][k], rtol=1e-12, atol=1e-14, err_msg=k)
+    changed = [k for k in states[0] if "params" in k and not np.array_equal(states[0][k], states[1][k])]
+    assert changed  # float64 rounding differs: the slices really ran separately
+
+
+def test_run_slice_leaves_the_learner_unchanged_and_records_pack_losslessly():
+    m = _method("cnn")
+    d = _task(True)
+    learner = m.learners[0]
+    before = _digest(learner.state_dict())
+    Y = m.one_hot(d["y_train"][:8])
+    _, rec = run_slice(learner, d["x_train"][:8], d["y_train"][:8], Y, 0.25)
+    assert _digest(learner.state_dict()) == before
+    assert any(k.startswith("bn0/") for k in rec) and any(k.startswith("g0/") for k in rec)
+    buf, layout = pack_records([rec, rec])
+    back = unpack_records(buf, layout, 2)
+    assert _digest(back[1]) == _digest(rec)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("groups", [[[0, 1], [2, 3]], [[0], [1, 2], [3]]], ids=["2 workers", "3 workers"])
+def test_thread_pipeline_with_micro_batches_equals_sequential(kind, groups):
+    def trained(schedule_of):
+        m = _method(kind)
+        h = fit(m, _task(kind == "cnn"), epochs=2, batch_size=32, rng=5, log=None, schedule=schedule_of(m))
+        return _digest(m.state_dict()), h["step_losses"]
+
+    seq = trained(lambda m: SequentialSchedule(blas=1, micro_batches=3, method=m))
+    par = trained(lambda m: ThreadPipeline(m, groups, blas=1, micro_batches=3))
+    plain = trained(lambda m: SequentialSchedule(blas=1))
+    assert seq[1] == par[1] and [k for k in seq[0] if seq[0][k] != par[0][k]] == []
+    assert seq[0] != plain[0]  # slices are not the whole batch: the comparison can fail
+
+
+def test_micro_batches_refuse_what_they_cannot_split(tmp_path, capsys):
+    bad = [(["--micro-batches", "2", "--method", "bp"], "BLL's block learners"),
+           (["--micro-batches", "2", "--feedback-decay", "0.9"], "--feedback-decay"),
+           (["--micro-batches", "64"], "more than --batch-size"),
+           (["--replicas", "2"], "needs --parallel mpi"),
+           (["--micro-batches", "3", "--limit-train", "322"], "the last batch has 2 rows")]
+    for args, match in bad:
+        assert main(MLP + ["--epochs", "1", "--out", str(tmp_path / "x"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------ MPI
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """Sequential reference runs, one per (model, micro-batches), made when first asked for."""
+    runs = {}
+
+    def get(kind, micro):
+        if (kind, micro) not in runs:
+            out = tmp_path_factory.mktemp(f"seq-{kind}-{micro}") / "run"
+            assert main(ARGS[kind] + ["--epochs", "2", "--out", str(out), "--micro-batches", str(micro)]) == 0
+            runs[kind, micro] = out
+        return runs[kind, micro]
+    return get
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind,ranks,replicas,micro", [
+    ("mlp", 2, 2, 2), ("mlp", 3, 3, 3), ("mlp", 3, 1, 1), ("mlp", 4, 2, 2), ("mlp", 2, 2, 4),
+    ("cnn", 2, 2, 2), ("cnn", 3, 1, 1), ("cnn", 4, 2, 2)],
+    ids=lambda v: str(v))
+def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind, ranks, replicas, micro):
+    out = tmp_path / "mpi"
+    extra = ["--replicas", str(replicas), "--micro-batches", str(micro)] if micro > 1 else []
+    r = _cli(ARGS[kind] + ["--epochs", "2", "--out", str(out), *extra], mpi=ranks, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = ranks // replicas
+    assert f"world: {ranks} ranks = {stages} stage" in r.stdout and f"worker {stages - 1}:" in r.stdout
+    held = re.search(r"model state per rank \(MB\): (.*) \(each held ([\d.]+) before", r.stdout)
+    per_rank = [float(v.split(": ")[1]) for v in held.group(1).split(", ")]
+    assert len(per_rank) == ranks and per_rank[0] == float(held.group(2))  # rank 0 keeps the whole model
+    if stages > 1:  # the others only their own stage's learners
+        assert max(per_rank[1:]) < per_rank[0]
+    ref = sequential(kind, micro)
+    _assert_same_run(ref, out)
+    _assert_same_history(ref, out)
+
+
+def _docs_command(marker):
+    """The one command line of docs/parallel.md that contains ``marker``."""
+    with open(DOCS) as f:
+        lines = [l.strip() for l in f if marker in l and not l.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    return lines[0].split()
+
+
+@needs_mpi
+def test_docs_hostfile_command_over_tcp_on_loopback_equals_sequential(sequential, tmp_path):
+    """The hostfile command of the docs, run as written (hosts.txt naming localhost; python and the
+    run directory replaced), forces OpenMPI's TCP transport, so the messages cross the code a
+    multi-host run uses. Slurm's srun cannot run on this machine (no Slurm)."""
+    cmd = _docs_command("--hostfile hosts.txt")
+    assert cmd[:2] == ["mpiexec", "-n"] and "tcp,self" in cmd
+    (tmp_path / "hosts.txt").write_text("localhost slots=4\n")
+    out = tmp_path / "run"
+    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in cmd]
+    cmd = cmd[:cmd.index("--out")] + ["--out", str(out)] + MLP[1:] + ["--epochs", "2"]
+    cmd.insert(1, "--oversubscribe")
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_run(sequential("mlp", 2), out)
+    _assert_same_history(sequential("mlp", 2), out)
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind,ranks,replicas", [("hang", 2, 1), ("hang", 2, 2), ("kill", 4, 2)])
+def test_a_dead_or_hung_rank_ends_the_job_within_10_s(tmp_path, kind, ranks, replicas):
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
+             BLL_REF_FAULT=f"{kind}:1:0:3")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    text = r.stdout + r.stderr
+    if kind == "hang":
+        who = r"rank 1 \(blocks? [\d-]+\)" if replicas == 1 else r"the other replicas of stage 0 \(blocks 1-4\)"
+        assert re.search(f"no message from {who} for \\d+ s at step \\d+; it is dead or hung", r.stderr), \
+            r.stderr[-2000:]
+    else:
+        assert "rank 1" in text and "worker 0: block" in text  # OpenMPI names the rank; the assignment its blocks
+    assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
+
+
+@needs_mpi
+def test_replicated_run_resumes_bit_identical_into_another_world_size(sequential, tmp_path):
+    """4 ranks (2 stages x 2 replicas) killed in epoch 2; resumed on 2 ranks (1 stage x 2 replicas)
+    it ends exactly like the sequential --micro-batches 2 run."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", "2"], mpi=4, timeout=120,
+             BLL_REF_FAULT="kill:2:1:4")
+    assert r.returncode != 0 and not (out / "checkpoint.npz").exists()
+    assert (out / "state" / "trainer.json").exists()
+    r = _cli(["train", "--resume", str(out)], mpi=2, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming after epoch 1" in r.stdout and "world: 2 ranks = 1 stage x 2 replicas" in r.stdout
+    _assert_same_run(sequential("mlp", 2), out)
+    _assert_same_history(sequential("mlp", 2), out)
