@@ -14,7 +14,10 @@ from bll_ref.fixedpoint import (
     RECORD_KINDS, IntegerModel, QFormat, Record, calibrate_activation, calibrate_weight, compile_integer,
     dequantize, fold_batchnorm, overflow, quantize, requantize, round_shift,
 )
-from bll_ref.fixedpoint.calibrate import calibrate_activation_mse
+from bll_ref.cli import main
+from bll_ref.fixedpoint.calibrate import calibrate_activation_mse, calibrate_argmax
+from exporters import hdf5
+from exporters.from_checkpoint import export_defaults, training_inputs
 from bll_ref.fixedpoint import intops as I
 from bll_ref.fixedpoint import records as R
 from bll_ref.fixedpoint.walk import Affine, ChannelAffine, Junction, Op, walk
@@ -742,3 +745,68 @@ def test_output_width_widens_only_the_last_record():
     assert np.abs(b.infer(x) - ref).mean() < np.abs(a.infer(x) - ref).mean()
     with pytest.raises(ValueError, match="output_width"):
         compile_integer(L.Sequential(L.Dense(6, 8, rng=rng, dtype=np.float64), L.ReLU()), x, width=4, output_width=16)
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration of a classifier's output for argmax (issue 24 item 7)
+# ------------------------------------------------------------------------------------------------
+def test_calibrate_argmax_fits_the_runner_up_by_hand():
+    """Runner-ups 5.28 and 2: at 4 bits 5.28 * 2**0 <= 7 - 1 but 5.28 * 2 > 6, so frac 0; at 8 bits
+    5.28 * 16 = 84.5 <= 126 < 5.28 * 32, so frac 4. The -100 and the winner 9 saturate."""
+    logits = np.array([[9.0, 5.28, -100.0], [1.0, 2.0, 3.0]])
+    f4, f8 = calibrate_argmax(logits, 4), calibrate_argmax(logits, 8)
+    assert (f4.frac, f4.signed, f8.frac) == (0, True, 4)
+    assert quantize(logits, f4).tolist() == [[7, 5, -8], [1, 2, 3]]
+    assert calibrate_argmax(np.array([[6.5, 9.0, 0.0]]), 4).frac == -1   # runner-up 6.5 > 7 - 1: coarser
+    assert calibrate_argmax(np.array([[3.0, 6.5, 0.0]]), 4).frac == 1    # runner-up 3: 3 * 2 <= 6
+    with pytest.raises(ValueError, match="saturate"):
+        calibrate_argmax(logits, 8, overflow="wrap")
+    with pytest.raises(ValueError, match="C >= 2"):
+        calibrate_argmax(logits[:, :1], 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(3, 16), st.integers(0, 2 ** 31), st.sampled_from(["floor", "nearest", "nearest_even"]))
+def test_calibrate_argmax_keeps_every_clear_winner(width, seed, rounding):
+    """On the calibration rows: whenever the winner beats the runner-up by more than one step, the
+    quantised row has the same argmax, however far the winner and the losers lie outside the range."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(64, 10)) * rng.uniform(0.1, 20) + rng.normal(size=(64, 1)) * 5
+    logits[rng.integers(0, 64, 8), rng.integers(0, 10, 8)] *= 30          # outliers either way
+    fmt = calibrate_argmax(logits, width, rounding=rounding)
+    s = np.sort(logits, axis=1)
+    clear = s[:, -1] - s[:, -2] > 2.0 ** -fmt.frac
+    q = quantize(logits, fmt)
+    assert np.array_equal(np.argmax(q, 1)[clear], np.argmax(logits, 1)[clear])
+    assert (q.max(axis=1)[clear] > np.sort(q, axis=1)[clear, -2]).all()   # a strict winner, no tie
+    finer = QFormat(width, fmt.frac + 1, True, rounding)                   # frac + 1 clips some runner-up
+    assert (quantize(s[:, -2], finer) >= finer.max_code - 1).any() or s[:, -2].max() <= 0
+
+
+def test_export_defaults_are_the_measured_best(tmp_path):
+    """bll-ref export: 16-bit logits at every width; per-tensor p99.9 from 8 bits up, per-channel MSE
+    below; a narrower output calibrated for argmax unless --output-calibration range."""
+    assert export_defaults(8) == {"output_width": 16, "calibration": "percentile", "per_channel": False}
+    assert export_defaults(4) == {"output_width": 16, "calibration": "mse", "per_channel": True}
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--sizes", "784,24,16,10", "--epochs", "1", "--limit-train", "300",
+                 "--limit-test", "50", "--method", "bp", "--out", str(run)]) == 0
+    ck = str(run / "checkpoint.npz")
+
+    def export(name, *opts):
+        assert main(["export", ck, "--out", str(tmp_path / name), "--calibration", "64", "--traces", "4", *opts]) == 0
+        assert hdf5.verify(tmp_path / name)["ok"]
+        return hdf5.read(tmp_path / name)
+    e8, e4 = export("w8.h5", "--width", "8"), export("w4.h5", "--width", "4")
+    assert [r.out_fmt.width for r in e8.records] == [8] * (len(e8.records) - 1) + [16]
+    assert all(getattr(r, "w_frac", None) is None for r in e8.records) and "calibration" not in e8.options
+    assert [r.out_fmt.width for r in e4.records][-2:] == [4, 16] and e4.options["calibration"] == "mse"
+    assert any(getattr(r, "w_frac", None) is not None for r in e4.records)
+    narrow = export("o8.h5", "--width", "8", "--output-width", "8")
+    ranged = export("o8r.h5", "--width", "8", "--output-width", "8", "--output-calibration", "range")
+    cal = training_inputs(e8.meta, "auto", False, limit_train=64, limit_test=1)["x_train"][:64]
+    model = e8.float_model()
+    assert narrow.records[-1].out_fmt == calibrate_argmax(model.forward(cal, train=False), 8)
+    assert ranged.records[-1].out_fmt == compile_integer(model, cal, width=8, percentile=99.9).records[-1].out_fmt
+    assert [r.out_fmt for r in narrow.records[:-1]] == [r.out_fmt for r in ranged.records[:-1]]
+    assert narrow.options.get("out_formats") == "given" and "out_formats" not in ranged.options  # the argmax path ran

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+from exporters.from_checkpoint import export_defaults
+
 from .. import checkpoint, data, models
 from ..backend import device_info
 from ..loop import fit
@@ -98,15 +100,19 @@ def _add_finetune_q(sub):
     p.add_argument("--objective", choices=("auto", "bll", "reconstruct"), default="auto",
                    help="auto (default): a BLL checkpoint's own local losses (heads, feedback), else block "
                    "reconstruction of the float block outputs (BP/FA checkpoints have no local heads)")
-    p.add_argument("--per-channel", action="store_true",
-                   help="per-output-channel weight formats (default off; recorded in the checkpoint, which "
-                   "bll-ref export then follows)")
-    p.add_argument("--calibration-method", choices=("percentile", "mse"), default="percentile",
-                   help="activation calibration (default percentile; the formats are stored in the "
-                   "checkpoint and bll-ref export --width W uses them)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_const", const=True, default=None,
+                   help="per-output-channel weight formats (default: as bll-ref export, per channel below 8 "
+                   "bits; recorded in the checkpoint, which bll-ref export then follows)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                   help="one weight format per tensor (default from 8 bits up)")
+    p.add_argument("--calibration-method", choices=("percentile", "mse"), default=None,
+                   help="activation calibration (default: as bll-ref export, mse below 8 bits, else "
+                   "percentile; the formats are stored in the checkpoint and bll-ref export --width W uses them)")
     p.add_argument("--percentile", type=float, default=99.9, help="with percentile calibration (default 99.9)")
     p.add_argument("--output-width", type=int, default=None, metavar="BITS",
-                   help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
+                   help="bits of the model's output (logits) (default 16, as bll-ref export; narrower logits are "
+                   "calibrated for argmax)")
     p.add_argument("--calibration", type=int, default=256, metavar="N",
                    help="training examples that calibrate the activation formats, as export's (default 256)")
     add_data_option(p, "training data")
@@ -123,10 +129,12 @@ def cmd_finetune_q(args):
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    dflt = export_defaults(args.width)      # what bll-ref export does when not told: the same formats
     s = finetune_checkpoint(args.checkpoint, args.out, width=args.width, epochs=args.epochs, lr=args.lr,
                             objective=args.objective, data=args.data, n_calibration=args.calibration,
-                            percentile=args.percentile, calibration=args.calibration_method,
-                            per_channel=args.per_channel, output_width=args.output_width,
+                            percentile=args.percentile, calibration=args.calibration_method or dflt["calibration"],
+                            per_channel=dflt["per_channel"] if args.per_channel is None else args.per_channel,
+                            output_width=args.output_width or dflt["output_width"],
                             limit_train=args.limit_train, seed=args.seed)
     print(f"integer model ({args.width} bits) test accuracy {100 * s['test_acc_before']:.2f}% -> "
           f"{100 * s['test_acc_after']:.2f}% ({s['objective']} objective, {args.epochs} epoch(s)); wrote {args.out}")

@@ -57,12 +57,18 @@ def add_export_commands(subparsers):
                    help="training examples that calibrate the activation formats (default 256)")
     p.add_argument("--calibration-method", choices=CALIBRATIONS, default=None,
                    help="activation formats: percentile (clip |x| at --percentile) or mse (least squared "
-                   "quantisation error); default percentile, or what finetune-q trained the checkpoint for")
+                   "quantisation error); default percentile from 8 bits up, mse below (the best measured, "
+                   "benchmarks/results/fixedpoint_accuracy.md), or what finetune-q trained the checkpoint for")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="one power-of-two weight format per output channel (docs/hdf5-format.md section 12); "
-                   "default off, or what finetune-q trained the checkpoint for")
+                   "default off from 8 bits up, on below, or what finetune-q trained the checkpoint for")
     p.add_argument("--output-width", type=int, default=None, metavar="BITS",
-                   help="bits of the model's output (logits), e.g. 16 after 4-bit layers (default: --width)")
+                   help="bits of the model's output (logits); default 16, the best measured "
+                   "(benchmarks/results/fixedpoint_accuracy.md); --output-width 8 for an all-8-bit model")
+    p.add_argument("--output-calibration", choices=("range", "argmax"), default=None,
+                   help="format of the output: range (as every activation) or argmax (the largest frac that holds "
+                   "every calibration row's runner-up; the winner may saturate); default argmax for outputs "
+                   "narrower than 16 bits with --overflow saturate, else range")
     p.add_argument("--traces", type=int, default=16, metavar="N",
                    help="calibration examples whose per-layer output codes are stored (default 16)")
     add_data_option(p, "calibration data")
@@ -132,9 +138,14 @@ def cmd_export(args):
     e, agree = export_checkpoint(args.checkpoint, out, width=args.width, rounding=args.rounding,
                                  overflow=args.overflow, percentile=args.percentile, n_calibration=args.calibration,
                                  n_traces=args.traces, calibration=args.calibration_method,
-                                 per_channel=args.per_channel, output_width=args.output_width, data=args.data)
-    print(f"{len(e.records)} integer records (width {args.width}, {args.rounding}, {args.overflow}) "
-          f"calibrated on {args.calibration} examples; float/fixed argmax agreement on them {100 * agree:.1f}%")
+                                 per_channel=args.per_channel, output_width=args.output_width,
+                                 output_calibration=args.output_calibration, data=args.data)
+    o = e.options
+    print(f"{len(e.records)} integer records (width {args.width}, {args.rounding}, {args.overflow}; "
+          f"{'per-channel' if o.get('per_channel') else 'per-tensor'} weights, "
+          f"{o.get('calibration', 'percentile ' + format(args.percentile, 'g'))} activations, "
+          f"{e.records[-1].out_fmt.width}-bit output) calibrated on {args.calibration} examples; "
+          f"float/fixed argmax agreement on them {100 * agree:.1f}%")
     print(f"wrote {out} ({_size(os.path.getsize(out))}; traces of {args.traces} examples); "
           f"check it with: bll-ref verify {out}")
     if args.tb_dir:
