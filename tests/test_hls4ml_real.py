@@ -14,6 +14,7 @@ import pytest
 
 from bll_ref import layers as L
 from exporters import hdf5
+from exporters.hdf5_layout import common_frac_affine, record_widths
 from exporters.hls4ml_tb import PRECISION_FILE, write_tb
 from exporters.qonnx import write_qonnx
 
@@ -175,3 +176,29 @@ def test_hls4ml_reproduces_the_every_kind_models_bit_for_bit(tmp_path, net, widt
     for row in table["layers"]:   # our table sizes (range * 2^F_in) are in the model that ran
         if row["kind"] == "lut":
             assert hm.graph[row["hls4ml_name"]].get_attr("table_size") == row["table_size"]
+
+
+def test_hls4ml_holds_a_bias_at_the_top_of_its_type_with_nearest_rounding(tmp_path):
+    """hls4ml's ONNX route folds the half step of ``nearest`` (Add, then FLOOR) into a Dense's bias: a
+    bias code near the top of its narrowest type then needs one more bit. Found on a Fashion-MNIST
+    784-32-32-10 MLP (2 codes low); here a bias code is put 32 below the top of a 12-bit type, with a
+    half step of 64, and every code must still agree."""
+    g = np.random.default_rng(3)
+    x = g.normal(size=(24, 12)).astype(np.float32)
+    first = L.Dense(12, 6, rng=g)
+    model = L.Sequential(first, L.ReLU(), L.Dense(6, 3, rng=g))
+    for _ in range(3):      # the bias moves the output format, and so the half step: settle both
+        e = hdf5.export(model, tmp_path / "m.h5", x, width=8, rounding="nearest", n_traces=16)
+        rec = e.records[1]
+        acc_frac, half = common_frac_affine(rec)[2], 1 << (common_frac_affine(rec)[2] - rec.out_fmt.frac - 1)
+        top = (1 << (record_widths(rec, [e.records[0].out_fmt])["bias_width"] - 1)) - 1
+        first.params["c"][0] = (top - half // 2) / 2.0 ** acc_frac
+    e = hdf5.export(model, tmp_path / "m.h5", x, width=8, rounding="nearest", n_traces=16)
+    rec = e.records[1]
+    c, acc_frac = common_frac_affine(rec)[1:3]
+    half = 1 << (acc_frac - rec.out_fmt.frac - 1)
+    narrowest = record_widths(rec, [e.records[0].out_fmt])["bias_width"]
+    assert int(c.max()) + half > (1 << (narrowest - 1)) - 1       # the case: c + half overflows that type
+    y, trace, table, _ = run_hls4ml(tmp_path, e, images=False)
+    assert np.array_equal(codes(y, table["layers"][-1]["result_frac"]), e.traces[-1].astype(np.int64))
+    assert check_layers(e, trace, table) == len(e.records) - 1
