@@ -14,10 +14,9 @@ Steps (files in DIR):
    printed: flash and RAM (``arm-none-eabi-size``; the model object alone and the whole image),
    MACs and instructions per inference, QEMU wall time.  ``DIR/firmware_report.json`` holds them.
 
-Exit status of ``bll-ref firmware`` (workflow: docs/firmware.md): 0 all codes equal the HDF5 traces,
-1 a code differs / the firmware faulted, hung or printed garbage, 2 bad input or environment
-(unreadable export, toolchain missing: ``make firmware`` installs ``gcc-arm-none-eabi
-libnewlib-arm-none-eabi qemu-system-arm``).
+Exit status of ``bll-ref firmware`` (docs/firmware.md): 0 all codes equal the HDF5 traces, 1 a code
+differs / the firmware faulted, hung or printed garbage, 2 bad input or environment (unreadable
+export, toolchain missing: ``make firmware`` installs gcc-arm-none-eabi, newlib, qemu-system-arm).
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ from . import hdf5
 from .c_header import write_c
 
 __all__ = ["FirmwareError", "ToolchainMissing", "find_toolchain", "mac_count", "planned_activation_bytes",
-           "compile_and_link", "build", "run_qemu", "parse_output", "run_firmware", "check_workdir",
+           "compile_and_link", "build", "run_qemu", "qemu_problem", "parse_output", "run_firmware", "check_workdir",
            "FIRMWARE_DIR", "MACHINE", "ARM_CFLAGS", "ICOUNT", "INSNS_PER_TICK"]
 
 FIRMWARE_DIR = pathlib.Path(__file__).resolve().parent.parent / "firmware"
@@ -270,9 +269,8 @@ def _first_line(cmd):
 
 # ---------------- run and check
 def run_qemu(elf, *, timeout=120.0, qemu="qemu-system-arm"):
-    """Run ``elf`` on QEMU's mps2-an386 with semihosting and instruction counting (ICOUNT);
-    returns (stdout, exit status or None on timeout, wall seconds).  The board's UART and QEMU's
-    monitor are switched off, so stdout is exactly what the firmware printed via semihosting."""
+    """Run ``elf`` on QEMU's mps2-an386 with semihosting and instruction counting (ICOUNT): (stdout,
+    exit status or None on timeout, wall s); UART and monitor off: stdout is what semihosting printed."""
     cmd = [qemu, "-M", MACHINE, "-nographic", "-monitor", "none", "-serial", "null", *ICOUNT,
            "-semihosting-config", "enable=on,target=native", "-kernel", str(elf)]
     t = time.perf_counter()
@@ -282,6 +280,15 @@ def run_qemu(elf, *, timeout=120.0, qemu="qemu-system-arm"):
         out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         return out, None, time.perf_counter() - t
     return res.stdout + res.stderr, res.returncode, time.perf_counter() - t
+
+
+def qemu_problem(rc, text, limit, out_file):
+    """Why a run of ``run_qemu`` failed, in one line (a time-out: rc None; a FAULT / ERROR line; a
+    non-zero exit), or None."""
+    if rc is None:
+        return f"QEMU did not finish within {limit}; its output is in {out_file}"
+    bad = [ln.strip() for ln in text.splitlines() if "FAULT" in ln or "ERROR" in ln]
+    return bad[0] if bad else None if rc == 0 else f"QEMU exited with status {rc}; its output is in {out_file}"
 
 
 def parse_output(text, n_samples, sizes):
@@ -346,14 +353,8 @@ def run_firmware(path, workdir, *, name="bll_model", samples=None, timeout=120.0
            "model_object": b["model_object"], "image": b["image"], "ram_trace_buffer": 4 * sum(sizes),
            "ram_planned_activations": planned_activation_bytes(e.records, shapes),
            "qemu_wall_s": round(wall, 3), "qemu_exit": rc}
-    problem = None
-    if rc is None:
-        problem = f"QEMU did not finish within {timeout:g} s (--timeout); its output is in {workdir}/qemu.out"
-    elif "FAULT" in text or "ERROR" in text:
-        problem = next(ln for ln in text.splitlines() if "FAULT" in ln or "ERROR" in ln).strip()
-    elif rc != 0:
-        problem = f"QEMU exited with status {rc}; its output is in {workdir}/qemu.out"
-    else:
+    problem = qemu_problem(rc, text, f"{timeout:g} s (--timeout)", f"{workdir}/qemu.out")
+    if problem is None:
         try:
             got, ticks = parse_output(text, n, sizes)
             insns = ticks * INSNS_PER_TICK

@@ -24,7 +24,7 @@ from bll_ref.fixedpoint.learn import learn_step, learned_arrays
 
 from .c_learn import write_learn_c
 from .firmware import (FIRMWARE_DIR, INSNS_PER_TICK, _first_line, _size_berkeley, _size_sections, _stack_bound,
-                       check_workdir, compile_and_link, find_toolchain, run_qemu)
+                       check_workdir, compile_and_link, find_toolchain, qemu_problem, run_qemu)
 
 __all__ = ["weights_hash", "twin_run", "update_ram", "check_samples", "build_learn", "parse_learn_output",
            "run_learn", "LEARN_WORKFILES"]
@@ -203,14 +203,8 @@ def run_learn(im, spec, workdir, x_codes, labels, *, name="bll_model", dump_ever
                       "w_shift": r.w_shift, "c_shift": r.c_shift} for r in spec.rules],
            "learn_object": b["learn_object"], "ram": update_ram(im, spec), "qemu_wall_s": round(wall, 3),
            "qemu_exit": rc, "twin_losses": twin["losses"]}
-    problem = None
-    if rc is None:
-        problem = f"QEMU did not finish within {timeout:g} s; its output is in {workdir}/learn_qemu.out"
-    elif "FAULT" in text or "ERROR" in text:
-        problem = next(ln for ln in text.splitlines() if "FAULT" in ln or "ERROR" in ln).strip()
-    elif rc != 0:
-        problem = f"QEMU exited with status {rc}; its output is in {workdir}/learn_qemu.out"
-    else:
+    problem = qemu_problem(rc, text, f"{timeout:g} s", f"{workdir}/learn_qemu.out")
+    if problem is None:
         try:
             fwd, ticks, hashes, dumps = parse_learn_output(text, n, sizes, twin["dumps"].keys())
         except ValueError as err:

@@ -6,7 +6,6 @@ missing toolchain is a failure.  Every QEMU run has a timeout.
 """
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
@@ -18,16 +17,6 @@ from bll_ref.fixedpoint import records as R
 from exporters import firmware, hdf5
 
 QEMU_TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def toolchain():
-    try:
-        return firmware.find_toolchain()
-    except firmware.ToolchainMissing as err:
-        if os.environ.get("BLL_REQUIRE_FIRMWARE") == "1":
-            pytest.fail(f"BLL_REQUIRE_FIRMWARE=1 but the firmware toolchain is missing: {err}")
-        pytest.skip(f"firmware toolchain not installed ({err})")
 
 
 def _export(tmp_path, which, width=8, rounding="nearest", overflow="saturate", n_traces=6):

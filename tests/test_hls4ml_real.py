@@ -15,7 +15,7 @@ import pytest
 from bll_ref import layers as L
 from exporters import hdf5
 from exporters.hdf5_layout import common_frac_affine, record_widths
-from exporters.hls4ml_tb import PRECISION_FILE, write_tb
+from exporters.hls4ml_tb import write_tb
 from exporters.qonnx import write_qonnx
 
 try:

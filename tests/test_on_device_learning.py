@@ -8,7 +8,6 @@ BLL_REQUIRE_FIRMWARE=1 (CI), where a missing toolchain is a failure.  Every QEMU
 import dataclasses
 import json
 import math
-import os
 import re
 from fractions import Fraction
 
@@ -25,7 +24,7 @@ from bll_ref.methods import make
 from bll_ref.fixedpoint.learn import (E_FRAC, exp_table, learn_step, learned_arrays, parse_learn_blocks, plan_learning,
                                       softmax_q15)
 from bll_ref.fixedpoint.learn_float import FloatTwin, fit_feedback, float_forward
-from exporters import firmware, firmware_learn, hdf5
+from exporters import firmware_learn, hdf5
 from exporters.learn_scenario import shift_pixels
 
 QEMU_TIMEOUT = 120.0
@@ -197,16 +196,6 @@ def test_integer_update_learns_on_shifted_images_and_tracks_the_float_twin():
 # ------------------------------------------------------------------------------------------------
 # the C update on the emulated Cortex-M4
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def toolchain():
-    try:
-        return firmware.find_toolchain()
-    except firmware.ToolchainMissing as err:
-        if os.environ.get("BLL_REQUIRE_FIRMWARE") == "1":
-            pytest.fail(f"BLL_REQUIRE_FIRMWARE=1 but the firmware toolchain is missing: {err}")
-        pytest.skip(f"firmware toolchain not installed ({err})")
-
-
 def test_c_update_on_cortex_m4_equals_the_python_twin_for_200_steps(small, toolchain, tmp_path):
     im0, x, y = small
     rng = np.random.default_rng(7)
