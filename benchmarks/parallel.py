@@ -25,18 +25,19 @@ bit for bit.
 
 Predict first: before any parallel run the script measures each block's cost (forward + update
 alone, at 128, 64, ..., 2 rows) and MPI messages (ping-pong over shared memory and over TCP on
-loopback, 8 bytes and one (128, 1024) float32 activation), computes the pipeline model's
+loopback, 8 bytes, one (128, 1024) float32 activation, 4 and 16 MiB), computes the pipeline model's
 prediction for every variant, on this machine's cores and on 16 cores, and for 8..64 ranks on
 deeper models (8- and 16-block MLP, ResNet-18), and writes them to the results file. The measured
 table then shows those predictions, unchanged, beside the measurements, with the error.
 ``--predict`` stops after writing the predictions.
 
 Pipeline model for S stages x R replicas (``predict_step``): a replica of stage g processes N / R
-rows through its blocks (cost_k(N / R), measured at that many rows), exchanges its gradients with the other R - 1 replicas (a ring Allgather: (R - 1) messages
-of the stage's parameter bytes, message time = latency + bytes / bandwidth from the ping-pong), and
-sends its activations on (one message of N / R rows); packing and summing the R replicas'
-gradients costs (R + 2) x their bytes at the measured memory copy rate. A step takes the slowest
-stage's time. With
+rows through its blocks (cost_k(N / R), measured at that many rows), exchanges its gradients with
+the other R - 1 replicas (one message per learner and peer, of that learner's parameter bytes; a
+message's time interpolated between the ping-pong's sizes, 8 B to 16 MiB, because the cost per byte
+changes with the size), and sends its activations on (one message of N / R rows); writing its
+record and summing the R replicas' gradients costs 1 + 1.5 (R - 1) copies of their bytes at the
+measured memory copy rate. A step takes the slowest stage's time. With
 W = S R ranks on C < W cores, the ranks share the cores: the compute part is stretched by W / C
 (waiting ranks poll), and never faster than the total work over min(C, W).
 
@@ -257,13 +258,16 @@ def mpi_pipeline_worker(args):
 
 
 def mpi_pingpong_worker(args):
-    """Half the median round trip of an 8-byte and of a (128, 1024) float32 message, rank 0 <-> 1."""
+    """Half the median round trip, rank 0 <-> 1, of an 8-byte message, a (128, 1024) float32
+    activation and 4 and 16 MiB, the sizes of one 1024-wide learner's and of a whole stage's
+    gradient records (the cost per byte changes with the size: caches, the transport's protocol)."""
     from mpi4py import MPI
     comm, rank = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_rank()
     out = {}
-    for name, buf in (("small_8B", np.zeros(2, np.float32)), ("activation", np.zeros((N, 1024), np.float32))):
+    for name, buf in (("small_8B", np.zeros(2, np.float32)), ("activation", np.zeros((N, 1024), np.float32)),
+                      ("grad_4MiB", np.zeros(1 << 20, np.float32)), ("grad_16MiB", np.zeros(1 << 22, np.float32))):
         times = []
-        for i in range(args.reps + 10):  # the first 10 set up the connection
+        for i in range(min(args.reps, 30 if buf.nbytes > 1 << 20 else args.reps) + 10):  # 10: set up the connection
             comm.Barrier()
             t = time.perf_counter()
             if rank == 0:
@@ -335,9 +339,19 @@ def cost_at(costs, n):
 
 
 def message_s(msg, nbytes):
-    """latency + bytes / bandwidth, both from a ping-pong of 8 bytes and of one activation."""
-    lat, act = msg["small_8B"]["one_way_s"], msg["activation"]["one_way_s"]
-    return lat + nbytes * max(act - lat, 0.0) / msg["activation"]["bytes"]
+    """One-way time of an ``nbytes`` message: piecewise linear between the ping-pong's sizes
+    (8 B, one activation, 4 and 16 MiB where measured), the last segment's cost per byte beyond."""
+    pts = sorted((m["bytes"], m["one_way_s"]) for m in msg.values() if isinstance(m, dict) and "bytes" in m)
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if nbytes <= b1 or (b1, t1) == pts[-1]:
+            return t0 + (nbytes - b0) * max(t1 - t0, 0.0) / (b1 - b0)
+    return pts[0][1]
+
+
+def ping_text(ping):
+    """The ping-pong's one-way times, e.g. "8 B 0.8 us, (128, 1024) float32 66 us, 4 MiB 180 us"."""
+    names = {"small_8B": "8 B", "activation": "(128, 1024) float32", "grad_4MiB": "4 MiB", "grad_16MiB": "16 MiB"}
+    return ", ".join(f"{names[k]} {1e6 * ping[k]['one_way_s']:.1f} us" for k in names if k in ping)
 
 
 def stage_param_bytes(model):
@@ -367,8 +381,11 @@ def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rate, act_byt
     stage = []
     for g in groups:
         b = sum(pbytes[k] for k in g)
-        # ring Allgather of the gradients, plus packing them and summing R of them (memory copies)
-        exch = (replicas - 1) * message_s(msg, b) + (replicas + 2) * b / copy_rate if replicas > 1 else 0.0
+        # every learner's records (its gradient bytes, one slice per replica) to and from each other
+        # replica, one message per learner and peer (bll_ref/parallel/mpi.py); writing the replica's
+        # record (one copy) and summing R records into the gradients (R - 1 additions, ~1.5 copies each)
+        exch = ((replicas - 1) * sum(message_s(msg, pbytes[k]) for k in g)
+                + (1 + 1.5 * (replicas - 1)) * b / copy_rate) if replicas > 1 else 0.0
         stage.append(sum(c[k] for k in g) + exch)
     w = len(groups) * replicas
     compute = max(stage)
@@ -560,9 +577,7 @@ def measure_setup(args, variants, batches):
         if "error" in ping:
             raise SystemExit(f"ping-pong over {link} failed: {ping['error']}")
         msg[link] = ping
-        print(f"MPI message over {link}, ping-pong median / 2: (128, 1024) float32 "
-              f"{1e6 * ping['activation']['one_way_s']:.0f} us, 8 bytes {1e6 * ping['small_8B']['one_way_s']:.1f} us",
-              flush=True)
+        print(f"MPI message over {link}, ping-pong median / 2: {ping_text(ping)}", flush=True)
     copy_rate = copy_bytes_per_s()
     print(f"memory copy: {copy_rate / 1e9:.1f} GB/s", flush=True)
     return {"costs": {m: {str(n): c for n, c in cs.items()} for m, cs in costs.items()}, "param_bytes": pbytes,
@@ -667,8 +682,7 @@ def markdown(res):
            "column is a prediction only unless this ran on such a machine.")
     md += "\n\n" + markdown_predictions(pred)
     for link, ping in res["setup"]["message"].items():
-        md += (f"\n\nMPI message over {link} (2 ranks, ping-pong median / 2): (128, 1024) float32 "
-               f"{1e6 * ping['activation']['one_way_s']:.0f} us, 8 bytes {1e6 * ping['small_8B']['one_way_s']:.1f} us")
+        md += f"\n\nMPI message over {link} (2 ranks, ping-pong median / 2): {ping_text(ping)}"
     if res["errors"]:
         md += "\n\nfailed variants: " + "; ".join(f"{v}: {e.splitlines()[0]}" for v, e in res["errors"].items())
     return md

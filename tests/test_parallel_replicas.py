@@ -104,6 +104,27 @@ def test_thread_pipeline_with_micro_batches_equals_sequential(kind, groups):
     assert seq[0] != plain[0]  # slices are not the whole batch: the comparison can fail
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_records_written_over_from_step_to_step_make_the_same_steps_as_fresh_ones(kind):
+    """The sequential schedule and the thread workers keep a step's micro-batch records and let
+    the next step's ``run_slice`` write into them (MPI replicas write into their send buffers the
+    same way); the steps are those of freshly allocated records, bit for bit."""
+    d = _task(kind == "cnn")
+
+    def trained(pool):
+        m, arrays = _method(kind), []
+        for t in range(4):
+            xb, yb = d["x_train"][32 * t:32 * t + 32], d["y_train"][32 * t:32 * t + 32]
+            micro_step(m.learners, xb, yb, m.one_hot(yb), 3, pool=pool)
+            if pool is not None:
+                arrays.append([v for rec in pool["records"][0] for k, v in sorted(rec.items()) if k.startswith("g")])
+        if pool is not None:  # the same gradient arrays every step, written over
+            assert arrays[0] and all(a is b for later in arrays[1:] for a, b in zip(arrays[0], later))
+        return _digest(m.state_dict())
+
+    assert trained({}) == trained(None)
+
+
 def test_micro_batches_refuse_what_they_cannot_split(tmp_path, capsys):
     bad = [(["--micro-batches", "2", "--method", "bp"], "BLL's block learners"),
            (["--micro-batches", "2", "--feedback-decay", "0.9"], "--feedback-decay"),
@@ -189,12 +210,33 @@ def test_a_dead_or_hung_rank_ends_the_job_within_10_s(tmp_path, kind, ranks, rep
     assert fault_seconds(r) < 10
     text = r.stdout + r.stderr
     if kind == "hang":
-        who = r"rank 1 \(blocks? [\d-]+\)" if replicas == 1 else r"the other replicas of stage 0 \(blocks 1-4\)"
+        who = r"rank 1 \(blocks? [\d-]+\)" if replicas == 1 else r"rank 1 \(blocks 1-4, replica 1\)"
         assert re.search(f"no message from {who} for \\d+ s at step \\d+; it is dead or hung", r.stderr), \
             r.stderr[-2000:]
     else:
         assert "rank 1" in text and "worker 0: block" in text  # OpenMPI names the rank; the assignment its blocks
     assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks,replicas", [(2, 1), (2, 2), (3, 1)])
+def test_a_rank_hung_in_the_first_step_of_epoch_2_ends_the_job_within_10_s(tmp_path, ranks, replicas):
+    """Rank 0 evaluates between epochs; the others wait for its start-of-epoch broadcast with a long
+    allowance, but once it has come every wait of the epoch, the first step's included, has the
+    short deadline: a rank hung at step 1 of epoch 2 is named within seconds, and the run directory
+    keeps epoch 1 only."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
+             BLL_REF_FAULT="hang:1:1:1")
+    assert r.returncode != 0
+    assert "epoch 1/2 done" in r.stdout  # the fault is in the second epoch, after rank 0 evaluated
+    assert fault_seconds(r) < 10
+    who = r"rank 1 \(blocks? [\d-]+\)" if replicas == 1 else r"rank 1 \(blocks 1-4, replica 1\)"
+    assert re.search(f"no message from {who} for \\d+ s at step \\d+; it is dead or hung", r.stderr), r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists()
+    with open(out / "state" / "trainer.json") as f:
+        assert json.load(f)["epoch"] == 1  # the last complete epoch, nothing of the second
+    assert not [p for p in os.listdir(out) if "tmp" in p]
 
 
 @needs_mpi

@@ -42,6 +42,7 @@ class SequentialSchedule:
 
     def __init__(self, blas=None, micro_batches=1, method=None):
         self.blas, self.micro_batches = blas, int(micro_batches)
+        self._pool = {}  # micro-batch records, reused from step to step
         if self.micro_batches > 1 and method is not None:
             check_sliceable(method)
 
@@ -51,7 +52,8 @@ class SequentialSchedule:
             for step, (xb, yb) in enumerate(batches, 1):
                 fault_point(0, method.epoch, step)
                 loss = (method.train_step(xb, yb) if self.micro_batches == 1
-                        else micro_step(method.learners, xb, yb, method.one_hot(yb), self.micro_batches))
+                        else micro_step(method.learners, xb, yb, method.one_hot(yb), self.micro_batches,
+                                        pool=self._pool))
                 losses.append(loss)
                 on_step(step, loss)
         return losses
@@ -60,10 +62,14 @@ class SequentialSchedule:
         pass
 
 
-def micro_step(learners, x, y, Y, slices):
+def micro_step(learners, x, y, Y, slices, pool=None):
     """One step of ``learners`` (a whole model) with the batch in ``slices`` micro-batches; returns
-    the output learner's loss (the slices' losses weighted by their share of the batch)."""
-    _, records = stage_slices(learners, *split(x, y, Y, slices))
+    the output learner's loss (the slices' losses weighted by their share of the batch).
+    ``pool``: a dict kept between steps, whose records the next step writes over."""
+    _, records = stage_slices(learners, *split(x, y, Y, slices),
+                              into=None if pool is None else pool.get("records"))
+    if pool is not None:
+        pool["records"] = records
     for learner, recs in zip(learners, records):
         combine(learner, recs)
     return learners[-1].last_loss

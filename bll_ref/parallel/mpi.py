@@ -10,13 +10,19 @@ which evaluates and writes the run directory exactly as a sequential run does.
 Replicas (``--replicas R``, world = stages x R, rank = stage * R + replica): the batch is split into
 ``--micro-batches M`` slices (``slices.py``), replica q of a stage takes slices q M/R .. (q+1) M/R - 1
 and talks only to replica q of the stages beside it. Before its optimisers step, a stage's
-replicas exchange their slices' records with one ``Iallgather`` on the stage's communicator and
-every replica sums them in slice (= rank) order, so all replicas make the same step, and the
-same one as a sequential run with ``--micro-batches M``.
+replicas exchange their slices' records (point-to-point, learner by learner: learner k's travel
+while learner k + 1 computes, between buffers allocated at the first step that ``run_slice`` then
+writes into directly) and every replica sums them in slice (= rank) order, never in the order an
+``Allreduce`` picks, so all replicas make the same step, and the same one as a sequential run with
+``--micro-batches M``.
 
 Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
-that hears nothing from a neighbour for ``deadline`` seconds (after the first step of an epoch,
-when rank 0 may still be evaluating) prints which rank and blocks it waited for and aborts the job.
+that hears nothing from a neighbour for ``deadline`` seconds prints which rank and blocks it waited
+for and aborts the job. Every epoch starts with rank 0 broadcasting that it is done with the last
+one (evaluation, files): the others wait for that with a long allowance (``EPOCH_WAIT``, rank 0 is
+alive and busy), and from then on every wait of the epoch, its first step's included, has the short
+deadline. Only the first step after the ranks start (Numba kernels loaded or compiled) gets the
+long allowance too.
 
 Launch: ``mpiexec -n K python -m mpi4py -m bll_ref.cli train --parallel mpi`` (``-m mpi4py``
 turns an uncaught exception on one rank into MPI_Abort of the whole job instead of a hang).
@@ -39,9 +45,12 @@ from .shard import release_others, state_bytes
 from .slices import (combine, pack_records, record_bytes, record_layout, slice_bounds, split, stage_slices,
                      unpack_records)
 
-__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays", "hang_deadline"]
+__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays", "hang_deadline", "EPOCH_WAIT"]
 
-_ACT_TAG, _STATE_TAG, _LOSS_TAG = 5, 7, 8
+_ACT_TAG, _STATE_TAG, _LOSS_TAG, _GRAD_TAG = 5, 7, 8, 9
+#: seconds a rank waits for rank 0 to start the next epoch (it evaluates and writes files meanwhile),
+#: and for the first step after start-up (kernels loaded or compiled on every rank)
+EPOCH_WAIT = 600.0
 
 
 def world():
@@ -108,7 +117,10 @@ class MPIPipeline:
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
                  log=None):
         check_pipelinable(method)
-        self.log, self.held, self._xbuf, self._watch = log, None, None, None
+        self.log, self.held, self._watch = log, None, None
+        self._xbuf, self._xraw = [], []  # per learner of the stage: replica -> records (views), -> raw buffer
+        self._started = False  # the first step after start-up gets EPOCH_WAIT (kernels compiled)
+        self._limit = EPOCH_WAIT
         threading.Thread(target=self._watchdog, name="bll-mpi-watchdog", daemon=True).start()
         self.blas, self.deadline = blas, float(deadline)
         self.comm, self.groups = comm, [list(g) for g in groups]
@@ -139,13 +151,22 @@ class MPIPipeline:
     def label(self) -> str:
         return self._label_of(self.rank)
 
-    def _wait(self, req, peer, step):
-        """Complete ``req`` (a message to or from rank ``peer``, or an exchange: peer None) with
+    def _wait(self, req, peer, step, limit=None):
+        """Complete ``req`` (a message to or from rank ``peer``; None: a whole stage's collective) with
         MPI's own blocking ``Wait`` (mpi4py releases the GIL in it); the watchdog thread aborts
-        the job if it blocks longer than the deadline within an epoch."""
-        self._watch = (time.perf_counter(), self.deadline if step > 1 else max(self.deadline, 600.0), peer, step)
+        the job if it blocks longer than ``limit`` (default: the current step's, ``_limit``)."""
+        self._watch = (time.perf_counter(), self._limit if limit is None else limit, peer, step)
         req.Wait()
         self._watch = None
+
+    def _start_epoch(self, epoch):
+        """Rank 0 broadcasts the epoch number once it has finished the last epoch (evaluated,
+        written its files); the others wait for it with ``EPOCH_WAIT``, because rank 0 is busy, not
+        hung. After it every rank is inside the epoch, so every later wait gets the short deadline."""
+        token = np.array([epoch], np.int64)
+        self._wait(self.comm.Ibcast(token, root=0), 0, 0, limit=EPOCH_WAIT)
+        if int(token[0]) != epoch:
+            raise RuntimeError(f"rank 0 started epoch {int(token[0]) + 1}, {self.label()} epoch {epoch + 1}")
 
     def _watchdog(self):
         """Daemon thread: ends the job when the main thread has waited too long for a neighbour."""
@@ -156,7 +177,8 @@ class MPIPipeline:
                 _, limit, peer, step = w
                 who = self._label_of(peer) if peer is not None else \
                     f"the other replicas of stage {self.stage} ({blocks_label(self.groups[self.stage])})"
-                self._die(f"no message from {who} for {limit:.0f} s at step {step}; it is dead or hung")
+                when = f"at step {step}" if step else "before the epoch's first step"
+                self._die(f"no message from {who} for {limit:.0f} s {when}; it is dead or hung")
 
     def _die(self, why):
         print(f"bll-ref train: {self.label()}: {why}", file=sys.stderr, flush=True)
@@ -214,40 +236,59 @@ class MPIPipeline:
         if self.stage > 0:
             b = slice_bounds(len(xb), self.micro)
             xs = [self._recv((b[r + 1] - b[r],), step) for r in keep]
-        hs, records = stage_slices(self.mine, xs, ys, Ys, ws)
+        if self.replicas == 1:
+            hs, records = stage_slices(self.mine, xs, ys, Ys, ws)
+        else:
+            flying = []  # learner i's records travel while learner i + 1 computes
+            into = [views[self.replica] for views in self._xbuf] if self._xbuf else None
+            hs, records = stage_slices(self.mine, xs, ys, Ys, ws, into=into,
+                                       done=lambda i, recs: flying.append(self._start_exchange(i, recs)))
         if not self.last_stage:
             for h in hs:
                 self._send(h, pending, step)
-        if self.replicas > 1:
-            records = self._exchange(records, step)
-        for learner, recs in zip(self.mine, records):
+        for i, (learner, recs) in enumerate(zip(self.mine, records)):
+            if self.replicas > 1:
+                recs = self._finish_exchange(i, flying[i], step)
             combine(learner, recs)
 
-    def _exchange(self, records, step):
-        """Every replica's records of this stage, in slice (rank) order, per learner. One
-        ``Iallgather`` of a buffer allocated once (the layout is the same every step); another
-        replica's records are views into the receive buffer, this replica's its own."""
-        layouts = [record_layout(recs[0]) for recs in records]
-        sizes = [record_bytes(l) * self.share for l in layouts]
-        if self._xbuf is None or len(self._xbuf[0]) != sum(sizes):
-            self._xbuf = (np.empty(sum(sizes), np.uint8), np.empty(sum(sizes) * self.replicas, np.uint8))
-        mine, every = self._xbuf
-        pos = 0
-        for recs, n in zip(records, sizes):
-            pack_records(recs, out=mine[pos:pos + n])
-            pos += n
-        self._wait(self.stage_comm.Iallgather(mine, every), None, step)
-        out = [[] for _ in records]
+    def _start_exchange(self, i, records):
+        """Send learner i's records (this replica's slices) to the stage's other replicas and post
+        the receives of theirs: point-to-point messages between buffers allocated at the first
+        step, so each wait names its peer. From the second step on ``run_slice`` writes the records
+        straight into the send buffer (views), so nothing is packed or copied here."""
+        if len(self._xbuf) == i:  # first step: the layout is known now
+            layout = record_layout(records[0])
+            n = record_bytes(layout) * self.share
+            self._xraw.append({q: np.empty(n, np.uint8) for q in range(self.replicas)})
+            self._xbuf.append({q: unpack_records(buf, layout, self.share) for q, buf in self._xraw[i].items()})
+        views = self._xbuf[i]
+        if any(r is not v for r, v in zip(records, views[self.replica])):
+            pack_records(records, out=self._xraw[i][self.replica])  # not written in place (the first step)
+        if set(records[0]) != set(views[self.replica][0]):
+            raise RuntimeError(f"learner {self.groups[self.stage][i]}: its micro-batch records changed layout")
+        base, mine = self.stage * self.replicas, self._xraw[i][self.replica]
+        reqs = []
         for q in range(self.replicas):
-            pos = q * len(mine)
-            for i, (layout, n) in enumerate(zip(layouts, sizes)):
-                out[i] += records[i] if q == self.replica else unpack_records(every[pos:pos + n], layout, self.share)
-                pos += n
-        return out
+            if q != self.replica:
+                reqs.append((self.stage_comm.Irecv(self._xraw[i][q], source=q, tag=_GRAD_TAG), base + q))
+        for q in range(self.replicas):
+            if q != self.replica:
+                reqs.append((self.stage_comm.Isend(mine, dest=q, tag=_GRAD_TAG), base + q))
+        for req, _ in reqs:
+            req.Test()  # get the transfers going while the next learner computes
+        return reqs
+
+    def _finish_exchange(self, i, reqs, step):
+        """Wait for learner i's exchange; its records of every replica, in slice (rank) order."""
+        for req, peer in reqs:
+            self._wait(req, peer, step)
+        return [rec for q in range(self.replicas) for rec in self._xbuf[i][q]]
 
     def _run_epoch(self, method, batches, on_step):
         pending, losses = [], []
+        self._start_epoch(method.epoch)
         for step, (xb, yb) in enumerate(batches, 1):
+            self._limit = EPOCH_WAIT if step == 1 and not self._started else self.deadline
             fault_point(self.rank, method.epoch, step)
             Y = method.one_hot(yb)
             if self.micro == 1:
@@ -257,8 +298,9 @@ class MPIPipeline:
             if self.last:
                 losses.append(self.mine[-1].last_loss)
                 on_step(step, losses[-1])
+        self._started = True
         for req, _, peer in pending:
-            self._wait(req, peer, 1)
+            self._wait(req, peer, step)
         # the root reports the epoch: it needs the output learner's losses
         reporter = (self.stages - 1) * self.replicas
         if self.last and not self.is_root:

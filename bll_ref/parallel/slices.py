@@ -20,7 +20,7 @@ every optimiser's ``step`` deferred. What the step would have changed is kept in
 into the layers' gradient arrays and each optimiser stepped once; statistics and the loss summed
 in the same order; the BatchNorm running buffers updated once per slice, in order, exactly as R
 sequential forwards would. A sequential run, a thread pipeline and MPI replicas (which exchange
-records with ``Allgather`` and sum them in rank order, never in the order ``Allreduce`` picks) all
+records point to point and sum them in rank order, never in the order ``Allreduce`` picks) all
 call these two functions, so they agree bit for bit.
 
 What depends on the slice, not the batch (documented in docs/parallel.md): BatchNorm normalises
@@ -101,18 +101,36 @@ def check_sliceable(method):
                                  "do not know how to combine")
 
 
-def run_slice(learner, h, y, Y, weight):
+def _put(rec, key, value):
+    """rec[key] = value, written into rec's array when it has one of that shape (a reused record,
+    or a view into an MPI send buffer), else stored."""
+    old = rec.get(key)
+    if isinstance(old, np.ndarray) and old.shape == np.shape(value) and old.flags.writeable:
+        old[...] = value
+    else:
+        rec[key] = value
+
+
+def run_slice(learner, h, y, Y, weight, out=None):
     """Forward slice ``h`` through ``learner`` and take its update with the optimiser steps
     deferred. Returns (h_out, record); the learner's parameters, optimiser states, statistics
-    and buffers are as before the call (its caches are the slice's)."""
-    rec = {}
+    and buffers are as before the call (its caches are the slice's).
+
+    ``out``: a record of the same layout to write into (an older step's, or views into an MPI
+    send buffer), so no array is allocated for it; it is returned as the record."""
+    rec = {} if out is None else out
     opts = _optimisers(learner)
     w = np.float64(weight)
 
     def deferred(i, opt):
         def step():
             for name, g in opt.layer.grads.items():
-                rec[f"g{i}/{name}"] = g * g.dtype.type(weight)
+                key, scale = f"g{i}/{name}", g.dtype.type(weight)
+                dst = rec.get(key)
+                if isinstance(dst, np.ndarray) and dst.shape == g.shape and dst.dtype == g.dtype:
+                    np.multiply(g, scale, out=dst)  # the same product as g * scale, written in place
+                else:
+                    rec[key] = g * scale
         return step
 
     norms = _norms(learner)
@@ -131,13 +149,14 @@ def run_slice(learner, h, y, Y, weight):
         h_out = learner.forward(h)
         learner.update(y, Y)
         for k, v in learner.stats.items():
-            rec[f"stat/{k}"] = np.float64(float(v)) * w
+            _put(rec, f"stat/{k}", np.float64(float(v)) * w)
         if hasattr(learner, "last_loss"):
-            rec["loss"] = np.float64(float(learner.last_loss)) * w
+            _put(rec, "loss", np.float64(float(learner.last_loss)) * w)
         for j, layer in enumerate(norms):
-            rec.update({f"bn{j}/{k}": v.copy() for k, v in layer.buffers.items()})
+            for k, v in layer.buffers.items():
+                _put(rec, f"bn{j}/{k}", v.copy())
         if closed:
-            rec["W"] = np.array(net.W)
+            _put(rec, "W", np.array(net.W))
     finally:
         for opt in opts:
             del opt.step  # the class's step again
@@ -162,10 +181,15 @@ def combine(learner, records):
             opt.layer.zero_grads()  # a replica whose layer has no gradient arrays yet
             grads = opt.layer.grads
         for name, g in grads.items():
-            acc = first[f"g{i}/{name}"].copy()
-            for rec in records[1:]:
-                acc += rec[f"g{i}/{name}"]
-            g[...] = acc  # in place: these are the arrays the optimiser reads
+            # summed left to right straight into the arrays the optimiser reads: ((r0 + r1) + r2) ...,
+            # elementwise the same additions in the same order as a sum into a copy of r0
+            key = f"g{i}/{name}"
+            if len(records) == 1:
+                g[...] = first[key]
+            else:
+                np.add(first[key], records[1][key], out=g)
+                for rec in records[2:]:
+                    g += rec[key]
         opt.step()
     for k in learner.STATS:
         if k == "steps":
@@ -191,17 +215,23 @@ def combine(learner, records):
         net.W = records[-1]["W"].copy()
 
 
-def stage_slices(learners, hs, ys, Ys, weights):
+def stage_slices(learners, hs, ys, Ys, weights, into=None, done=None):
     """Run slices ``hs`` (list) through consecutive ``learners``: returns (outputs, records per
-    learner). Nothing is stepped yet: hand the outputs on, then ``combine`` each learner."""
+    learner). Nothing is stepped yet: hand the outputs on, then ``combine`` each learner.
+
+    ``into``: records per learner to write into (``run_slice``'s ``out``; an older step's, or
+    views into a send buffer). ``done(i, records)`` is called as soon as learner i's records are
+    complete, while the next learner computes (an MPI replica starts their exchange there)."""
     all_records = []
-    for learner in learners:
+    for i, learner in enumerate(learners):
         outs, recs = [], []
-        for h, y, Y, w in zip(hs, ys, Ys, weights):
-            out, rec = run_slice(learner, h, y, Y, w)
+        for j, (h, y, Y, w) in enumerate(zip(hs, ys, Ys, weights)):
+            out, rec = run_slice(learner, h, y, Y, w, out=None if into is None else into[i][j])
             outs.append(out)
             recs.append(rec)
         all_records.append(recs)
+        if done is not None:
+            done(i, recs)
         hs = outs
     return hs, all_records
 

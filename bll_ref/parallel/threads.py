@@ -53,6 +53,7 @@ class ThreadPipeline:
     def _worker(self, w, method, q_in, q_out, results, failed, errors):
         learners = [method.learners[k] for k in self.groups[w]]
         last = w == self.workers - 1
+        records = None  # the last step's micro-batch records, written over by the next (no allocation)
         try:
             while True:
                 item = self._get(q_in, failed)
@@ -63,7 +64,7 @@ class ThreadPipeline:
                 step, h, y, Y = item
                 fault_point(w, method.epoch, step)
                 if self.micro_batches > 1:  # h: the list of slices (slices.py)
-                    h, records = stage_slices(learners, h, *split(y, y, Y, self.micro_batches)[1:])
+                    h, records = stage_slices(learners, h, *split(y, y, Y, self.micro_batches)[1:], into=records)
                     if not last and not self._put(q_out, (step, h, y, Y), failed):
                         return
                     for learner, recs in zip(learners, records):
