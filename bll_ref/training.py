@@ -116,7 +116,8 @@ class TrainConfig:
         ``device`` resolved ('auto' -> 'cpu' or 'cuda'). ``given``: the options the user named
         (the CLI knows); None takes every option that differs from its default as given."""
         given = self._given() if given is None else set(given)
-        for name in ("epochs", "batch_size", "limit_train", "limit_test", "workers", "blas_threads"):
+        for name in ("epochs", "batch_size", "limit_train", "limit_test", "workers", "blas_threads", "micro_batches",
+                     "replicas"):
             _count(name, getattr(self, name))
         _count("seed", self.seed, 0)
         _choice("method", self.method, ("bp", "fa", "bll"))

@@ -130,6 +130,8 @@ def test_micro_batches_refuse_what_they_cannot_split(tmp_path, capsys):
            (["--micro-batches", "2", "--feedback-decay", "0.9"], "--feedback-decay"),
            (["--micro-batches", "64"], "more than --batch-size"),
            (["--replicas", "2"], "needs --parallel mpi"),
+           (["--micro-batches", "0"], "--micro-batches must be >= 1"),
+           (["--replicas", "0", "--parallel", "mpi"], "--replicas must be >= 1"),
            (["--micro-batches", "3", "--limit-train", "322"], "the last batch has 2 rows")]
     for args, match in bad:
         assert main(MLP + ["--epochs", "1", "--out", str(tmp_path / "x"), *args]) == 2, args

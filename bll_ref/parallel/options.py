@@ -8,17 +8,10 @@ __all__ = ["SCHEDULE_OPTIONS", "resolve_micro_batches"]
 SCHEDULE_OPTIONS = ("parallel", "workers", "blas_threads", "batch_size", "micro_batches", "replicas")
 
 
-def _count(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
-
-
 def resolve_micro_batches(cfg, given=()) -> int:
-    """The run's number of micro-batches for a ``TrainConfig`` (``--replicas R`` alone means R),
-    or ValueError for a combination that cannot run."""
+    """The run's number of micro-batches for a ``TrainConfig`` whose counts are checked whole numbers
+    >= 1 (``--replicas R`` alone means R), or ValueError for a combination that cannot run."""
     micro, replicas = cfg.micro_batches, cfg.replicas
-    _count("micro_batches", micro)
-    _count("replicas", replicas)
     if replicas not in (None, 1):
         if cfg.parallel != "mpi":
             raise ValueError("--replicas runs each pipeline stage on several MPI ranks; it needs --parallel mpi")
