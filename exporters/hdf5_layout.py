@@ -126,32 +126,30 @@ def avgpool_extra_frac(k) -> int:
     return (2 * int(k) - 1).bit_length()
 
 
-def _signed_bits(lo, hi):
+def signed_bits(lo, hi):
     """Bits of the smallest two's complement integer type holding every integer in [lo, hi]."""
     return max(int(lo).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
 
 
-def _amax(fmt):
-    return max(-fmt.min_code, fmt.max_code)
-
-
-def record_widths(rec, in_fmts) -> dict:
+def record_widths(rec, in_fmts, bias_extra=0) -> dict:
     """Signed fixed-point types that hold a record's bias and every partial sum exactly, for inputs
     in ``in_fmts`` (the formats of ``rec.inputs``): ``{accum_width, accum_frac, bias_width, bias_frac}``
     for dense / conv2d / scale (both at common_frac_affine's frac), ``{accum_width, accum_frac}`` for
     avgpool2d (the window sum with avgpool_extra_frac more fractional bits), ``{}`` otherwise.
-    The precision table of ``exporters.hls4ml_tb`` and the version-3 record attributes use these."""
+    The precision table of ``exporters.hls4ml_tb`` and the version-3 record attributes use these.
+    ``bias_extra``: a value the bias and accumulator must hold on top of the largest bias (hls4ml's
+    ONNX route folds nearest rounding's half step into the bias)."""
     if isinstance(rec, R.Affine):
         W, c, acc_frac, _ = common_frac_affine(rec)
         k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
-        c_lo, c_hi = int(c.min(initial=0)), int(c.max(initial=0))
-        bound = k * _amax(in_fmts[0]) * int(np.abs(W).max(initial=0)) + max(-c_lo, c_hi)
-        return {"accum_width": _signed_bits(-bound, bound), "accum_frac": int(acc_frac),
-                "bias_width": _signed_bits(c_lo, c_hi), "bias_frac": int(acc_frac)}
+        c_lo, c_hi = int(c.min(initial=0)), int(c.max(initial=0)) + int(bias_extra)
+        bound = k * in_fmts[0].max_abs_code * int(np.abs(W).max(initial=0)) + max(-c_lo, c_hi)
+        return {"accum_width": signed_bits(-bound, bound), "accum_frac": int(acc_frac),
+                "bias_width": signed_bits(c_lo, c_hi), "bias_frac": int(acc_frac)}
     if isinstance(rec, R.AvgPool2d):
         k = rec.kernel_size[0] * rec.kernel_size[1]
         e = avgpool_extra_frac(k)
-        return {"accum_width": _signed_bits(-k * _amax(in_fmts[0]), k * _amax(in_fmts[0])) + e,
+        return {"accum_width": signed_bits(-k * in_fmts[0].max_abs_code, k * in_fmts[0].max_abs_code) + e,
                 "accum_frac": in_fmts[0].frac + e}
     return {}
 

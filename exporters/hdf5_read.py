@@ -21,7 +21,7 @@ from bll_ref.fixedpoint.records import record_from_plain
 from bll_ref.layers import layer_from_config, state_dict
 
 from .hdf5_layout import (_REC_NAME, FORMAT, MAX_FORMAT_VERSION, WIDTH_KEYS, ExportedModel, ExportFormatError,
-                          _amax, _code_attrs, _decode_normalisation, _model_path, _node_path, _q_attrs, _rec_name,
+                          _code_attrs, _decode_normalisation, _model_path, _node_path, _q_attrs, _rec_name,
                           _sha256, _Tree, needed_version, record_widths)
 
 __all__ = ["read_checked"]
@@ -243,14 +243,14 @@ def _int64_bound(rec, in_fmts):
     if isinstance(rec, R.Affine):
         k = rec.W.shape[0] if isinstance(rec, R.Dense) else int(np.prod(rec.W.shape[1:])) if rec.W.ndim == 4 else 1
         w = int(np.abs(rec.W.astype(np.int64)).max(initial=0))
-        return k * _amax(in_fmts[0]) * w + int(np.abs(rec.c).max(initial=0))
+        return k * in_fmts[0].max_abs_code * w + int(np.abs(rec.c).max(initial=0))
     if isinstance(rec, R.LeakyReLU):
-        return _amax(in_fmts[0]) * abs(rec.slope_code)
+        return in_fmts[0].max_abs_code * abs(rec.slope_code)
     if isinstance(rec, R.AvgPool2d):
-        return rec.kernel_size[0] * rec.kernel_size[1] * _amax(in_fmts[0])  # the window sum; then s / k
+        return rec.kernel_size[0] * rec.kernel_size[1] * in_fmts[0].max_abs_code  # the window sum; then s / k
     if isinstance(rec, R.Add):
         f = max(fm.frac for fm in in_fmts)
-        return sum(_amax(fm) << (f - fm.frac) for fm in in_fmts)
+        return sum(fm.max_abs_code << (f - fm.frac) for fm in in_fmts)
     return 0
 
 

@@ -111,24 +111,17 @@ def _layer(rec, in_fmts):
     note, extra = None, {}
     if isinstance(rec, R.Affine):
         d = common_frac_affine(rec)[3]
-        w = record_widths(rec, in_fmts)
+        # hls4ml's ONNX route (our QONNX writes nearest as Add half a step, then FLOOR) folds the half
+        # step into the bias: bias and accum must hold c + 2^(s-1) too, s = acc_frac - out frac, else the
+        # bias saturates (a 784-32 Dense lost 2 codes). At most one bit more; no value changes elsewhere.
+        acc_frac = common_frac_affine(rec)[2]
+        half = 1 << (acc_frac - f.frac - 1) if f.rounding == "nearest" and acc_frac > f.frac else 0
+        w = record_widths(rec, in_fmts, bias_extra=half)
         wf = rec.w_fmt
         p[("scale" if isinstance(rec, R.Scale) else "weight")] = _ap(wf.width + d, wf.frac + d, wf.rounding,
                                                                      wf.overflow, wf.signed)
-        bias_w, accum_w = w["bias_width"], w["accum_width"]
-        if f.rounding == "nearest" and w["accum_frac"] > f.frac:
-            # hls4ml's ONNX route (our QONNX writes nearest as Add half a step, then FLOOR) folds the
-            # half step into the bias: the bias type must hold c + 2^(s-1) too, s = acc_frac - out frac,
-            # else it saturates (a 784-32 Dense lost 2 codes). One bit more, no value changes elsewhere.
-            W, c = (a.astype(np.int64) for a in common_frac_affine(rec)[:2])
-            half = 1 << (w["accum_frac"] - f.frac - 1)
-            bias_w = max(bias_w, (int(c.max(initial=0)) + half).bit_length() + 1)
-            k = W.size // W.shape[1 if isinstance(rec, R.Dense) else 0] if W.ndim > 1 else 1
-            amax = max(-in_fmts[0].min_code, in_fmts[0].max_code)
-            bound = k * amax * int(np.abs(W).max(initial=0)) + int(np.abs(c).max(initial=0)) + half
-            accum_w = max(accum_w, bound.bit_length() + 1)
-        p["bias"] = _ap(bias_w, w["bias_frac"], f.rounding, f.overflow)
-        p["accum"] = _ap(accum_w, w["accum_frac"], f.rounding, f.overflow)
+        p["bias"] = _ap(w["bias_width"], w["bias_frac"], f.rounding, f.overflow)
+        p["accum"] = _ap(w["accum_width"], w["accum_frac"], f.rounding, f.overflow)
         note = ("bias codes and every partial sum are exact in these types; result = the accumulator "
                 "converted with the result type's rounding and overflow")
         if d:

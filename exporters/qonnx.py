@@ -59,10 +59,6 @@ def _bits(v) -> int:
     return int(v).bit_length()
 
 
-def _amax(fmt) -> int:
-    return max(-fmt.min_code, fmt.max_code)
-
-
 class _Graph:
     """Nodes, initializers and value infos of one ONNX graph, all float32 with a fixed batch."""
 
@@ -151,7 +147,7 @@ def _affine(g, i, rec, x, in_fmt, name, shape):
         absw, wshape = np.abs(W).reshape(W.shape[0], -1).sum(1), (-1, 1, 1, 1)
     else:
         absw, wshape = np.abs(W), (-1,) + (1,) * (len(shape) - 1)       # (C, 1, 1) for images
-    bound = _amax(in_fmt) * absw + np.abs(c) + half
+    bound = in_fmt.max_abs_code * absw + np.abs(c) + half
     if bound.max(initial=0) >= _EXACT:
         _refuse(i, rec, f"a partial sum can reach {int(bound.max())} in its last place, beyond float32's exact "
                 "2^24; use fewer bits")
@@ -198,8 +194,8 @@ def _record(g, i, rec, ins, in_fmts, name, shape, luts):
         return g.node("Flatten", ins, f"{name}_out", name, shape, axis=1)
     if isinstance(rec, R.LeakyReLU):
         pf = f.frac + rec.slope_frac                                 # the products' grid
-        if _amax(f) * abs(rec.slope_code) + _half(f, pf) >= _EXACT:
-            _refuse(i, rec, f"x * slope needs {_bits(_amax(f) * abs(rec.slope_code))} bits, beyond float32's 24")
+        if f.max_abs_code * abs(rec.slope_code) + _half(f, pf) >= _EXACT:
+            _refuse(i, rec, f"x * slope needs {_bits(f.max_abs_code * abs(rec.slope_code))} bits, beyond float32's 24")
         if abs(rec.slope_code) > 1 << rec.slope_frac:
             _check_saturates(i, rec)
         y = g.node("LeakyRelu", ins, f"{name}_leaky", name, shape, alpha=float(np.ldexp(rec.slope_code, -rec.slope_frac)))
@@ -208,7 +204,7 @@ def _record(g, i, rec, ins, in_fmts, name, shape, luts):
         k = rec.kernel_size[0] * rec.kernel_size[1]
         # a mean s/k that is not a rounding breakpoint lies >= 1/(2k) code steps from one; float32's
         # sum, division and half-step add stay within 4 ulps = 2^(b-21) steps (b: bits of max|code|)
-        if 16 * k * _amax(f) >= 1 << 21:
+        if 16 * k * f.max_abs_code >= 1 << 21:
             _refuse(i, rec, f"float32's mean of {k} values of {f.width} bits can cross a rounding breakpoint; "
                     "use fewer bits or a smaller window")
         y = g.node("AveragePool", ins, f"{name}_avg", name, shape, kernel_shape=list(rec.kernel_size),
@@ -218,7 +214,7 @@ def _record(g, i, rec, ins, in_fmts, name, shape, luts):
         _check_saturates(i, rec)
         fa, fb = in_fmts[0].frac, in_fmts[1].frac
         top = max(fa, fb)
-        if (_amax(in_fmts[0]) << (top - fa)) + (_amax(in_fmts[1]) << (top - fb)) + _half(f, top) >= _EXACT:
+        if (in_fmts[0].max_abs_code << (top - fa)) + (in_fmts[1].max_abs_code << (top - fb)) + _half(f, top) >= _EXACT:
             _refuse(i, rec, "the exact sum of its operands needs more than float32's 24 bits")
         y = g.node("Add", ins, f"{name}_sum", name, shape)
         return g.quant(f"{name}_quant", _half_add(g, name, y, f, top, shape), f"{name}_out", f, shape)

@@ -137,7 +137,7 @@ def _block_records(im, block):
 def _shifts(rule_kind, x_fmt, e_frac, e_max, rec, lr_shift, block):
     """(w_shift, c_shift) of one block, with the checks that the int32 update cannot overflow and
     that not every update rounds to zero."""
-    x_max = max(-x_fmt.min_code, x_fmt.max_code)
+    x_max = x_fmt.max_abs_code
     w_shift = x_fmt.frac + e_frac + lr_shift - rec.w_fmt.frac
     c_shift = e_frac + lr_shift - rec.acc_frac
     where = f"block {block + 1} ({rule_kind}), learning rate 2**-{lr_shift}"

@@ -87,6 +87,11 @@ class QFormat:
         return (1 << (self.width - 1)) - 1 if self.signed else (1 << self.width) - 1
 
     @property
+    def max_abs_code(self) -> int:
+        """The largest |code| of the format (the bound of every product and sum over its codes)."""
+        return max(-self.min_code, self.max_code)
+
+    @property
     def code_dtype(self) -> np.dtype:
         """Smallest of int8/int16/int32 (uint8/16/32 when unsigned) that holds ``width`` bits."""
         bits = 8 if self.width <= 8 else 16 if self.width <= 16 else 32
