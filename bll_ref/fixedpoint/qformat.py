@@ -88,7 +88,7 @@ class QFormat:
 
     @property
     def max_abs_code(self) -> int:
-        """The largest |code| of the format (the bound of every product and sum over its codes)."""
+        """The largest magnitude of a code of the format (the bound of every product and sum over its codes)."""
         return max(-self.min_code, self.max_code)
 
     @property
