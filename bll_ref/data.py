@@ -14,13 +14,13 @@ import numpy as np
 
 from .batching import batches, one_hot
 from .idx import read_idx, write_idx
-from .memory import check_fits
+from .memory import check_fits, held_bytes, stand_in
 from .synthetic import permutation_reversal, synthetic_classification, synthetic_images
 
 __all__ = [
     "read_idx", "write_idx",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DEFAULT_FASHION_MNIST_PATH",
-    "load_fashion_mnist", "fashion_mnist_available", "DATA_SOURCES", "resolve_source", "load",
+    "load_fashion_mnist", "fashion_mnist_available", "DATA_SOURCES", "resolve_source", "load", "as_float",
     "batches", "one_hot", "training_data",
     "permutation_reversal", "synthetic_classification", "synthetic_images",
 ]
@@ -103,7 +103,7 @@ def _check_limit(name, limit):
 
 
 def load_fashion_mnist(path=None, *, normalize=True, dtype=np.float32, flatten=True,
-                       limit_train=None, limit_test=None) -> dict:
+                       limit_train=None, limit_test=None, skip=()) -> dict:
     """Load Fashion-MNIST from IDX files (gzip or raw).
 
     Parameters
@@ -122,6 +122,9 @@ def load_fashion_mnist(path=None, *, normalize=True, dtype=np.float32, flatten=T
         Images as (N, 784) if True, else (N, 1, 28, 28).
     limit_train, limit_test : int or None
         Keep only the first n training / test examples (at most all of them).
+    skip : names among ``x_train``, ``y_train``, ``x_test``, ``y_test`` not to read: each comes
+        back as a stand-in of its shape that holds no memory (``memory.stand_in``). A skipped
+        image file is not opened; its count is taken from the labels.
 
     Returns
     -------
@@ -150,7 +153,8 @@ def load_fashion_mnist(path=None, *, normalize=True, dtype=np.float32, flatten=T
     out = {}
     for split in ("train", "test"):
         x_file, y_file = found[f"x_{split}"], found[f"y_{split}"]
-        x, y = read_idx(x_file), read_idx(y_file)
+        y = read_idx(y_file)
+        x = read_idx(x_file) if f"x_{split}" not in skip else stand_in((len(y), 28, 28), np.uint8)
         if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
             raise ValueError(f"{x_file}: expected (N, 28, 28) uint8 images, got {x.shape} {x.dtype}")
         if y.dtype != np.uint8 or y.ndim != 1:
@@ -162,12 +166,26 @@ def load_fashion_mnist(path=None, *, normalize=True, dtype=np.float32, flatten=T
         n = len(x) if limits[split] is None else min(limits[split], len(x))
         out[f"x_{split}"] = _pixels(x[:n], normalize, dtype, flatten)
         out[f"y_{split}"] = y[:n].astype(np.int64)
-    return {k: out[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    return _skipped({k: out[k] for k in ("x_train", "y_train", "x_test", "y_test")}, skip)
+
+
+def _skipped(d, skip):
+    """``d`` with the arrays named in ``skip`` replaced by stand-ins of their shape and dtype."""
+    return {k: stand_in(v.shape, v.dtype) if k in skip else v for k, v in d.items()}
+
+
+def as_float(d, dtype) -> dict:
+    """``d`` with its floating arrays converted to ``dtype``; stand-ins stay stand-ins."""
+    return {k: (v if v.dtype.kind != "f" else v.astype(dtype) if held_bytes(v) or not v.size else
+                stand_in(v.shape, dtype)) for k, v in d.items()}
 
 
 def _pixels(x, normalize, dtype, flatten):
     """(N, 28, 28) uint8 -> scaled images of ``dtype``, (N, 784) or (N, 1, 28, 28)."""
-    x = x.reshape(len(x), 784) if flatten else x.reshape(len(x), 1, 28, 28)
+    shape = (len(x), 784) if flatten else (len(x), 1, 28, 28)
+    if x.size and not held_bytes(x):
+        return stand_in(shape, dtype)  # a skipped file
+    x = x.reshape(shape)
     if np.issubdtype(dtype, np.integer):
         return x.astype(dtype)
     x = x.astype(dtype)  # in place from here: a float64 copy of 60000 images is 376 MB
@@ -242,7 +260,7 @@ def _check_limit_cli(name, value):
 
 
 def load(source="auto", *, images=False, limit_train=None, limit_test=None, path=None,
-         dtype=np.float32, rng=_SYNTHETIC_SEED, log=print) -> tuple[dict, str]:
+         dtype=np.float32, rng=_SYNTHETIC_SEED, log=print, skip=()) -> tuple[dict, str]:
     """The project's data policy in one call: Fashion-MNIST, or a synthetic stand-in, said out loud.
 
     Parameters
@@ -264,6 +282,9 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
         ``bll-ref train`` has always used.
     log : callable or None
         Receives the one line saying which data was loaded and, for a fallback, why.
+    skip : names among ``x_train``, ``y_train``, ``x_test``, ``y_test`` this process never reads
+        (an MPI rank past the first stage needs no images): they come back as stand-ins that hold
+        no memory, and Fashion-MNIST image files skipped are not read.
 
     Returns
     -------
@@ -287,7 +308,7 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
     say = log or (lambda line: None)
     if name == "fashion-mnist":
         d = load_fashion_mnist(root, dtype=dtype, flatten=not images,
-                               limit_train=limit_train, limit_test=limit_test)
+                               limit_train=limit_train, limit_test=limit_test, skip=skip)
         say(f"data: Fashion-MNIST ({len(d['x_train'])} train / {len(d['x_test'])} test) from {root}")
         return d, name
     n_train, n_test = limit_train or _SYNTHETIC_TRAIN, limit_test or _SYNTHETIC_TEST
@@ -302,7 +323,8 @@ def load(source="auto", *, images=False, limit_train=None, limit_test=None, path
         raise ValueError(f"synthetic data of {n_train:,} + {n_test:,} examples (--limit-train/--limit-test) "
                          f"needs about {3 * (n_train + n_test) * 784 * dtype.itemsize / 2 ** 30:,.1f} GiB, more "
                          "than the free memory") from None
-    d = {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
+    d = _skipped({"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]},
+                 skip)
     what = f"synthetic {'images' if images else 'clusters'} ({n_train} train / {n_test} test)"
     say(f"data: {what}, {why}" if source == "synthetic" else
         f"data: {why}; using {what} instead; {_INSTALL_HINT}")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["memory_limit", "check_fits"]
+import numpy as np
+
+__all__ = ["memory_limit", "check_fits", "resident_bytes", "stand_in", "held_bytes"]
 
 
 def memory_limit() -> int:
@@ -20,3 +22,24 @@ def check_fits(n_bytes, what):
     if n_bytes > limit:
         raise ValueError(f"{what} needs {n_bytes / 2 ** 30:,.1f} GiB, more than this machine's "
                          f"{limit / 2 ** 30:,.1f} GiB of memory")
+
+
+def resident_bytes():
+    """Bytes of this process's memory now resident (Linux ``/proc/self/statm``); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def stand_in(shape, dtype) -> np.ndarray:
+    """A read-only array of ``shape`` and ``dtype`` that holds no memory (zeros, every stride 0):
+    stands in for data a process never reads, keeping its length and shape."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def held_bytes(a) -> int:
+    """Bytes ``a`` holds: its ``nbytes``, or 0 for a stand-in (an array with a zero stride)."""
+    a = np.asarray(a)
+    return 0 if any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape)) else int(a.nbytes)

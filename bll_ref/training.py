@@ -26,7 +26,7 @@ from .fileio import RunLock, check_output, creatable_dir_problem
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
-from .parallel import SCHEDULE_OPTIONS, SCHEDULES, make_schedule, resolve_micro_batches
+from .parallel import SCHEDULE_OPTIONS, SCHEDULES, make_schedule, resolve_micro_batches, unread_data
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resume", "RESUMABLE", "CONFIG_VERSION"]
 
@@ -268,10 +268,10 @@ def _run(cfg, lock, log, resuming):
     log = log if rank == 0 else None
     blocks, images = cfg.build_model()
     d, source = data.load(cfg.data, images=images, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
-                          log=log)
-    if cfg.dtype == "float64":
-        d = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in d.items()}
-    method = make(cfg.method, blocks, sample_input=d["x_train"][:8], rng=cfg.seed, **cfg.method_options())
+                          log=log, skip=unread_data(rank, cfg.replicas) if cfg.parallel == "mpi" else ())
+    d = data.as_float(d, np.float64) if cfg.dtype == "float64" else d
+    method = make(cfg.method, blocks, sample_input=np.ascontiguousarray(d["x_train"][:8]), rng=cfg.seed,
+                  **cfg.method_options())
     if cfg.device != "cpu":
         method.to(cfg.device)  # built on the host (same initial weights as a CPU run), then moved
     schedule = make_schedule(method, d, log=log, **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})

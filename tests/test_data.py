@@ -533,3 +533,38 @@ def test_synthetic_images_are_deterministic_and_class_dependent():
     acc = np.mean(((xt.reshape(-1, 1, 144) - mu) ** 2).sum(-1).argmin(1) == yt)
     assert acc > 0.6
     assert synthetic_images(5, n_classes=3, size=8, rng=0, dtype=np.float64)[0].shape == (5, 1, 8, 8)
+
+
+@pytest.mark.parametrize("source,images", [("fashion-mnist", False), ("fashion-mnist", True), ("synthetic", False)])
+def test_skipped_arrays_are_stand_ins_that_hold_nothing_and_the_rest_is_unchanged(tmp_path, no_env, source, images):
+    """What an MPI rank past the first stage loads (``parallel.unread_data``): stand-ins of the
+    right shape and dtype for the skipped arrays, the others equal to a full load. A skipped image
+    file is not even read: a damaged one goes unnoticed, a read one is refused."""
+    from bll_ref.memory import held_bytes
+    _fake_fashion(tmp_path / "fm")
+    path = {"path": tmp_path / "fm"} if source == "fashion-mnist" else {}
+    full, _ = load(source, images=images, limit_train=5, limit_test=6, log=None, **path)
+    skip = ("x_test", "y_test", "x_train")
+    part, _ = load(source, images=images, limit_train=5, limit_test=6, log=None, skip=skip, **path)
+    for k in full:
+        assert part[k].shape == full[k].shape and part[k].dtype == full[k].dtype, k
+        if k in skip:
+            assert held_bytes(part[k]) == 0 and not part[k].any() and held_bytes(full[k]) > 0, k
+        else:
+            np.testing.assert_array_equal(part[k], full[k])
+    wide = data.as_float(part, np.float64)
+    assert wide["x_train"].dtype == np.float64 and held_bytes(wide["x_train"]) == 0
+    np.testing.assert_array_equal(wide["y_train"], full["y_train"])
+    if source == "fashion-mnist":
+        (tmp_path / "fm" / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+        load(source, path=tmp_path / "fm", log=None, skip=("x_test", "y_test"))
+        with pytest.raises(ValueError):
+            load(source, path=tmp_path / "fm", log=None)
+
+
+def test_unread_data_of_every_rank():
+    from bll_ref.parallel import unread_data
+    assert unread_data(0, 2) == ()
+    assert unread_data(1, 2) == ("x_test", "y_test")  # a replica of the first stage reads the images
+    assert unread_data(2, 2) == ("x_test", "y_test", "x_train")
+    assert unread_data(1, None) == ("x_test", "y_test", "x_train")

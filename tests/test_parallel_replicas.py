@@ -166,11 +166,18 @@ def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind,
     assert r.returncode == 0, r.stderr[-2000:]
     stages = ranks // replicas
     assert f"world: {ranks} ranks = {stages} stage" in r.stdout and f"worker {stages - 1}:" in r.stdout
-    held = re.search(r"model state per rank \(MB\): (.*) \(each held ([\d.]+) before", r.stdout)
-    per_rank = [float(v.split(": ")[1]) for v in held.group(1).split(", ")]
-    assert len(per_rank) == ranks and per_rank[0] == float(held.group(2))  # rank 0 keeps the whole model
+    held = re.search(r"memory per rank, MB \(model state, data, resident\): (.*) \(each held ([\d.]+) \+ ([\d.]+) "
+                     r"before", r.stdout)
+    rows = [[float(v) for v in part.split(": ")[1].split(", ")] for part in held.group(1).split("; ")]
+    state, data = [row[0] for row in rows], [row[1] for row in rows]
+    assert len(rows) == ranks and state[0] == float(held.group(2))  # rank 0 keeps the whole model
+    assert data[0] == float(held.group(3))  # and all the data
     if stages > 1:  # the others only their own stage's learners
-        assert max(per_rank[1:]) < per_rank[0]
+        assert max(state[1:]) < state[0]
+    for rank in range(1, ranks):  # no test set off rank 0; no training images past stage 0
+        assert data[rank] < data[0]
+        if rank >= replicas:
+            assert data[rank] < 0.01 * data[0]
     ref = sequential(kind, micro)
     _assert_same_run(ref, out)
     _assert_same_history(ref, out)
@@ -223,10 +230,9 @@ def test_a_dead_or_hung_rank_ends_the_job_within_10_s(tmp_path, kind, ranks, rep
 @needs_mpi
 @pytest.mark.parametrize("ranks,replicas", [(2, 1), (2, 2), (3, 1)])
 def test_a_rank_hung_in_the_first_step_of_epoch_2_ends_the_job_within_10_s(tmp_path, ranks, replicas):
-    """Rank 0 evaluates between epochs; the others wait for its start-of-epoch broadcast with a long
-    allowance, but once it has come every wait of the epoch, the first step's included, has the
-    short deadline: a rank hung at step 1 of epoch 2 is named within seconds, and the run directory
-    keeps epoch 1 only."""
+    """Rank 0 evaluates between epochs and tells the others it is busy; once it has started the
+    next epoch every wait, the first step's included, has the short deadline: a rank hung at step 1
+    of epoch 2 is named within seconds, and the run directory keeps epoch 1 only."""
     out = tmp_path / "run"
     r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
              BLL_REF_FAULT="hang:1:1:1")
@@ -239,6 +245,38 @@ def test_a_rank_hung_in_the_first_step_of_epoch_2_ends_the_job_within_10_s(tmp_p
     with open(out / "state" / "trainer.json") as f:
         assert json.load(f)["epoch"] == 1  # the last complete epoch, nothing of the second
     assert not [p for p in os.listdir(out) if "tmp" in p]
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks,replicas", [(2, 1), (2, 2)])
+def test_a_rank_hung_in_the_very_first_step_ends_the_job_within_10_s(tmp_path, ranks, replicas):
+    """Every rank loads or compiles its kernels on copies of its learners before the first step
+    (``_warm_up``), so the first step of the run waits under the short deadline too (it used to
+    allow 600 s). The Numba cache is warm here: the other tests of this module compiled it."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
+             BLL_REF_FAULT="hang:1:0:1")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    who = r"rank 1 \(blocks? [\d-]+\)" if replicas == 1 else r"rank 1 \(blocks 1-4, replica 1\)"
+    assert re.search(f"no message from {who} for \\d+ s at step [1-3]; it is dead or hung", r.stderr), r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks,replicas", [(2, 1), (3, 1), (2, 2)])
+def test_rank_0_hung_in_its_evaluation_ends_the_job_within_10_s(tmp_path, ranks, replicas):
+    """Between epochs rank 0 evaluates and writes files while the others wait; it sends them a beat
+    after every evaluation chunk and file, so a rank 0 that stops beating is named within seconds."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
+             BLL_REF_FAULT="hang:0:0:eval")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    who = r"rank 0 \(blocks? [\d-]+(, replica 0)?\)"
+    assert re.search(f"no message from {who} for \\d+ s between epochs; it is dead or hung", r.stderr), \
+        r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
 
 
 @needs_mpi

@@ -26,13 +26,17 @@ def model_device(model) -> str:
     return "cpu"
 
 
-def predict(model, x, batch_size=1000):
+def predict(model, x, batch_size=1000, on_chunk=None):
     """Eval-mode forward in chunks -> output of the last block, always a host (NumPy) array;
-    host inputs are moved chunk by chunk to the model's device."""
+    host inputs are moved chunk by chunk to the model's device. ``on_chunk()`` is called after
+    every chunk (an MPI rank 0 tells the others it is alive)."""
     device = model_device(model)
-    return np.concatenate([backend.asnumpy(model.forward(backend.to_device(x[i:i + batch_size], device),
-                                                         train=False))
-                           for i in range(0, len(x), batch_size)])
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(backend.asnumpy(model.forward(backend.to_device(x[i:i + batch_size], device), train=False)))
+        if on_chunk:
+            on_chunk()
+    return np.concatenate(out)
 
 
 def accuracy(logits, y) -> float:
@@ -41,8 +45,8 @@ def accuracy(logits, y) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
-def evaluate(model, x, y, batch_size=1000) -> float:
-    return accuracy(predict(model, x, batch_size), y)
+def evaluate(model, x, y, batch_size=1000, on_chunk=None) -> float:
+    return accuracy(predict(model, x, batch_size, on_chunk), y)
 
 
 def topk_accuracy(logits, y, k) -> float:

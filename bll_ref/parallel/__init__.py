@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import SCHEDULES, SequentialSchedule, WorkerError, blas_threads, check_pipelinable, fault_point, plan_groups
-from .options import SCHEDULE_OPTIONS, resolve_micro_batches
+from .options import SCHEDULE_OPTIONS, resolve_micro_batches, unread_data
 from .slices import check_sliceable
 from .plan import balanced_groups, blocks_label, describe, measure_learner_seconds, pipeline_seconds_per_step
 from .threads import ThreadPipeline
@@ -20,7 +20,7 @@ from .threads import ThreadPipeline
 __all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule", "blas_threads", "WorkerError",
            "check_pipelinable", "plan_groups", "fault_point", "balanced_groups", "blocks_label", "describe",
            "measure_learner_seconds", "pipeline_seconds_per_step", "check_sliceable",
-           "resolve_micro_batches", "SCHEDULE_OPTIONS"]
+           "resolve_micro_batches", "SCHEDULE_OPTIONS", "unread_data"]
 
 
 def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1, batch_size=128, log=print,
@@ -77,9 +77,9 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
     if log and comm.Get_rank() == 0:
         log(f"world: {size} ranks = {stages} stage{'s' * (stages > 1)} x {replicas} replica{'s' * (replicas > 1)}"
             f" ({micro_batches} micro-batch{'es' * (micro_batches > 1)} per step)")
-    return MPIPipeline(method, comm, bcast_groups(comm, groups), data["x_train"][:2], blas=blas_threads,
-                       replicas=replicas, micro_batches=micro_batches, deadline=float(deadline[0]),
-                       log=log if comm.Get_rank() == 0 else None)
+    return MPIPipeline(method, comm, bcast_groups(comm, groups), np.ascontiguousarray(data["x_train"][:2]),
+                       blas=blas_threads, replicas=replicas, micro_batches=micro_batches, deadline=float(deadline[0]),
+                       log=log if comm.Get_rank() == 0 else None, data=data)
 
 
 def _check_last_batch(n, batch_size, slices):

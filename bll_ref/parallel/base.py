@@ -61,6 +61,9 @@ class SequentialSchedule:
     def gather(self, method):
         pass
 
+    def beat(self):
+        """Nothing waits for this process between epochs (an MPI rank 0 tells its ranks it is busy)."""
+
 
 def micro_step(learners, x, y, Y, slices, pool=None):
     """One step of ``learners`` (a whole model) with the batch in ``slices`` micro-batches; returns
@@ -99,12 +102,13 @@ def plan_groups(method, workers, x, y, log=print):
 
 def fault_point(worker, epoch, step):
     """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S" or
-    "hang:W:E:S" (sleeps for an hour) makes worker W fail at step S (1-based) of epoch E (0-based)."""
+    "hang:W:E:S" (sleeps for an hour) makes worker W fail at step S (1-based) of epoch E (0-based);
+    S = "eval": in the root's evaluation after epoch E."""
     spec = os.environ.get("BLL_REF_FAULT")
     if not spec:
         return
     kind, w, e, s = spec.split(":")
-    if (int(w), int(e), int(s)) != (worker, epoch, step):
+    if (w, e, s) != (str(worker), str(epoch), str(step)):
         return
     print(f"bll-ref: injected fault {spec} at {time.time():.3f}", file=sys.stderr, flush=True)
     if kind == "kill":

@@ -18,17 +18,22 @@ writes into directly) and every replica sums them in slice (= rank) order, never
 
 Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
 that hears nothing from a neighbour for ``deadline`` seconds prints which rank and blocks it waited
-for and aborts the job. Every epoch starts with rank 0 broadcasting that it is done with the last
-one (evaluation, files): the others wait for that with a long allowance (``EPOCH_WAIT``, rank 0 is
-alive and busy), and from then on every wait of the epoch, its first step's included, has the short
-deadline. Only the first step after the ranks start (Numba kernels loaded or compiled) gets the
-long allowance too.
+for and aborts the job. Before its first step every rank runs its learners once on copies of them
+(Numba kernels loaded or compiled, however long that takes) and the ranks meet at a barrier with a
+long allowance (``EPOCH_WAIT``); from then on every wait has the short deadline, the first step's
+included. Between epochs rank 0 evaluates and writes files while the others wait for its go: it
+sends them a beat after every piece of that work (``beat``: an evaluation chunk, a file) and then
+the start of the next epoch, all as messages on one tag (so they arrive in order), and the others
+allow ``deadline`` from one message to the next. The epoch-end states travel to rank 0 under the
+same deadline.
 
 Launch: ``mpiexec -n K python -m mpi4py -m bll_ref.cli train --parallel mpi`` (``-m mpi4py``
 turns an uncaught exception on one rank into MPI_Abort of the whole job instead of a hang).
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import sys
@@ -38,19 +43,20 @@ import traceback
 
 import numpy as np
 
+from ..memory import held_bytes, resident_bytes
 from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 from .shard import release_others, state_bytes
-from .slices import (combine, pack_records, record_bytes, record_layout, slice_bounds, split, stage_slices,
-                     unpack_records)
+from .slices import combine, exchange_buffers, pack_records, record_layout, slice_bounds, split, stage_slices
 
 __all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays", "hang_deadline", "EPOCH_WAIT"]
 
-_ACT_TAG, _STATE_TAG, _LOSS_TAG, _GRAD_TAG = 5, 7, 8, 9
-#: seconds a rank waits for rank 0 to start the next epoch (it evaluates and writes files meanwhile),
-#: and for the first step after start-up (kernels loaded or compiled on every rank)
+_ACT_TAG, _STATE_TAG, _LOSS_TAG, _GRAD_TAG, _BEAT_TAG = 5, 7, 8, 9, 10
+#: seconds the ranks wait for each other at start-up, while every rank loads or compiles its
+#: learners' Numba kernels (``MPIPipeline._warm_up``)
 EPOCH_WAIT = 600.0
+_BUSY = -1  # a beat of rank 0 between epochs: still evaluating or writing (an epoch number: go)
 
 
 def world():
@@ -80,26 +86,31 @@ def bcast_groups(comm, groups):
     return [list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))]
 
 
-def send_arrays(comm, arrays: dict, dest, tag=_STATE_TAG):
-    """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle."""
+def _blocking(req, peer):
+    req.Wait()
+
+
+def send_arrays(comm, arrays: dict, dest, tag=_STATE_TAG, wait=_blocking):
+    """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle.
+    ``wait(request, peer)`` completes each message (default: MPI's blocking Wait)."""
     names = sorted(arrays)
     vals = [np.require(arrays[n], requirements="C") for n in names]  # (ascontiguousarray makes 0-d 1-d)
     header = json.dumps([[n, v.dtype.str, list(v.shape)] for n, v in zip(names, vals)]).encode()
-    comm.Send(np.array([len(header)], np.int64), dest=dest, tag=tag)
-    comm.Send(np.frombuffer(header, np.uint8), dest=dest, tag=tag)
-    for v in vals:
-        comm.Send(v.reshape(-1).view(np.uint8), dest=dest, tag=tag)
+    bufs = [np.array([len(header)], np.int64), np.frombuffer(header, np.uint8)]
+    for buf in bufs + [v.reshape(-1).view(np.uint8) for v in vals]:
+        wait(comm.Isend(buf, dest=dest, tag=tag), dest)
 
 
-def recv_arrays(comm, source, tag=_STATE_TAG) -> dict:
+def recv_arrays(comm, source, tag=_STATE_TAG, wait=_blocking) -> dict:
+    """What ``send_arrays`` sent from ``source``."""
     n = np.empty(1, np.int64)
-    comm.Recv(n, source=source, tag=tag)
+    wait(comm.Irecv(n, source=source, tag=tag), source)
     raw = np.empty(int(n[0]), np.uint8)
-    comm.Recv(raw, source=source, tag=tag)
+    wait(comm.Irecv(raw, source=source, tag=tag), source)
     out = {}
     for name, dtype, shape in json.loads(raw.tobytes()):
         v = np.empty(tuple(shape), np.dtype(dtype))
-        comm.Recv(v.reshape(-1).view(np.uint8), source=source, tag=tag)
+        wait(comm.Irecv(v.reshape(-1).view(np.uint8), source=source, tag=tag), source)
         out[name] = v
     return out
 
@@ -110,17 +121,22 @@ class MPIPipeline:
 
     ``sample_input``: a few input rows, to learn the shape of every group's input.
     ``deadline``: seconds to wait for a neighbour within an epoch (``hang_deadline``).
+    ``data``: this rank's data dict, for the memory it reports (arrays this rank never reads are
+    stand-ins that hold nothing: ``options.unread_data``).
     """
 
     name = "mpi"
 
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
-                 log=None):
+                 log=None, data=None):
         check_pipelinable(method)
         self.log, self.held, self._watch = log, None, None
         self._xbuf, self._xraw = [], []  # per learner of the stage: replica -> records (views), -> raw buffer
-        self._started = False  # the first step after start-up gets EPOCH_WAIT (kernels compiled)
+        self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
+        self._beats, self._token = [], np.empty(1, np.int64)  # rank 0's beats in flight; a beat received
+        arrays = list((data or {}).values())  # bytes of the whole data, and of what this rank holds of it
+        self.data_bytes = (sum(a.nbytes for a in arrays), sum(held_bytes(a) for a in arrays))
         threading.Thread(target=self._watchdog, name="bll-mpi-watchdog", daemon=True).start()
         self.blas, self.deadline = blas, float(deadline)
         self.comm, self.groups = comm, [list(g) for g in groups]
@@ -136,11 +152,11 @@ class MPIPipeline:
         self.last = self.last_stage and self.replica == 0  # the rank that reports the losses
         self.mine = [method.learners[k] for k in self.groups[self.stage]]
         h = sample_input[:2]
-        shapes = [h.shape[1:]]
-        for learner in method.learners:
+        for k, learner in enumerate(method.learners):
+            if k == self.groups[self.stage][0]:
+                self._sample_in = h  # two rows of this stage's input (``_warm_up``)
             h = learner.forward(h, train=False)
-            shapes.append(h.shape[1:])
-        self.in_shape = shapes[self.groups[self.stage][0]]
+        self.in_shape = self._sample_in.shape[1:]
         self.dtype = h.dtype
 
     def _label_of(self, rank) -> str:
@@ -152,21 +168,57 @@ class MPIPipeline:
         return self._label_of(self.rank)
 
     def _wait(self, req, peer, step, limit=None):
-        """Complete ``req`` (a message to or from rank ``peer``; None: a whole stage's collective) with
+        """Complete ``req`` (a message to or from rank ``peer``; "all": a barrier of every rank) with
         MPI's own blocking ``Wait`` (mpi4py releases the GIL in it); the watchdog thread aborts
-        the job if it blocks longer than ``limit`` (default: the current step's, ``_limit``)."""
+        the job if it blocks longer than ``limit`` (default: the current step's, ``_limit``).
+        ``step``: the step number, or words for when the wait happens ("between epochs")."""
         self._watch = (time.perf_counter(), self._limit if limit is None else limit, peer, step)
         req.Wait()
         self._watch = None
 
     def _start_epoch(self, epoch):
-        """Rank 0 broadcasts the epoch number once it has finished the last epoch (evaluated,
-        written its files); the others wait for it with ``EPOCH_WAIT``, because rank 0 is busy, not
-        hung. After it every rank is inside the epoch, so every later wait gets the short deadline."""
-        token = np.array([epoch], np.int64)
-        self._wait(self.comm.Ibcast(token, root=0), 0, 0, limit=EPOCH_WAIT)
-        if int(token[0]) != epoch:
-            raise RuntimeError(f"rank 0 started epoch {int(token[0]) + 1}, {self.label()} epoch {epoch + 1}")
+        """Rank 0 sends every rank the epoch number once it has finished the last epoch
+        (evaluated, written its files), after the beats it sent meanwhile (``beat``); the others
+        take the beats as they come, each within ``deadline`` of the last, until the number comes.
+        After it every rank is inside the epoch, so every later wait gets the short deadline."""
+        if self.is_root:
+            self._send_token(epoch)
+            return
+        while True:
+            self._wait(self.comm.Irecv(self._token, source=0, tag=_BEAT_TAG), 0, "between epochs",
+                       limit=self.deadline)
+            if int(self._token[0]) != _BUSY:
+                break
+        if int(self._token[0]) != epoch:
+            raise RuntimeError(f"rank 0 started epoch {int(self._token[0]) + 1}, {self.label()} epoch {epoch + 1}")
+
+    def _send_token(self, value):
+        token = np.array([value], np.int64)
+        self._beats = [(r, t) for r, t in self._beats if not r.Test()]  # (t keeps the buffer alive)
+        self._beats += [(self.comm.Isend(token, dest=r, tag=_BEAT_TAG), token) for r in range(1, self.workers)]
+
+    def beat(self):
+        """Rank 0, between epochs: tell the others it is alive and busy (evaluating, writing), so
+        they can tell a busy rank 0 from a hung one. A no-op on the other ranks."""
+        if self.is_root and self.workers > 1:
+            self._send_token(_BUSY)
+
+    def _warm_up(self, xb, yb, Y):
+        """Run this rank's learners once on copies of them, on a batch of ``xb``'s size (the
+        stage's sample rows repeated, past stage 0), so that every Numba kernel of a step is loaded
+        or compiled before the first step, which then waits under the short deadline like any
+        other. The copies are dropped; the learners themselves are untouched."""
+        mine = copy.deepcopy(self.mine)
+        h = xb if self.stage == 0 else np.resize(self._sample_in, (len(xb),) + tuple(self.in_shape))
+        if self.micro == 1:
+            for learner in mine:
+                h = learner.forward(h)
+            for learner in reversed(mine):
+                learner.update(yb, Y)
+        else:
+            _, records = stage_slices(mine, *split(h, yb, Y, self.micro, range(self.share)))
+            for learner, recs in zip(mine, records):
+                combine(learner, recs)
 
     def _watchdog(self):
         """Daemon thread: ends the job when the main thread has waited too long for a neighbour."""
@@ -175,9 +227,9 @@ class MPIPipeline:
             w = self._watch
             if w is not None and time.perf_counter() - w[0] > w[1]:
                 _, limit, peer, step = w
-                who = self._label_of(peer) if peer is not None else \
-                    f"the other replicas of stage {self.stage} ({blocks_label(self.groups[self.stage])})"
-                when = f"at step {step}" if step else "before the epoch's first step"
+                who = (self._label_of(peer) if isinstance(peer, int) else "every other rank" if peer == "all" else
+                       f"the other replicas of stage {self.stage} ({blocks_label(self.groups[self.stage])})")
+                when = f"at step {step}" if isinstance(step, int) else step
                 self._die(f"no message from {who} for {limit:.0f} s {when}; it is dead or hung")
 
     def _die(self, why):
@@ -186,18 +238,23 @@ class MPIPipeline:
 
     def hold_only_mine(self, method):
         """Ranks other than 0 let go of the learners they do not train (``shard.py``); rank 0
-        logs the bytes of model state every rank holds before and after. Returns this rank's
-        (before, after)."""
+        logs what every rank holds: model state and data, before and after, and its resident
+        memory. Returns this rank's model state bytes (before, after)."""
         before = state_bytes(method.learners)
         if not self.is_root:
             release_others(method, self.groups[self.stage])
         after = state_bytes(method.learners)
-        every = np.zeros((self.workers, 2), np.int64) if self.is_root else None
-        self.comm.Gather(np.array([before, after], np.int64), every, root=0)
+        rss = resident_bytes()
+        mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss], np.int64)
+        every = np.zeros((self.workers, len(mine)), np.int64) if self.is_root else None
+        self.comm.Gather(mine, every, root=0)
         if self.is_root and self.log:
-            per = ", ".join(f"{r}: {a / 1e6:.2f}" for r, (_, a) in enumerate(every))
-            self.log(f"model state per rank (MB): {per} (each held {every[0][0] / 1e6:.2f} before the first step; "
-                     "rank 0 keeps every block to evaluate)")
+            mb = lambda v: f"{v / 1e6:.2f}"  # noqa: E731
+            self.log(f"memory per rank, MB (model state, data{', resident' * (rss is not None)}): "
+                     + "; ".join(f"{r}: {mb(a)}, {mb(d)}" + (f", {mb(m)}" if m >= 0 else "")
+                                 for r, (_, a, _, d, m) in enumerate(every))
+                     + f" (each held {mb(every[0][0])} + {mb(every[0][2])} before; rank 0 keeps every block and "
+                     "the test set to evaluate)")
         self.held = (before, after)
         return self.held
 
@@ -240,9 +297,10 @@ class MPIPipeline:
             hs, records = stage_slices(self.mine, xs, ys, Ys, ws)
         else:
             flying = []  # learner i's records travel while learner i + 1 computes
-            into = [views[self.replica] for views in self._xbuf] if self._xbuf else None
+            # this step's records go straight into this replica's buffers (``_start_exchange``)
+            into = [views[0][self.replica] for views in self._xbuf] if self._xbuf else None
             hs, records = stage_slices(self.mine, xs, ys, Ys, ws, into=into,
-                                       done=lambda i, recs: flying.append(self._start_exchange(i, recs)))
+                                       done=lambda i, recs: flying.append(self._start_exchange(i, recs, step)))
         if not self.last_stage:
             for h in hs:
                 self._send(h, pending, step)
@@ -251,44 +309,47 @@ class MPIPipeline:
                 recs = self._finish_exchange(i, flying[i], step)
             combine(learner, recs)
 
-    def _start_exchange(self, i, records):
-        """Send learner i's records (this replica's slices) to the stage's other replicas and post
-        the receives of theirs: point-to-point messages between buffers allocated at the first
-        step, so each wait names its peer. From the second step on ``run_slice`` writes the records
-        straight into the send buffer (views), so nothing is packed or copied here."""
+    def _start_exchange(self, i, records, step):
+        """Hand learner i's records (this replica's slices) to the stage's other replicas; returns what
+        ``_finish_exchange`` waits for. ``run_slice`` wrote them into this step's buffer (``exchange_buffers``:
+        shared by the replicas of a host, else sent from here): when shared, only an 8-byte note travels."""
+        base, peers = self.stage * self.replicas, [q for q in range(self.replicas) if q != self.replica]
         if len(self._xbuf) == i:  # first step: the layout is known now
-            layout = record_layout(records[0])
-            n = record_bytes(layout) * self.share
-            self._xraw.append({q: np.empty(n, np.uint8) for q in range(self.replicas)})
-            self._xbuf.append({q: unpack_records(buf, layout, self.share) for q, buf in self._xraw[i].items()})
-        views = self._xbuf[i]
+            raw, views = exchange_buffers(self.stage_comm, record_layout(records[0]), self.share, tag=_GRAD_TAG,
+                                          wait=lambda req, q: self._wait(req, base + q, step))
+            self._xraw.append(raw)
+            self._xbuf.append(views)
+        raw, views, shared = self._xraw[i][0], self._xbuf[i][0], self._xraw[i][0] is not self._xraw[i][1]
+        self._xraw[i].reverse(), self._xbuf[i].reverse()  # the other turn next step
         if any(r is not v for r, v in zip(records, views[self.replica])):
-            pack_records(records, out=self._xraw[i][self.replica])  # not written in place (the first step)
+            pack_records(records, out=raw[self.replica])  # not written in place (the first step)
         if set(records[0]) != set(views[self.replica][0]):
             raise RuntimeError(f"learner {self.groups[self.stage][i]}: its micro-batch records changed layout")
-        base, mine = self.stage * self.replicas, self._xraw[i][self.replica]
-        reqs = []
-        for q in range(self.replicas):
-            if q != self.replica:
-                reqs.append((self.stage_comm.Irecv(self._xraw[i][q], source=q, tag=_GRAD_TAG), base + q))
-        for q in range(self.replicas):
-            if q != self.replica:
-                reqs.append((self.stage_comm.Isend(mine, dest=q, tag=_GRAD_TAG), base + q))
+        reqs = [(self.stage_comm.Irecv(np.empty(1, np.int64) if shared else raw[q], source=q, tag=_GRAD_TAG),
+                 base + q) for q in peers]
+        reqs += [(self.stage_comm.Isend(np.array([i], np.int64) if shared else raw[self.replica], dest=q,
+                                        tag=_GRAD_TAG), base + q) for q in peers]
         for req, _ in reqs:
             req.Test()  # get the transfers going while the next learner computes
-        return reqs
+        return reqs, views
 
-    def _finish_exchange(self, i, reqs, step):
-        """Wait for learner i's exchange; its records of every replica, in slice (rank) order."""
-        for req, peer in reqs:
+    def _finish_exchange(self, i, flying, step):
+        """Wait for learner i's exchange (``flying``); its records of every replica, in slice (rank) order."""
+        for req, peer in flying[0]:
             self._wait(req, peer, step)
-        return [rec for q in range(self.replicas) for rec in self._xbuf[i][q]]
+        return [rec for q in range(self.replicas) for rec in flying[1][q]]
 
     def _run_epoch(self, method, batches, on_step):
         pending, losses = [], []
+        if not self._started:
+            batches = iter(batches)
+            first = next(batches)
+            self._warm_up(*first, method.one_hot(first[1]))
+            self._wait(self.comm.Ibarrier(), "all", "at start-up", limit=EPOCH_WAIT)
+            batches, self._started = itertools.chain([first], batches), True
+        self._limit = self.deadline
         self._start_epoch(method.epoch)
         for step, (xb, yb) in enumerate(batches, 1):
-            self._limit = EPOCH_WAIT if step == 1 and not self._started else self.deadline
             fault_point(self.rank, method.epoch, step)
             Y = method.one_hot(yb)
             if self.micro == 1:
@@ -298,7 +359,6 @@ class MPIPipeline:
             if self.last:
                 losses.append(self.mine[-1].last_loss)
                 on_step(step, losses[-1])
-        self._started = True
         for req, _, peer in pending:
             self._wait(req, peer, step)
         # the root reports the epoch: it needs the output learner's losses
@@ -314,13 +374,14 @@ class MPIPipeline:
     def gather(self, method):
         """Every stage's learner states (from its replica 0) to rank 0, which loads them into its
         copy of the model."""
+        wait = lambda req, peer: self._wait(req, peer, "at the epoch's end")  # noqa: E731 (under the deadline)
         if self.replica != 0 or self.is_root:
             if self.is_root:
                 for s in range(1, self.stages):
-                    for k, state in unpack_states(recv_arrays(self.comm, source=s * self.replicas)).items():
+                    for k, state in unpack_states(recv_arrays(self.comm, source=s * self.replicas, wait=wait)).items():
                         method.learners[k].load_state_dict(state)
             return
-        send_arrays(self.comm, pack_states(self.mine), dest=0)
+        send_arrays(self.comm, pack_states(self.mine), dest=0, wait=wait)
 
     def abort(self, error):
         """Print one line naming this worker and end the whole job (no rank is left waiting)."""

@@ -2,7 +2,7 @@
 ``--replicas`` (docs/parallel.md)."""
 from __future__ import annotations
 
-__all__ = ["SCHEDULE_OPTIONS", "resolve_micro_batches"]
+__all__ = ["SCHEDULE_OPTIONS", "resolve_micro_batches", "unread_data"]
 
 #: the training options ``make_schedule`` takes (same names as ``TrainConfig``'s)
 SCHEDULE_OPTIONS = ("parallel", "workers", "blas_threads", "batch_size", "micro_batches", "replicas")
@@ -30,3 +30,12 @@ def resolve_micro_batches(cfg, given=()) -> int:
     if cfg.device != "cpu":
         raise ValueError("--micro-batches runs on the CPU; leave it at 1 with --device cuda")
     return micro
+
+
+def unread_data(rank, replicas=None) -> tuple:
+    """The data an MPI rank never reads, so need not load: every rank but 0 the test set (only
+    rank 0 evaluates); a rank past the first stage (rank >= replicas: ranks are numbered stage x
+    replicas + replica) the training images, because its input comes from the stage before."""
+    if rank == 0:
+        return ()
+    return ("x_test", "y_test") + (("x_train",) if rank >= (replicas or 1) else ())
