@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
+
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover (Windows)
+    resource = None
 
 import numpy as np
 
-__all__ = ["memory_limit", "check_fits", "resident_bytes", "stand_in", "held_bytes"]
+__all__ = ["memory_limit", "check_fits", "resident_bytes", "peak_resident_bytes", "stand_in", "held_bytes"]
 
 
 def memory_limit() -> int:
@@ -31,6 +37,13 @@ def resident_bytes():
             return int(f.read().split()[1]) * int(os.sysconf("SC_PAGE_SIZE"))
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def peak_resident_bytes():
+    """The most bytes this process has had resident (``getrusage``'s ru_maxrss); None where unknown."""
+    if resource is None:
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def stand_in(shape, dtype) -> np.ndarray:

@@ -104,7 +104,7 @@ def _copy_into(dst, src):
 
 
 def _zeros_like(p):
-    return backend.array_module(p).zeros_like(p)
+    return backend.array_module(p).zeros(p.shape, p.dtype)  # (np.zeros: pages on first write)
 
 
 class _Optimizer:

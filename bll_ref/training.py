@@ -23,6 +23,7 @@ import numpy as np
 from . import checkpoint, data, models, runstate
 from .backend import resolve_device
 from .fileio import RunLock, check_output, creatable_dir_problem
+from .layers.base import SkipDraws
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
@@ -209,15 +210,15 @@ class TrainConfig:
             bll["n_classes"] = 10
         return {**opts, **bll}
 
-    def build_model(self):
-        """(blocks, images): the model's blocks with the run's initial weights, and whether it
-        takes images (N, 1, 28, 28) rather than flat vectors."""
-        dtype = np.dtype(self.dtype)
+    def build_model(self, zeros=False):
+        """(blocks, images): the blocks with the run's initial weights (``zeros``: zeros holding no memory
+        until written, ``SkipDraws``); whether it takes images (N, 1, 28, 28) rather than vectors."""
+        dtype, rng = np.dtype(self.dtype), SkipDraws(self.seed) if zeros else self.seed
         if self.model == "mlp":
             sizes = models.parse_sizes(self.sizes, dtype)
-            return models.mlp(sizes, activation_name=self.activation, rng=self.seed, dtype=dtype), False
+            return models.mlp(sizes, activation_name=self.activation, rng=rng, dtype=dtype), False
         kw = {"width": self.channels} if self.channels is not None else {}
-        return models.build(self.model, rng=self.seed, dtype=dtype, **kw), self.model in models.IMAGE_MODELS
+        return models.build(self.model, rng=rng, dtype=dtype, **kw), self.model in models.IMAGE_MODELS
 
     def run_dir(self) -> str:
         return self.out or os.path.join("runs", f"{self.method}-{self.model}-seed{self.seed}")
@@ -266,7 +267,7 @@ def _run(cfg, lock, log, resuming):
         if os.path.isdir(out):
             lock.acquire(out)
     log = log if rank == 0 else None
-    blocks, images = cfg.build_model()
+    blocks, images = cfg.build_model(zeros=rank != 0)  # the other ranks get their blocks' weights from rank 0
     d, source = data.load(cfg.data, images=images, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
                           log=log, skip=unread_data(rank, cfg.replicas) if cfg.parallel == "mpi" else ())
     d = data.as_float(d, np.float64) if cfg.dtype == "float64" else d
@@ -377,8 +378,7 @@ def _check_writable(out, create=True):
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"cannot write the run directory {out}: {e.strerror or e}") from None

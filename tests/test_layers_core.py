@@ -146,3 +146,36 @@ def test_config_and_state_round_trip():
         load_state_dict(clone, {})
     with pytest.raises(ValueError, match="unknown layer type"):
         layer_from_config({"type": "Nope"})
+
+
+def test_skip_draws_makes_the_same_draws_and_zero_weights_that_hold_no_memory():
+    """An MPI rank builds the model with SkipDraws: the generator ends where a real build leaves
+    it, the weights are zeros of the right shape and dtype, and neither they nor the optimiser's
+    moments are resident until written (np.zeros), so building a 100 MB model costs a few MB."""
+    import gc
+
+    from bll_ref import models
+    from bll_ref.layers.base import SkipDraws, state_dict
+    from bll_ref.memory import resident_bytes
+    from bll_ref.optim import make_optimizer
+
+    real, skip = np.random.default_rng(5), SkipDraws(5)
+    a = models.mlp((30, 70, 10), rng=real)
+    b = models.mlp((30, 70, 10), rng=skip)
+    assert np.array_equal(real.uniform(size=4), np.random.Generator(skip.bit_generator).uniform(size=4))  # same stream
+    for la, lb in zip(a, b):  # mlp returns the list of blocks
+        for (ka, pa), (kb, pb) in zip(state_dict(la).items(), state_dict(lb).items()):
+            assert ka == kb and pa.shape == pb.shape and pa.dtype == pb.dtype and not pb.any()
+    if resident_bytes() is None:
+        return  # no /proc here: the memory half cannot be observed
+    gc.collect()
+    before = resident_bytes()
+    big = models.mlp((1024, 4096, 4096, 10), rng=SkipDraws(0))  # 84 MB of float32 weights
+    opts = [make_optimizer("adam", blk, 1e-3) for blk in big]  # + 168 MB of moments
+    grown = resident_bytes() - before
+    assert grown < 20e6, f"{grown / 1e6:.1f} MB resident after building with SkipDraws"
+    del big, opts
+    gc.collect()
+    before = resident_bytes()
+    big = models.mlp((1024, 4096, 4096, 10), rng=0)
+    assert resident_bytes() - before > 60e6  # the check can see a real build

@@ -166,8 +166,8 @@ def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind,
     assert r.returncode == 0, r.stderr[-2000:]
     stages = ranks // replicas
     assert f"world: {ranks} ranks = {stages} stage" in r.stdout and f"worker {stages - 1}:" in r.stdout
-    held = re.search(r"memory per rank, MB \(model state, data, resident\): (.*) \(each held ([\d.]+) \+ ([\d.]+) "
-                     r"before", r.stdout)
+    held = re.search(r"memory per rank, MB \(model state, data, resident, peak resident\): (.*) \(the whole model is "
+                     r"([\d.]+), the whole data ([\d.]+);", r.stdout)
     rows = [[float(v) for v in part.split(": ")[1].split(", ")] for part in held.group(1).split("; ")]
     state, data = [row[0] for row in rows], [row[1] for row in rows]
     assert len(rows) == ranks and state[0] == float(held.group(2))  # rank 0 keeps the whole model

@@ -13,7 +13,7 @@ import numpy as np
 from .. import backend
 from . import kernels as cpu_kernels
 
-__all__ = ["Layer", "register", "layer_from_config", "as_rng", "as_float_dtype", "check_array",
+__all__ = ["Layer", "register", "layer_from_config", "as_rng", "SkipDraws", "as_float_dtype", "check_array",
            "kernels_for", "state_dict", "load_state_dict"]
 
 _REGISTRY: dict[str, type] = {}
@@ -42,6 +42,39 @@ def as_rng(rng) -> np.random.Generator:
     if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+
+
+class SkipDraws(np.random.Generator):
+    """A generator whose ``uniform`` (every layer's initialiser: ``rng.uniform(-b, b, shape)
+    .astype(dtype)``) makes the same draws from the same bit generator as ``rng``, so later
+    draws are unchanged, but returns zeros that hold no memory until written (``np.zeros``: the
+    pages come from the OS on first write). An MPI rank builds the model with it, then receives
+    the initial state of the blocks it trains from rank 0 (``parallel.mpi``): the blocks it does
+    not train never occupy memory. Other draws are real."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, rng):
+        super().__init__(as_rng(rng).bit_generator)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        if size is None:
+            return super().uniform(low, high)
+        shape = (size,) if np.ndim(size) == 0 else tuple(size)
+        n = int(np.prod(shape))
+        for i in range(0, n, self.CHUNK):  # draw by draw the same stream as one call of n
+            super().uniform(low, high, min(self.CHUNK, n - i))
+        return _Undrawn(shape)
+
+
+class _Undrawn:
+    """What ``SkipDraws.uniform`` returns: ``astype(dtype)`` gives ``np.zeros(shape, dtype)``."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def astype(self, dtype):
+        return np.zeros(self.shape, dtype)
 
 
 def as_float_dtype(dtype) -> np.dtype:
@@ -131,7 +164,7 @@ class Layer:
         return cls(**kw)
 
     def zero_grads(self):
-        self.grads = {k: backend.array_module(v).zeros_like(v) for k, v in self.params.items()}
+        self.grads = {k: backend.array_module(v).zeros(v.shape, v.dtype) for k, v in self.params.items()}
 
     #: False for layer types with no GPU path yet: ``to("cuda")`` refuses them by name.
     runs_on_gpu = True

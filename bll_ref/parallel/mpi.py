@@ -1,7 +1,10 @@
 """MPI pipeline: one stage per contiguous group of block learners, R replica ranks per stage (mpi4py).
 
-Every rank builds the same model from the same seed, loads the same data and draws the same
-seeded batch order, so only activations travel: rank r receives h for batch t from rank r - 1
+Every rank builds the same model structure and draws the same seeded batch order; rank 0 alone
+holds the initial weights and the test set, and hands every rank the initial state of the learners
+it trains (``_hand_out``; elsewhere the weights are ``SkipDraws`` zeros that hold no memory, and a
+rank past stage 0 reads no images: ``options.unread_data``). Only activations travel in a step:
+rank r receives h for batch t from rank r - 1
 into a preallocated buffer (buffer-based ``Recv`` of a contiguous float array, no pickling),
 forwards it through its learners, sends the result on with ``Isend`` (at most two in flight),
 then updates its learners. At the epoch end every rank sends its learners' state to rank 0,
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 import sys
 import threading
@@ -43,16 +45,17 @@ import traceback
 
 import numpy as np
 
-from ..memory import held_bytes, resident_bytes
+from ..memory import held_bytes, peak_resident_bytes, resident_bytes
 from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 from .shard import release_others, state_bytes
+from .wire import recv_arrays, send_arrays
 from .slices import combine, exchange_buffers, pack_records, record_layout, slice_bounds, split, stage_slices
 
-__all__ = ["MPIPipeline", "world", "bcast_groups", "send_arrays", "recv_arrays", "hang_deadline", "EPOCH_WAIT"]
+__all__ = ["MPIPipeline", "world", "hang_deadline", "EPOCH_WAIT"]
 
-_ACT_TAG, _STATE_TAG, _LOSS_TAG, _GRAD_TAG, _BEAT_TAG = 5, 7, 8, 9, 10
+_ACT_TAG, _LOSS_TAG, _GRAD_TAG, _BEAT_TAG = 5, 8, 9, 10  # (wire.STATE_TAG = 7)
 #: seconds the ranks wait for each other at start-up, while every rank loads or compiles its
 #: learners' Numba kernels (``MPIPipeline._warm_up``)
 EPOCH_WAIT = 600.0
@@ -74,45 +77,6 @@ def hang_deadline(costs):
     BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
     env = os.environ.get("BLL_REF_MPI_DEADLINE")
     return float(env) if env else 3.0 + 20 * float(sum(costs))
-
-
-def bcast_groups(comm, groups):
-    """Rank 0's groups (list of lists of learner indices) to every rank, as an int array."""
-    n = np.array([len(groups) if groups is not None else 0], np.int64)
-    comm.Bcast(n, root=0)
-    sizes = np.array([len(g) for g in groups] if comm.Get_rank() == 0 else np.zeros(n[0]), np.int64)
-    comm.Bcast(sizes, root=0)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))]
-
-
-def _blocking(req, peer):
-    req.Wait()
-
-
-def send_arrays(comm, arrays: dict, dest, tag=_STATE_TAG, wait=_blocking):
-    """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle.
-    ``wait(request, peer)`` completes each message (default: MPI's blocking Wait)."""
-    names = sorted(arrays)
-    vals = [np.require(arrays[n], requirements="C") for n in names]  # (ascontiguousarray makes 0-d 1-d)
-    header = json.dumps([[n, v.dtype.str, list(v.shape)] for n, v in zip(names, vals)]).encode()
-    bufs = [np.array([len(header)], np.int64), np.frombuffer(header, np.uint8)]
-    for buf in bufs + [v.reshape(-1).view(np.uint8) for v in vals]:
-        wait(comm.Isend(buf, dest=dest, tag=tag), dest)
-
-
-def recv_arrays(comm, source, tag=_STATE_TAG, wait=_blocking) -> dict:
-    """What ``send_arrays`` sent from ``source``."""
-    n = np.empty(1, np.int64)
-    wait(comm.Irecv(n, source=source, tag=tag), source)
-    raw = np.empty(int(n[0]), np.uint8)
-    wait(comm.Irecv(raw, source=source, tag=tag), source)
-    out = {}
-    for name, dtype, shape in json.loads(raw.tobytes()):
-        v = np.empty(tuple(shape), np.dtype(dtype))
-        wait(comm.Irecv(v.reshape(-1).view(np.uint8), source=source, tag=tag), source)
-        out[name] = v
-    return out
 
 
 class MPIPipeline:
@@ -158,6 +122,20 @@ class MPIPipeline:
             h = learner.forward(h, train=False)
         self.in_shape = self._sample_in.shape[1:]
         self.dtype = h.dtype
+        self._hand_out(method)
+
+    def _hand_out(self, method):
+        """Rank 0 (whose model has the run's initial weights) sends every other rank the state of
+        the learners it trains; there the model was built with ``SkipDraws``: zeros that hold no
+        memory until written, so only its own blocks ever do."""
+        wait = lambda req, peer: self._wait(req, peer, "at start-up", limit=EPOCH_WAIT)  # noqa: E731
+        if self.is_root:
+            for r in range(1, self.workers):
+                send_arrays(self.comm, pack_states([method.learners[k] for k in self.groups[r // self.replicas]]),
+                            dest=r, wait=wait)
+            return
+        for k, state in unpack_states(recv_arrays(self.comm, source=0, wait=wait)).items():
+            method.learners[k].load_state_dict(state)
 
     def _label_of(self, rank) -> str:
         stage, replica = divmod(rank, self.replicas)
@@ -244,17 +222,17 @@ class MPIPipeline:
         if not self.is_root:
             release_others(method, self.groups[self.stage])
         after = state_bytes(method.learners)
-        rss = resident_bytes()
-        mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss], np.int64)
+        rss, peak = resident_bytes(), peak_resident_bytes()
+        mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss, -1 if peak is None else peak],
+                        np.int64)
         every = np.zeros((self.workers, len(mine)), np.int64) if self.is_root else None
         self.comm.Gather(mine, every, root=0)
         if self.is_root and self.log:
-            mb = lambda v: f"{v / 1e6:.2f}"  # noqa: E731
-            self.log(f"memory per rank, MB (model state, data{', resident' * (rss is not None)}): "
-                     + "; ".join(f"{r}: {mb(a)}, {mb(d)}" + (f", {mb(m)}" if m >= 0 else "")
-                                 for r, (_, a, _, d, m) in enumerate(every))
-                     + f" (each held {mb(every[0][0])} + {mb(every[0][2])} before; rank 0 keeps every block and "
-                     "the test set to evaluate)")
+            mb = lambda v: f"{v / 1e6:.2f}" if v >= 0 else "?"  # noqa: E731
+            self.log("memory per rank, MB (model state, data, resident, peak resident): "
+                     + "; ".join(f"{r}: {mb(a)}, {mb(d)}, {mb(m)}, {mb(p)}" for r, (_, a, _, d, m, p) in enumerate(every))
+                     + f" (the whole model is {mb(every[0][0])}, the whole data {mb(every[0][2])}; rank 0 keeps "
+                     "both to evaluate)")
         self.held = (before, after)
         return self.held
 

@@ -1,11 +1,12 @@
 """What an MPI rank holds of the model: only its own learners (block, head, feedback, optimisers).
 
-Every rank builds the whole model from the seed, because the initial weights of block k are drawn
-after those of blocks 0..k-1 from one generator (and a resumed run loads every learner's state).
-At its first epoch a rank other than 0 then lets go of every learner that is not its own: the
-learner is replaced by a ``Released`` placeholder and its block in the model by an empty
-``Sequential``, so the arrays are freed. Rank 0 keeps the whole model: it evaluates and assembles
-the checkpoint from the states the other ranks send at every epoch end.
+A rank other than 0 builds the model with ``SkipDraws`` (the same draws, but zero weights that hold
+no memory until written) and receives the initial state of its own learners from rank 0
+(``MPIPipeline._hand_out``), so only its own blocks are ever written. At its first epoch (after a
+resumed run has loaded its state) it lets go of every other learner: the learner is replaced by a
+``Released`` placeholder and its block in the model by an empty ``Sequential``. Rank 0 keeps the
+whole model: it evaluates and assembles the checkpoint from the states the other ranks send at
+every epoch end.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class Released:
 
 def state_bytes(learners) -> int:
     """Bytes of everything ``learners`` train with (parameters, buffers, optimiser moments, head,
-    feedback): the arrays of their state dicts."""
+    feedback): the arrays of their state dicts, whether written yet or not."""
     return int(sum(np.asarray(v).nbytes for l in learners for v in l.state_dict().values()))
 
 

@@ -1,0 +1,50 @@
+"""Arrays between MPI ranks without pickling: a dict of arrays as a JSON header and raw buffers,
+and rank 0's grouping of blocks into pipeline stages. Needs only an mpi4py communicator passed in."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "STATE_TAG"]
+
+STATE_TAG = 7
+
+
+def bcast_groups(comm, groups):
+    """Rank 0's groups (list of lists of learner indices) to every rank, as an int array."""
+    n = np.array([len(groups) if groups is not None else 0], np.int64)
+    comm.Bcast(n, root=0)
+    sizes = np.array([len(g) for g in groups] if comm.Get_rank() == 0 else np.zeros(n[0]), np.int64)
+    comm.Bcast(sizes, root=0)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))]
+
+
+def _blocking(req, peer):
+    req.Wait()
+
+
+def send_arrays(comm, arrays: dict, dest, tag=STATE_TAG, wait=_blocking):
+    """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle.
+    ``wait(request, peer)`` completes each message (default: MPI's blocking Wait)."""
+    names = sorted(arrays)
+    vals = [np.require(arrays[n], requirements="C") for n in names]  # (ascontiguousarray makes 0-d 1-d)
+    header = json.dumps([[n, v.dtype.str, list(v.shape)] for n, v in zip(names, vals)]).encode()
+    bufs = [np.array([len(header)], np.int64), np.frombuffer(header, np.uint8)]
+    for buf in bufs + [v.reshape(-1).view(np.uint8) for v in vals]:
+        wait(comm.Isend(buf, dest=dest, tag=tag), dest)
+
+
+def recv_arrays(comm, source, tag=STATE_TAG, wait=_blocking) -> dict:
+    """What ``send_arrays`` sent from ``source``."""
+    n = np.empty(1, np.int64)
+    wait(comm.Irecv(n, source=source, tag=tag), source)
+    raw = np.empty(int(n[0]), np.uint8)
+    wait(comm.Irecv(raw, source=source, tag=tag), source)
+    out = {}
+    for name, dtype, shape in json.loads(raw.tobytes()):
+        v = np.empty(tuple(shape), np.dtype(dtype))
+        wait(comm.Irecv(v.reshape(-1).view(np.uint8), source=source, tag=tag), source)
+        out[name] = v
+    return out
