@@ -25,7 +25,8 @@ bit for bit.
 
 Predict first: before any parallel run the script measures each block's cost (forward + update
 alone, at 128, 64, ..., 2 rows) and MPI messages (ping-pong over shared memory and over TCP on
-loopback, 8 bytes, one (128, 1024) float32 activation, 4 and 16 MiB), computes the pipeline model's
+loopback, 8 bytes, one (128, 1024) float32 activation, 4 and 16 MiB) and the memory copy rate with
+1, 2, 4, ... processes copying at once, computes the pipeline model's
 prediction for every variant, on this machine's cores and on 16 cores, and for 8..64 ranks on
 deeper models (8- and 16-block MLP, ResNet-18), and writes them to the results file. The measured
 table then shows those predictions, unchanged, beside the measurements, with the error.
@@ -33,13 +34,19 @@ table then shows those predictions, unchanged, beside the measurements, with the
 
 Pipeline model for S stages x R replicas (``predict_step``): a replica of stage g processes N / R
 rows through its blocks (cost_k(N / R), measured at that many rows), exchanges its gradients with
-the other R - 1 replicas (one message per learner and peer, of that learner's parameter bytes; a
-message's time interpolated between the ping-pong's sizes, 8 B to 16 MiB, because the cost per byte
-changes with the size), and sends its activations on (one message of N / R rows); writing its
-record and summing the R replicas' gradients costs 1 + 1.5 (R - 1) copies of their bytes at the
-measured memory copy rate. A step takes the slowest stage's time. With
-W = S R ranks on C < W cores, the ranks share the cores: the compute part is stretched by W / C
-(waiting ranks poll), and never faster than the total work over min(C, W).
+the other R - 1 replicas, and sends its activations on (one message of N / R rows; a message's time
+interpolated between the ping-pong's sizes, 8 B to 16 MiB, because the cost per byte changes with
+the size). Replicas on one host share their records in memory (``exchange_buffers`` in
+bll_ref/parallel/slices.py): one 8-byte note per learner and peer travels; across hosts (the TCP
+column of the deep table) one message per learner and peer of that learner's parameter bytes.
+Writing its record and summing the R replicas' records costs 1 + 1.5 (R - 1) copies of their bytes
+at the memory copy rate measured before the runs with k = min(W, C) processes copying at the same
+time (W ranks on C cores): those passes are memory-bound and run while the other ranks compute and
+sum beside them, so each gets a share of the memory bandwidth, not all of it (the results list the
+rates; a prediction for more cores than this machine has uses the most processes measured). A step
+takes the slowest stage's time. With W = S R ranks on C < W cores, the ranks share the cores: the
+compute part is stretched by W / C (waiting ranks poll), and never faster than the total work over
+min(C, W).
 
     python benchmarks/parallel.py [--rounds 5] [--steps 60] [--warmup 10]
     python benchmarks/parallel.py --predict                    # the predictions alone, no parallel run
@@ -235,6 +242,11 @@ def run_pingpong(reps, timeout, tcp=False):
                           timeout)
 
 
+def run_copy(k, timeout):
+    return run_subprocess([mpiexec(), "-n", str(k), "--oversubscribe", sys.executable, "-m", "mpi4py",
+                           os.path.abspath(__file__), "--mpi-worker", "copy"], timeout)
+
+
 def run_torch(python, steps, warmup, timeout):
     return run_subprocess([python, os.path.abspath(__file__), "--torch-worker", "--steps", str(steps),
                            "--warmup", str(warmup)], timeout, blas_one=False)
@@ -283,6 +295,17 @@ def mpi_pingpong_worker(args):
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(out, f)
+
+
+def mpi_copy_worker(args):
+    """Memory copy rate while every rank copies at the same time (each copy starts at a barrier):
+    the median over ranks of each rank's median rate; rank 0 writes it."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    every = comm.gather(copy_bytes_per_s(barrier=comm.Barrier), root=0)
+    if comm.Get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"ranks": comm.Get_size(), "bytes_per_s": float(np.median(every)), "per_rank": every}, f)
 
 
 def torch_worker(args):
@@ -363,31 +386,49 @@ def stage_param_bytes(model):
     return [sum(v.nbytes for k, v in l.state_dict().items() if re.search(r"(^|/)params/", k)) for l in m.learners]
 
 
-def copy_bytes_per_s(nbytes=16 << 20, repeats=20):
-    """Memory copy rate of this machine (median of ``repeats`` copies of ``nbytes``)."""
+def copy_bytes_per_s(nbytes=16 << 20, repeats=20, barrier=None):
+    """Memory copy rate (bytes copied per second): the median of ``repeats`` copies of ``nbytes``,
+    each started after ``barrier()`` when given (every rank of an MPI job copying at once)."""
     src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
     times = []
     for _ in range(repeats + 2):
+        if barrier is not None:
+            barrier()
         t = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - t)
     return nbytes / float(np.median(times[2:]))
 
 
-def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rate, act_bytes=ACT_BYTES):
-    """Seconds per step of ``groups`` (stages) x ``replicas`` on ``cores`` cores (module docstring)."""
+def copy_counts(cores):
+    """Numbers of processes the copy rate is measured with: 1, 2, 4, ... and ``cores``."""
+    return sorted({1 << i for i in range(max(int(cores), 1).bit_length()) if 1 << i <= cores} | {max(int(cores), 1)})
+
+
+def copy_rate_at(rates, k):
+    """The copy rate measured with the most processes at once, at most ``k`` (``rates``: {k: bytes/s},
+    keys int or str)."""
+    by_k = {int(n): r for n, r in rates.items()}
+    return by_k[max(n for n in by_k if n <= max(k, 1))]
+
+
+def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rates, shared=True, act_bytes=ACT_BYTES):
+    """Seconds per step of ``groups`` (stages) x ``replicas`` on ``cores`` cores (module docstring).
+    ``shared``: the replicas of a stage share a host (their records in shared memory)."""
     c = cost_at(costs, N / replicas)
     comm = message_s(msg, act_bytes / replicas) if len(groups) > 1 else 0.0
+    w = len(groups) * replicas
+    rate = copy_rate_at(copy_rates, min(w, cores))
     stage = []
     for g in groups:
         b = sum(pbytes[k] for k in g)
-        # every learner's records (its gradient bytes, one slice per replica) to and from each other
-        # replica, one message per learner and peer (bll_ref/parallel/mpi.py); writing the replica's
-        # record (one copy) and summing R records into the gradients (R - 1 additions, ~1.5 copies each)
-        exch = ((replicas - 1) * sum(message_s(msg, pbytes[k]) for k in g)
-                + (1 + 1.5 * (replicas - 1)) * b / copy_rate) if replicas > 1 else 0.0
+        # per learner and peer one message (bll_ref/parallel/mpi.py): an 8-byte note when the records
+        # are shared, else the records (its gradient bytes); writing the replica's record (one copy)
+        # and summing R records into the gradients (R - 1 additions, ~1.5 copies each)
+        sent = [8 if shared else pbytes[k] for k in g]
+        exch = ((replicas - 1) * sum(message_s(msg, n) for n in sent)
+                + (1 + 1.5 * (replicas - 1)) * b / rate) if replicas > 1 else 0.0
         stage.append(sum(c[k] for k in g) + exch)
-    w = len(groups) * replicas
     compute = max(stage)
     if w > cores:
         compute *= w / cores
@@ -395,7 +436,7 @@ def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rate, act_byt
     return max(compute, work / min(cores, w)) + comm
 
 
-def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rate):
+def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rates, shared=True):
     """The (stages, replicas, speed-up) with stages x replicas = ranks that the model likes best."""
     from bll_ref.parallel import balanced_groups
     seq = sum(cost_at(costs, N))
@@ -404,7 +445,8 @@ def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rate):
         s = ranks // r
         if s * r != ranks or s > n_blocks or s < 1 or N % r:
             continue
-        sp = seq / predict_step(costs, balanced_groups(cost_at(costs, N), s), r, msg, pbytes, cores, copy_rate)
+        sp = seq / predict_step(costs, balanced_groups(cost_at(costs, N), s), r, msg, pbytes, cores, copy_rates,
+                                shared)
         if best is None or sp > best[2]:
             best = (s, r, sp)
     return best
@@ -430,7 +472,7 @@ def predict(args, variants, batches, setup):
                 step = max(pipeline_seconds_per_step(cost_at(c, N), groups[v], 0.0),
                            seq / min(cores, stages))
             else:
-                step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rate"])
+                step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rates"])
             row[label] = {"step_s": step, "speedup": seq / step}
         out["variants"][v] = row
     for model, c in costs.items():
@@ -438,7 +480,9 @@ def predict(args, variants, batches, setup):
         out["deep"][model] = {}
         for ranks in DEEP_RANKS:
             for link in ("shm", "tcp"):
-                b = best_split(c, ranks, msg[link], pbytes[model], ranks, n_blocks, setup["copy_rate"])
+                # TCP: ranks on other hosts, whose replicas send their records as messages
+                b = best_split(c, ranks, msg[link], pbytes[model], ranks, n_blocks, setup["copy_rates"],
+                               shared=link == "shm")
                 if b:
                     out["deep"][model].setdefault(str(ranks), {})[link] = {"stages": b[0], "replicas": b[1],
                                                                             "speedup": b[2]}
@@ -481,7 +525,7 @@ def main():
     ap.add_argument("--torch-python", default=None,
                     help="interpreter with torch for the PyTorch row (default: this one, if it has torch)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds before an mpiexec/torch run is ended")
-    ap.add_argument("--mpi-worker", choices=("pipeline", "pingpong"), help=argparse.SUPPRESS)
+    ap.add_argument("--mpi-worker", choices=("pipeline", "pingpong", "copy"), help=argparse.SUPPRESS)
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--groups", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="mlp4", help=argparse.SUPPRESS)
@@ -493,6 +537,8 @@ def main():
         return mpi_pipeline_worker(args)
     if args.mpi_worker == "pingpong":
         return mpi_pingpong_worker(args)
+    if args.mpi_worker == "copy":
+        return mpi_copy_worker(args)
     if args.torch_worker:
         return torch_worker(args)
     if args.quick:
@@ -578,10 +624,20 @@ def measure_setup(args, variants, batches):
             raise SystemExit(f"ping-pong over {link} failed: {ping['error']}")
         msg[link] = ping
         print(f"MPI message over {link}, ping-pong median / 2: {ping_text(ping)}", flush=True)
-    copy_rate = copy_bytes_per_s()
-    print(f"memory copy: {copy_rate / 1e9:.1f} GB/s", flush=True)
+    rates = {}
+    for k in copy_counts(os.cpu_count() or 1):
+        res = run_copy(k, args.timeout)
+        if "error" in res:
+            raise SystemExit(f"copy rate with {k} processes failed: {res['error']}")
+        rates[str(k)] = res["bytes_per_s"]
+    print(f"memory copy, k processes at once: {copy_text(rates)}", flush=True)
     return {"costs": {m: {str(n): c for n, c in cs.items()} for m, cs in costs.items()}, "param_bytes": pbytes,
-            "groups": groups, "message": msg, "copy_rate": copy_rate}
+            "groups": groups, "message": msg, "copy_rates": rates}
+
+
+def copy_text(rates):
+    """"1: 25.8, 2: 12.1 GB/s each": the copy rate per process, by processes copying at once."""
+    return ", ".join(f"{k}: {r / 1e9:.1f}" for k, r in sorted(rates.items(), key=lambda kv: int(kv[0]))) + " GB/s each"
 
 
 def run_rounds(args, variants, batches, groups, torch_python):
@@ -647,8 +703,9 @@ def markdown_predictions(pred):
           f"| variant | predicted speed-up here | predicted, {BIG_CORES} cores |\n|---|---|---|")
     for v, row in pred["variants"].items():
         md += f"\n| {NAMES[v]} | {row['here']['speedup']:.2f} | {row[f'{BIG_CORES} cores']['speedup']:.2f} |"
-    md += ("\n\nDeeper models, W ranks on W cores, the best stages x replicas the model finds "
-           "(shared memory / TCP on loopback messages):\n\n| model | " + " | ".join(f"{w} ranks" for w in DEEP_RANKS)
+    md += ("\n\nDeeper models, W ranks on W cores, the best stages x replicas the model finds (one host, "
+           "records in shared memory / records sent over TCP, timed on loopback):\n\n| model | "
+           + " | ".join(f"{w} ranks" for w in DEEP_RANKS)
            + " |\n|---|" + "---|" * len(DEEP_RANKS))
     for model, rows in pred["deep"].items():
         cells = []
@@ -677,12 +734,13 @@ def markdown(res):
                f"{_fmt(p.get('here', {}).get('speedup'))} | {_fmt(m['error_pct'].get(v), '{:+.0f}')} | "
                f"{_fmt(p.get(f'{BIG_CORES} cores', {}).get('speedup'))} | {eq_s} |")
     md += (f"\n\nspeed-up: median over rounds of variant / sequential (same model) in the same round; predicted: "
-           f"the pipeline model, from block costs and ping-pong message times measured before any parallel run "
-           f"and written to the results file then; error = (predicted - measured) / measured. The {BIG_CORES}-core "
-           "column is a prediction only unless this ran on such a machine.")
+           f"the pipeline model, from block costs, ping-pong message times and copy rates measured before any "
+           f"parallel run and written to the results file then; error = (predicted - measured) / measured. The "
+           f"{BIG_CORES}-core column is a prediction only unless this ran on such a machine.")
     md += "\n\n" + markdown_predictions(pred)
     for link, ping in res["setup"]["message"].items():
         md += f"\n\nMPI message over {link} (2 ranks, ping-pong median / 2): {ping_text(ping)}"
+    md += f"\n\nmemory copy rate, k processes copying at once: {copy_text(res['setup']['copy_rates'])}"
     if res["errors"]:
         md += "\n\nfailed variants: " + "; ".join(f"{v}: {e.splitlines()[0]}" for v, e in res["errors"].items())
     return md

@@ -164,6 +164,8 @@ def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind,
     extra = ["--replicas", str(replicas), "--micro-batches", str(micro)] if micro > 1 else []
     r = _cli(ARGS[kind] + ["--epochs", "2", "--out", str(out), *extra], mpi=ranks, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
+    if replicas > 1:  # replicas on one host share their records in memory
+        assert "replicas of stage 1 exchange records through shared memory" in r.stdout
     stages = ranks // replicas
     assert f"world: {ranks} ranks = {stages} stage" in r.stdout and f"worker {stages - 1}:" in r.stdout
     held = re.search(r"memory per rank, MB \(model state, data, resident, peak resident\): (.*) \(the whole model is "
@@ -181,6 +183,42 @@ def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind,
     ref = sequential(kind, micro)
     _assert_same_run(ref, out)
     _assert_same_history(ref, out)
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind,ranks,replicas,micro", [("mlp", 2, 2, 4), ("cnn", 4, 2, 2)], ids=lambda v: str(v))
+def test_replicas_that_cannot_share_memory_send_their_records_and_give_the_same_bits(
+        sequential, tmp_path, kind, ranks, replicas, micro):
+    """BLL_REF_SHARED_DIR="" stands for replicas on several hosts: the records travel as messages."""
+    out = tmp_path / "mpi"
+    r = _cli(ARGS[kind] + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas), "--micro-batches",
+                           str(micro)], mpi=ranks, timeout=240, BLL_REF_SHARED_DIR="")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "replicas of stage 1 exchange records through messages" in r.stdout
+    _assert_same_run(sequential(kind, micro), out)
+    _assert_same_history(sequential(kind, micro), out)
+
+
+@needs_mpi
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_shared_directory_falls_back_to_messages_and_leaves_nothing(sequential, tmp_path):
+    """A /dev/shm with no room (a one-page tmpfs here) is found when the file is made, not by a
+    SIGBUS later: the replicas fall back to messages, and the directory is left empty."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(shm)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = tmp_path / "mpi"
+        r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", "2"], mpi=2, timeout=240,
+                 BLL_REF_SHARED_DIR=str(shm))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "replicas of stage 1 exchange records through messages" in r.stdout
+        assert os.listdir(shm) == []
+        _assert_same_run(sequential("mlp", 2), out)
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)
 
 
 def _docs_command(marker):

@@ -13,11 +13,13 @@ which evaluates and writes the run directory exactly as a sequential run does.
 Replicas (``--replicas R``, world = stages x R, rank = stage * R + replica): the batch is split into
 ``--micro-batches M`` slices (``slices.py``), replica q of a stage takes slices q M/R .. (q+1) M/R - 1
 and talks only to replica q of the stages beside it. Before its optimisers step, a stage's
-replicas exchange their slices' records (point-to-point, learner by learner: learner k's travel
-while learner k + 1 computes, between buffers allocated at the first step that ``run_slice`` then
-writes into directly) and every replica sums them in slice (= rank) order, never in the order an
-``Allreduce`` picks, so all replicas make the same step, and the same one as a sequential run with
-``--micro-batches M``.
+replicas exchange their slices' records, learner by learner (learner k's while learner k + 1
+computes), and every replica sums them in slice (= rank) order, never in the order an ``Allreduce``
+picks, so all replicas make the same step, and the same one as a sequential run with
+``--micro-batches M``. ``run_slice`` writes the records straight into buffers set up at the first
+step (``slices.exchange_buffers``): on one host the replicas map the same memory, so only an
+8-byte note "written" travels and a peer sums the records where they lie; where they cannot share
+memory (other hosts, ``BLL_REF_SHARED_DIR=""``) the records themselves travel point-to-point.
 
 Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
 that hears nothing from a neighbour for ``deadline`` seconds prints which rank and blocks it waited
@@ -95,7 +97,7 @@ class MPIPipeline:
                  log=None, data=None):
         check_pipelinable(method)
         self.log, self.held, self._watch = log, None, None
-        self._xbuf, self._xraw = [], []  # per learner of the stage: replica -> records (views), -> raw buffer
+        self._xbuf, self._xraw = [], []  # per learner: [this step's turn, the next] of replica -> records / buffer
         self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
         self._beats, self._token = [], np.empty(1, np.int64)  # rank 0's beats in flight; a beat received
@@ -297,6 +299,8 @@ class MPIPipeline:
                                           wait=lambda req, q: self._wait(req, base + q, step))
             self._xraw.append(raw)
             self._xbuf.append(views)
+            if i == 0 and self.log:
+                self.log(f"replicas of stage 1 exchange records through {'shared memory' if raw[0] is not raw[1] else 'messages'}")
         raw, views, shared = self._xraw[i][0], self._xbuf[i][0], self._xraw[i][0] is not self._xraw[i][1]
         self._xraw[i].reverse(), self._xbuf[i].reverse()  # the other turn next step
         if any(r is not v for r, v in zip(records, views[self.replica])):

@@ -306,7 +306,7 @@ def shared_buffers(comm, nbytes, wait=None, tag=0):
     if comm.Get_rank() == 0:
         for q in others:
             wait(comm.Irecv(word, source=q, tag=tag), q)  # q is here
-        path = _create_shared(total, msg)
+        _create_shared(total, msg)
         for q in others:
             wait(comm.Isend(msg, dest=q, tag=tag), q)
     else:
@@ -346,15 +346,15 @@ def _create_shared(total, msg):
     """Create the file of ``shared_buffers`` (``total`` bytes, a random token at its start) and write
     the token and its path into ``msg``; its path, or "" (msg left zero) where that fails."""
     where = os.environ.get("BLL_REF_SHARED_DIR", SHARED_DIR)
-    if not where:
-        return ""  # sharing turned off
+    if not where or not hasattr(os, "posix_fallocate"):
+        return ""  # sharing turned off, or no way to reserve the pages (not Linux)
     try:
         fd, path = tempfile.mkstemp(prefix="bll_ref_records_", dir=where)
     except OSError:
         return ""
     token, raw = os.urandom(16), os.fsencode(path)
     try:
-        os.ftruncate(fd, total)
+        os.posix_fallocate(fd, 0, total)  # the pages now, or ENOSPC (a full /dev/shm would be SIGBUS later)
         os.pwrite(fd, token, 0)
         written = 16 + len(raw) <= len(msg)
     except OSError:
