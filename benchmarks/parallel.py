@@ -17,6 +17,9 @@ speed-ups are medians of per-round ratios against the sequential run of the same
     seq16      the 16-block MLP, sequentially                   16 or more cores only
     mpi16      the 16-block MLP on 16 ranks (16 x 1)            16 or more cores only
     torch      PyTorch-CPU BP, Adam, set_num_threads(2)         only where torch is importable
+    torch1     PyTorch-CPU BP, one process, one thread          the baseline of the DDP rows
+    ddp2/4/8   PyTorch DistributedDataParallel (gloo), W        benchmarks/torch_ddp.py; each process
+               processes of one thread, batch split W ways      takes N / W rows (ddp8: 16+ cores)
 
 Every measurement builds a fresh model, runs ``--warmup`` steps, then times ``--steps`` steps.
 steps/s is the steady-state rate of the last stage, (n - 1) / (t_n - t_1). The losses of every
@@ -94,7 +97,10 @@ BIG = SMALL + ("mpi8r", "seq16", "mpi16")
 NAMES = {"seq": "sequential", "seq_mb2": "sequential, 2 micro-batches", "threads": "threads, 2 workers",
          "mpi2": "MPI 2 ranks (2 x 1)", "mpi2r": "MPI 2 ranks (1 x 2)", "mpi4": "MPI 4 ranks (4 x 1)",
          "mpi4r": "MPI 4 ranks (2 x 2)", "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
-         "mpi16": "16-block MLP, MPI 16 ranks (16 x 1)", "torch": "PyTorch BP, 2 threads"}
+         "mpi16": "16-block MLP, MPI 16 ranks (16 x 1)", "torch": "PyTorch BP, 2 threads",
+         "torch1": "PyTorch BP, 1 process, 1 thread", "ddp2": "PyTorch DDP (gloo), 2 processes",
+         "ddp4": "PyTorch DDP (gloo), 4 processes", "ddp8": "PyTorch DDP (gloo), 8 processes"}
+TORCH_ROWS = {"torch": None, "torch1": 1, "ddp2": 2, "ddp4": 4, "ddp8": 8}  # row: processes (torch: 2 threads)
 
 
 def ranks_of(v):
@@ -247,9 +253,14 @@ def run_copy(k, timeout):
                            os.path.abspath(__file__), "--mpi-worker", "copy"], timeout)
 
 
-def run_torch(python, steps, warmup, timeout):
-    return run_subprocess([python, os.path.abspath(__file__), "--torch-worker", "--steps", str(steps),
-                           "--warmup", str(warmup)], timeout, blas_one=False)
+def run_torch(python, steps, warmup, timeout, row="torch"):
+    """A PyTorch row: BP with 2 threads (this file's worker), or benchmarks/torch_ddp.py on W processes."""
+    if row == "torch":
+        return run_subprocess([python, os.path.abspath(__file__), "--torch-worker", "--steps", str(steps),
+                               "--warmup", str(warmup)], timeout, blas_one=False)
+    ddp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_ddp.py")
+    return run_subprocess([python, ddp, "--ranks", str(TORCH_ROWS[row]), "--steps", str(steps),
+                           "--warmup", str(warmup)], timeout)
 
 
 # --- workers (run in the subprocesses) -------------------------------------------------------
@@ -311,13 +322,9 @@ def mpi_copy_worker(args):
 def torch_worker(args):
     """PyTorch BP on the same MLP (Adam, batch 128, 2 threads); same protocol as ours."""
     import torch
+    from torch_ddp import build_net  # benchmarks/ is on the path of a script run from it
     torch.set_num_threads(2)
-    torch.manual_seed(SEED)
-    layers = []
-    for i, o in zip(SIZES[:-2], SIZES[1:-1]):
-        layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
-    layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
-    net = torch.nn.Sequential(*layers)
+    net = build_net(torch)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     batches = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
                for x, y in make_batches(args.warmup + args.steps)]
@@ -583,7 +590,7 @@ def run_benchmark(args, variants):
         import importlib.util
         torch_python = args.torch_python or (sys.executable if importlib.util.find_spec("torch") else None)
     if torch_python:
-        variants = variants + ["torch"]
+        variants = variants + ["torch", "torch1", "ddp2", "ddp4"] + (["ddp8"] if "mpi8r" in variants else [])
     else:
         print("PyTorch row skipped" + ("" if args.no_torch else " (torch not importable; see --torch-python)"))
     per_round, errors = run_rounds(args, variants, batches, setup["groups"], torch_python)
@@ -645,8 +652,8 @@ def run_rounds(args, variants, batches, groups, torch_python):
     per_round, errors = {v: [] for v in variants}, {}
     for r in range(args.rounds):
         for v in variants:
-            if v == "torch":
-                res = run_torch(torch_python, args.steps, args.warmup, args.timeout)
+            if v in TORCH_ROWS:
+                res = run_torch(torch_python, args.steps, args.warmup, args.timeout, v)
             else:
                 model, sched, stages, replicas = VARIANTS[v]
                 if sched == "seq":
@@ -681,7 +688,8 @@ def summarize(variants, per_round, predictions):
     out = {"steps_per_s": {}, "speedup": {}, "losses_equal_reference": {}, "error_pct": {}, "per_round": {}}
     for v in variants:
         out["steps_per_s"][v] = _median([res["steps_per_s"] for res in per_round[v]])
-        base = "seq16" if v in VARIANTS and VARIANTS[v][0] == "mlp16" else "seq"
+        # the DDP rows against PyTorch's own one-process run; every other row against our sequential one
+        base = "seq16" if v in VARIANTS and VARIANTS[v][0] == "mlp16" else "torch1" if v.startswith("ddp") else "seq"
         if base in per_round:
             out["speedup"][v] = _median([a["steps_per_s"] / b["steps_per_s"]
                                          for a, b in zip(per_round[v], per_round[base])])
@@ -726,7 +734,7 @@ def markdown(res):
           f"GEMM {gf['mean']:.0f} GFLOP/s on 1 thread\n\n"
           f"| variant | steps/s | speed-up | predicted (written first) | error % | predicted, {BIG_CORES} cores "
           "| losses = sequential |\n|---|---|---|---|---|---|---|")
-    for v in cfg["variants"] + (["torch"] if "torch" in m["steps_per_s"] else []):
+    for v in cfg["variants"] + [t for t in TORCH_ROWS if t in m["steps_per_s"]]:
         p = pred["variants"].get(v, {})
         eq = m["losses_equal_reference"].get(v)
         eq_s = "-" if eq is None else f"{'yes' if eq['equal'] else 'NO'} ({eq['reference']})"
@@ -736,7 +744,9 @@ def markdown(res):
     md += (f"\n\nspeed-up: median over rounds of variant / sequential (same model) in the same round; predicted: "
            f"the pipeline model, from block costs, ping-pong message times and copy rates measured before any "
            f"parallel run and written to the results file then; error = (predicted - measured) / measured. The "
-           f"{BIG_CORES}-core column is a prediction only unless this ran on such a machine.")
+           f"{BIG_CORES}-core column is a prediction only unless this ran on such a machine. PyTorch rows: "
+           f"backprop, whose steps/s against our sequential BLL step for 'torch' and the one-process 'torch1', and "
+           f"against 'torch1' for the DDP rows (PyTorch's own data-parallel scaling; no prediction).")
     md += "\n\n" + markdown_predictions(pred)
     for link, ping in res["setup"]["message"].items():
         md += f"\n\nMPI message over {link} (2 ranks, ping-pong median / 2): {ping_text(ping)}"
