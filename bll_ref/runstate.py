@@ -41,6 +41,11 @@ def _part_state(method, name) -> dict:
     return method.state_dict() if name == "method" else method.learners[int(name[len("learner"):])].state_dict()
 
 
+def _held(method, name) -> bool:
+    """False for a learner this process does not hold (an MPI rank's ``Released`` stand-in)."""
+    return name == "method" or getattr(method.learners[int(name[len("learner"):])], "held", True)
+
+
 def _load_part(method, name, state):
     if name == "method":
         method.load_state_dict(state)
@@ -158,6 +163,8 @@ def load(state_dir, method) -> dict:
     if set(t["files"]) != want:
         raise ValueError(f"{state_dir}: state holds {sorted(t['files'])}, this model needs {sorted(want)}")
     for name, fname in t["files"].items():
+        if not _held(method, name):
+            continue  # a learner another MPI rank trains (parallel/shard.py): its state is loaded there
         path = os.path.join(state_dir, fname)
         _regular_file(path, "saved state")
         current = _part_state(method, name)

@@ -234,13 +234,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What ``train`` and ``resume`` return: the history, the trained method (on its device),
-    the run directory and the data source used."""
-
+    """What ``train`` and ``resume`` return: the history, the trained method (on its device), the run
+    directory, the data source used, and whether this process wrote the run (an MPI rank but 0 did not)."""
     history: dict
     method: object
     out: str
     source: str
+    wrote: bool = True
 
     @property
     def test_acc(self) -> float:
@@ -304,7 +304,7 @@ def _run(cfg, lock, log, resuming):
         meta = {"method": cfg.method, "model": cfg.model, "data": source, "options": options,
                 "test_acc": hist["test_acc"]}
         checkpoint.save(os.path.join(out, "checkpoint.npz"), method.model, meta, method.aux_state())
-    return TrainResult(hist, method, out, source)
+    return TrainResult(hist, method, out, source, wrote=schedule.is_root)
 
 
 def resume(run_dir, *, log=print, given=None, **changes) -> TrainResult:

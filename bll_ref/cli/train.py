@@ -126,6 +126,6 @@ def cmd_train(args):
     else:
         fields["epochs"] = 10 if fields["epochs"] is None else fields["epochs"]
         result = train(TrainConfig(**fields), given=given)
-    if result.history.get("test_acc"):
+    if result.wrote and result.history.get("test_acc"):  # an MPI rank but 0 holds no final evaluation
         print(f"final test accuracy {100 * result.test_acc:.2f}%; checkpoint {result.out}/checkpoint.npz")
     return 0

@@ -96,7 +96,7 @@ class MPIPipeline:
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
                  log=None, data=None):
         check_pipelinable(method)
-        self.log, self.held, self._watch = log, None, None
+        self.log, self._watch = log, None
         self._xbuf, self._xraw = [], []  # per learner: [this step's turn, the next] of replica -> records / buffer
         self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
@@ -125,6 +125,11 @@ class MPIPipeline:
         self.in_shape = self._sample_in.shape[1:]
         self.dtype = h.dtype
         self._hand_out(method)
+        before = state_bytes(method.learners)  # the whole model's, whether written or not
+        if not self.is_root:  # from here on the other learners are not this rank's business (a resumed
+            release_others(method, self.groups[self.stage])  # run loads only its own: runstate.load)
+        self.held = (before, state_bytes(method.learners))
+        self._reported = False
 
     def _hand_out(self, method):
         """Rank 0 (whose model has the run's initial weights) sends every other rank the state of
@@ -216,14 +221,10 @@ class MPIPipeline:
         print(f"bll-ref train: {self.label()}: {why}", file=sys.stderr, flush=True)
         self.comm.Abort(1)
 
-    def hold_only_mine(self, method):
-        """Ranks other than 0 let go of the learners they do not train (``shard.py``); rank 0
-        logs what every rank holds: model state and data, before and after, and its resident
-        memory. Returns this rank's model state bytes (before, after)."""
-        before = state_bytes(method.learners)
-        if not self.is_root:
-            release_others(method, self.groups[self.stage])
-        after = state_bytes(method.learners)
+    def report_memory(self):
+        """Rank 0 logs what every rank holds: model state and data, and resident memory now and at
+        its peak (every rank calls it, at its first epoch, after a resumed run has loaded)."""
+        before, after = self.held
         rss, peak = resident_bytes(), peak_resident_bytes()
         mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss, -1 if peak is None else peak],
                         np.int64)
@@ -235,12 +236,11 @@ class MPIPipeline:
                      + "; ".join(f"{r}: {mb(a)}, {mb(d)}, {mb(m)}, {mb(p)}" for r, (_, a, _, d, m, p) in enumerate(every))
                      + f" (the whole model is {mb(every[0][0])}, the whole data {mb(every[0][2])}; rank 0 keeps "
                      "both to evaluate)")
-        self.held = (before, after)
-        return self.held
+        self._reported = True
 
     def run_epoch(self, method, batches, on_step):
-        if self.held is None:
-            self.hold_only_mine(method)
+        if not self._reported:
+            self.report_memory()
         with blas_threads(self.blas):
             return self._run_epoch(method, batches, on_step)
 

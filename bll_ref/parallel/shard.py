@@ -2,9 +2,9 @@
 
 A rank other than 0 builds the model with ``SkipDraws`` (the same draws, but zero weights that hold
 no memory until written) and receives the initial state of its own learners from rank 0
-(``MPIPipeline._hand_out``), so only its own blocks are ever written. At its first epoch (after a
-resumed run has loaded its state) it lets go of every other learner: the learner is replaced by a
-``Released`` placeholder and its block in the model by an empty ``Sequential``. Rank 0 keeps the
+(``MPIPipeline._hand_out``), so only its own blocks are ever written. Then it lets go of every
+other learner: the learner is replaced by a ``Released`` placeholder and its block in the model by
+an empty ``Sequential``; a resumed run loads only the learners it holds (``runstate.load``). Rank 0 keeps the
 whole model: it evaluates and assembles the checkpoint from the states the other ranks send at
 every epoch end.
 """
@@ -18,7 +18,10 @@ __all__ = ["Released", "release_others", "state_bytes"]
 
 
 class Released:
-    """Stands in for learner k on a rank that does not train it: no arrays, no statistics."""
+    """Stands in for learner k on a rank that does not train it: no arrays, no statistics
+    (``held`` False: a resumed run does not load its saved state here, ``runstate.load``)."""
+
+    held = False
 
     def __init__(self, k):
         self.k, self.stats, self.epoch = k, {}, 0
