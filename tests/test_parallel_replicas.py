@@ -302,6 +302,19 @@ def test_a_rank_hung_in_the_very_first_step_ends_the_job_within_10_s(tmp_path, r
 
 
 @needs_mpi
+def test_a_rank_0_hung_at_start_up_ends_the_job_after_the_start_up_allowance(tmp_path):
+    """Before the pipeline exists the others wait for rank 0's plan, with the start-up allowance
+    (600 s; BLL_REF_MPI_START_UP makes it 3 s here), never for ever."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="hang:0:0:plan",
+             BLL_REF_MPI_START_UP="3")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    assert "rank 1: no plan from rank 0 for 3 s at start-up; it is dead or hung" in r.stderr, r.stderr[-2000:]
+    assert not out.exists() or not os.listdir(out)
+
+
+@needs_mpi
 @pytest.mark.parametrize("ranks,replicas", [(2, 1), (3, 1), (2, 2)])
 def test_rank_0_hung_in_its_evaluation_ends_the_job_within_10_s(tmp_path, ranks, replicas):
     """Between epochs rank 0 evaluates and writes files while the others wait; it sends them a beat

@@ -56,7 +56,7 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
     if parallel == "threads":
         groups, _ = plan_groups(method, 2 if workers is None else workers, x, y, log=log)
         return ThreadPipeline(method, groups, blas=blas_threads, micro_batches=micro_batches)
-    from .mpi import MPIPipeline, hang_deadline, world
+    from .mpi import MPIPipeline, hang_deadline, start_up_wait, world
     comm = world()
     size, replicas = comm.Get_size(), replicas or 1
     if workers is not None and workers != size:
@@ -72,13 +72,15 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
         raise ValueError(f"{size} MPI ranks = {stages} stages x {replicas} replicas for {len(method.learners)} "
                          f"blocks; use at most one stage per block (--replicas {-(-size // len(method.learners))} "
                          "or more)")
+    fault_point(comm.Get_rank(), 0, "plan")
     groups, costs = plan_groups(method, stages, x, y, log=log) if comm.Get_rank() == 0 else (None, [0.0])
+    wait = start_up_wait(comm, "plan")  # rank 0 measures the blocks meanwhile
     deadline = np.array([hang_deadline(costs)])
-    comm.Bcast(deadline, root=0)
+    wait(comm.Ibcast(deadline, root=0), 0)
     if log and comm.Get_rank() == 0:
         log(f"world: {size} ranks = {stages} stage{'s' * (stages > 1)} x {replicas} replica{'s' * (replicas > 1)}"
             f" ({micro_batches} micro-batch{'es' * (micro_batches > 1)} per step)")
-    return MPIPipeline(method, comm, bcast_groups(comm, groups), np.ascontiguousarray(data["x_train"][:2]),
+    return MPIPipeline(method, comm, bcast_groups(comm, groups, wait), np.ascontiguousarray(data["x_train"][:2]),
                        blas=blas_threads, replicas=replicas, micro_batches=micro_batches, deadline=float(deadline[0]),
                        log=log if comm.Get_rank() == 0 else None, data=data)
 

@@ -103,7 +103,7 @@ def plan_groups(method, workers, x, y, log=print):
 def fault_point(worker, epoch, step):
     """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S" or
     "hang:W:E:S" (sleeps for an hour) makes worker W fail at step S (1-based) of epoch E (0-based);
-    S = "eval": in the root's evaluation after epoch E."""
+    S = "eval": in the root's evaluation after epoch E; "plan" (E = 0): while an MPI rank 0 plans."""
     spec = os.environ.get("BLL_REF_FAULT")
     if not spec:
         return

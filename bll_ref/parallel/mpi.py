@@ -55,12 +55,12 @@ from .shard import release_others, state_bytes
 from .wire import recv_arrays, send_arrays
 from .slices import combine, exchange_buffers, pack_records, record_layout, slice_bounds, split, stage_slices
 
-__all__ = ["MPIPipeline", "world", "hang_deadline", "EPOCH_WAIT"]
+__all__ = ["MPIPipeline", "world", "hang_deadline", "start_up_wait", "EPOCH_WAIT"]
 
 _ACT_TAG, _LOSS_TAG, _GRAD_TAG, _BEAT_TAG = 5, 8, 9, 10  # (wire.STATE_TAG = 7)
-#: seconds the ranks wait for each other at start-up, while every rank loads or compiles its
-#: learners' Numba kernels (``MPIPipeline._warm_up``)
-EPOCH_WAIT = 600.0
+#: seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads or
+#: compiles its learners' Numba kernels (``MPIPipeline._warm_up``); BLL_REF_MPI_START_UP overrides it
+EPOCH_WAIT = float(os.environ.get("BLL_REF_MPI_START_UP", 600.0))
 _BUSY = -1  # a beat of rank 0 between epochs: still evaluating or writing (an epoch number: go)
 
 
@@ -79,6 +79,20 @@ def hang_deadline(costs):
     BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
     env = os.environ.get("BLL_REF_MPI_DEADLINE")
     return float(env) if env else 3.0 + 20 * float(sum(costs))
+
+
+def start_up_wait(comm, what):
+    """A ``wait(request, peer)`` for the messages before the pipeline exists (rank 0's plan): it
+    polls the request and ends the job, naming ``what`` it waited for, after ``EPOCH_WAIT`` s."""
+    def wait(req, peer):
+        t0 = time.perf_counter()
+        while not req.Test():
+            if time.perf_counter() - t0 > EPOCH_WAIT:
+                print(f"bll-ref train: rank {comm.Get_rank()}: no {what} from rank {peer} for {EPOCH_WAIT:.0f} s at "
+                      "start-up; it is dead or hung", file=sys.stderr, flush=True)
+                comm.Abort(1)
+            time.sleep(0.002)
+    return wait
 
 
 class MPIPipeline:

@@ -11,12 +11,14 @@ __all__ = ["bcast_groups", "send_arrays", "recv_arrays", "STATE_TAG"]
 STATE_TAG = 7
 
 
-def bcast_groups(comm, groups):
-    """Rank 0's groups (list of lists of learner indices) to every rank, as an int array."""
+def bcast_groups(comm, groups, wait=None):
+    """Rank 0's groups (list of lists of learner indices) to every rank, as an int array.
+    ``wait(request, peer)`` completes each broadcast (default: MPI's blocking Wait)."""
+    wait = wait or _blocking
     n = np.array([len(groups) if groups is not None else 0], np.int64)
-    comm.Bcast(n, root=0)
+    wait(comm.Ibcast(n, root=0), 0)
     sizes = np.array([len(g) for g in groups] if comm.Get_rank() == 0 else np.zeros(n[0]), np.int64)
-    comm.Bcast(sizes, root=0)
+    wait(comm.Ibcast(sizes, root=0), 0)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))]
 
