@@ -35,21 +35,7 @@ deeper models (8- and 16-block MLP, ResNet-18), and writes them to the results f
 table then shows those predictions, unchanged, beside the measurements, with the error.
 ``--predict`` stops after writing the predictions.
 
-Pipeline model for S stages x R replicas (``predict_step``): a replica of stage g processes N / R
-rows through its blocks (cost_k(N / R), measured at that many rows), exchanges its gradients with
-the other R - 1 replicas, and sends its activations on (one message of N / R rows; a message's time
-interpolated between the ping-pong's sizes, 8 B to 16 MiB, because the cost per byte changes with
-the size). Replicas on one host share their records in memory (``exchange_buffers`` in
-bll_ref/parallel/slices.py): one 8-byte note per learner and peer travels; across hosts (the TCP
-column of the deep table) one message per learner and peer of that learner's parameter bytes.
-Writing its record and summing the R replicas' records costs 1 + 1.5 (R - 1) copies of their bytes
-at the memory copy rate measured before the runs with k = min(W, C) processes copying at the same
-time (W ranks on C cores): those passes are memory-bound and run while the other ranks compute and
-sum beside them, so each gets a share of the memory bandwidth, not all of it (the results list the
-rates; a prediction for more cores than this machine has uses the most processes measured). A step
-takes the slowest stage's time. With W = S R ranks on C < W cores, the ranks share the cores: the
-compute part is stretched by W / C (waiting ranks poll), and never faster than the total work over
-min(C, W).
+The pipeline model itself (``predict_step``) is in benchmarks/parallel_model.py.
 
     python benchmarks/parallel.py [--rounds 5] [--steps 60] [--warmup 10]
     python benchmarks/parallel.py --predict                    # the predictions alone, no parallel run
@@ -79,10 +65,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # bll_ref (and common, which uses it) is imported inside the functions that use it: the PyTorch
 # worker runs this file under another interpreter (a venv with torch) that need not have bll_ref.
 
+from parallel_model import N, ROWS, best_split, copy_counts, cost_at, predict_step  # noqa: E402
+
 SIZES = (784, 1024, 1024, 1024, 10)
-N = 128
 SEED = 0
-ACT_BYTES = N * 1024 * 4  # one (128, 1024) float32 activation
 DEEP_RANKS = (8, 16, 32, 64)
 BIG_CORES = 16  # the machine the issue's bars are for
 
@@ -346,9 +332,6 @@ def torch_worker(args):
 
 
 # --- the model -------------------------------------------------------------------------------
-ROWS = tuple(N >> i for i in range(7))  # 128, 64, ..., 2: the rows of a replica's slice for R = 1..64
-
-
 def measure_blocks(batches, model="mlp4", rows=ROWS, repeats=5):
     """{rows: [seconds of forward + update of each learner alone]} on one batch, 1 BLAS thread."""
     from bll_ref.parallel import blas_threads, measure_learner_seconds
@@ -358,24 +341,6 @@ def measure_blocks(batches, model="mlp4", rows=ROWS, repeats=5):
     with blas_threads(1):
         m = build_method(x, model)
         return {n: measure_learner_seconds(m, x[:n], y[:n], repeats=repeats) for n in rows}
-
-
-def cost_at(costs, n):
-    """Per-block seconds at ``n`` rows, as measured (``costs`` is keyed by rows, int or str)."""
-    by_rows = {int(k): v for k, v in costs.items()}
-    if int(n) != n or int(n) not in by_rows:
-        raise ValueError(f"no block costs measured at {n} rows (measured: {sorted(by_rows)})")
-    return by_rows[int(n)]
-
-
-def message_s(msg, nbytes):
-    """One-way time of an ``nbytes`` message: piecewise linear between the ping-pong's sizes
-    (8 B, one activation, 4 and 16 MiB where measured), the last segment's cost per byte beyond."""
-    pts = sorted((m["bytes"], m["one_way_s"]) for m in msg.values() if isinstance(m, dict) and "bytes" in m)
-    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
-        if nbytes <= b1 or (b1, t1) == pts[-1]:
-            return t0 + (nbytes - b0) * max(t1 - t0, 0.0) / (b1 - b0)
-    return pts[0][1]
 
 
 def ping_text(ping):
@@ -405,58 +370,6 @@ def copy_bytes_per_s(nbytes=16 << 20, repeats=20, barrier=None):
         np.copyto(dst, src)
         times.append(time.perf_counter() - t)
     return nbytes / float(np.median(times[2:]))
-
-
-def copy_counts(cores):
-    """Numbers of processes the copy rate is measured with: 1, 2, 4, ... and ``cores``."""
-    return sorted({1 << i for i in range(max(int(cores), 1).bit_length()) if 1 << i <= cores} | {max(int(cores), 1)})
-
-
-def copy_rate_at(rates, k):
-    """The copy rate measured with the most processes at once, at most ``k`` (``rates``: {k: bytes/s},
-    keys int or str)."""
-    by_k = {int(n): r for n, r in rates.items()}
-    return by_k[max(n for n in by_k if n <= max(k, 1))]
-
-
-def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rates, shared=True, act_bytes=ACT_BYTES):
-    """Seconds per step of ``groups`` (stages) x ``replicas`` on ``cores`` cores (module docstring).
-    ``shared``: the replicas of a stage share a host (their records in shared memory)."""
-    c = cost_at(costs, N / replicas)
-    comm = message_s(msg, act_bytes / replicas) if len(groups) > 1 else 0.0
-    w = len(groups) * replicas
-    rate = copy_rate_at(copy_rates, min(w, cores))
-    stage = []
-    for g in groups:
-        b = sum(pbytes[k] for k in g)
-        # per learner and peer one message (bll_ref/parallel/mpi.py): an 8-byte note when the records
-        # are shared, else the records (its gradient bytes); writing the replica's record (one copy)
-        # and summing R records into the gradients (R - 1 additions, ~1.5 copies each)
-        sent = [8 if shared else pbytes[k] for k in g]
-        exch = ((replicas - 1) * sum(message_s(msg, n) for n in sent)
-                + (1 + 1.5 * (replicas - 1)) * b / rate) if replicas > 1 else 0.0
-        stage.append(sum(c[k] for k in g) + exch)
-    compute = max(stage)
-    if w > cores:
-        compute *= w / cores
-    work = replicas * sum(c)
-    return max(compute, work / min(cores, w)) + comm
-
-
-def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rates, shared=True):
-    """The (stages, replicas, speed-up) with stages x replicas = ranks that the model likes best."""
-    from bll_ref.parallel import balanced_groups
-    seq = sum(cost_at(costs, N))
-    best = None
-    for r in (1, 2, 4, 8, 16, 32, 64):
-        s = ranks // r
-        if s * r != ranks or s > n_blocks or s < 1 or N % r:
-            continue
-        sp = seq / predict_step(costs, balanced_groups(cost_at(costs, N), s), r, msg, pbytes, cores, copy_rates,
-                                shared)
-        if best is None or sp > best[2]:
-            best = (s, r, sp)
-    return best
 
 
 def predict(args, variants, batches, setup):
