@@ -302,6 +302,19 @@ def test_a_rank_hung_in_the_very_first_step_ends_the_job_within_10_s(tmp_path, r
 
 
 @needs_mpi
+def test_a_healthy_run_with_a_cold_numba_cache_is_not_taken_for_hung(sequential, tmp_path):
+    """With no compiled kernel on disk every rank compiles while it warms up (under the start-up
+    allowance); nothing is left to compile in the first step or in rank 0's evaluation, which wait
+    under the short deadline, so the run ends normally and equal to the sequential one."""
+    out = tmp_path / "run"
+    r = _cli(CNN + ["--epochs", "2", "--out", str(out), "--replicas", "2"], mpi=4, timeout=400,
+             NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any((tmp_path / "numba-cache").rglob("*.nbi"))  # the ranks did compile into the empty cache
+    _assert_same_run(sequential("cnn", 2), out)
+
+
+@needs_mpi
 def test_a_rank_0_hung_at_start_up_ends_the_job_after_the_start_up_allowance(tmp_path):
     """Before the pipeline exists the others wait for rank 0's plan, with the start-up allowance
     (600 s; BLL_REF_MPI_START_UP makes it 3 s here), never for ever."""
