@@ -378,8 +378,6 @@ def predict(args, variants, batches, setup):
     costs, msg, pbytes, groups = setup["costs"], setup["message"], setup["param_bytes"], setup["groups"]
     out = {"written_at": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": os.cpu_count(), "variants": {}, "deep": {}}
     for v in variants:
-        if v == "torch":
-            continue
         model, sched, stages, replicas = VARIANTS[v]
         c = costs[model]
         seq = sum(cost_at(c, N))
@@ -471,6 +469,7 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS and v != "torch"]
     if unknown or "seq" not in variants:
         ap.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)}, torch); 'seq' must be one")
+    variants = [v for v in variants if v != "torch"]  # the PyTorch rows follow --torch-python / --no-torch
     run_benchmark(args, variants)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import gemm_gflops, interleaved, interleaved_bursts, machine, write  # noqa: E402
 from phases import MEMORY_ELEMENTS, PHASES, phase_table, update_bandwidth  # noqa: E402
+from torch_ddp import build_net as torch_mlp  # noqa: E402 (the MLP of SIZES, seed 0)
 
 from bll_ref import models  # noqa: E402
 from bll_ref.layers import Conv2d  # noqa: E402
@@ -95,15 +96,6 @@ def import_torch(site_dirs):
             return None
     torch.set_num_threads(_threads())  # same thread count as our BLAS: like for like
     return torch
-
-
-def torch_mlp(torch):
-    torch.manual_seed(0)
-    layers = []
-    for i, o in zip(SIZES[:-2], SIZES[1:-1]):
-        layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
-    layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
-    return torch.nn.Sequential(*layers)
 
 
 def torch_mlp_step(torch, pool, fused):

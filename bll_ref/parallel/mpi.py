@@ -143,7 +143,6 @@ class MPIPipeline:
         if not self.is_root:  # from here on the other learners are not this rank's business (a resumed
             release_others(method, self.groups[self.stage])  # run loads only its own: runstate.load)
         self.held = (before, state_bytes(method.learners))
-        self._reported = False
 
     def _hand_out(self, method):
         """Rank 0 (whose model has the run's initial weights) sends every other rank the state of
@@ -250,10 +249,9 @@ class MPIPipeline:
                      + "; ".join(f"{r}: {mb(a)}, {mb(d)}, {mb(m)}, {mb(p)}" for r, (_, a, _, d, m, p) in enumerate(every))
                      + f" (the whole model is {mb(every[0][0])}, the whole data {mb(every[0][2])}; rank 0 keeps "
                      "both to evaluate)")
-        self._reported = True
 
     def run_epoch(self, method, batches, on_step):
-        if not self._reported:
+        if not self._started:  # the first epoch of this process (after a resumed run has loaded)
             self.report_memory()
         with blas_threads(self.blas):
             return self._run_epoch(method, batches, on_step)

@@ -37,6 +37,8 @@ import tempfile
 
 import numpy as np
 
+from .wire import blocking_wait
+
 __all__ = ["slice_bounds", "split", "run_slice", "combine", "check_sliceable", "stage_slices", "pack_records",
            "unpack_records", "record_layout", "record_bytes", "shared_buffers", "exchange_buffers", "SHARED_DIR"]
 
@@ -84,9 +86,14 @@ def _norms(learner):
     return [leaf for part in parts for leaf in _leaves(part) if leaf.buffers]
 
 
+def _feedback_net(learner):
+    """The learner's feedback network (closed-form or trained), or None."""
+    return getattr(getattr(learner, "source", None), "net", None)
+
+
 def _optimisers(learner):
     """Block, head and trained-feedback optimisers, in a fixed order (absent ones skipped)."""
-    net = getattr(getattr(learner, "source", None), "net", None)
+    net = _feedback_net(learner)
     cands = (learner.opt, getattr(learner, "head_opt", None), getattr(net, "opt", None))
     return [o for o in cands if o is not None]
 
@@ -100,7 +107,7 @@ def check_sliceable(method):
         raise ValueError("--micro-batches needs span 1 and closed or trained feedback (span 2 and twin "
                          "feedback pass messages between blocks); leave it at 1")
     for learner in method.learners:
-        net = getattr(getattr(learner, "source", None), "net", None)
+        net = _feedback_net(learner)
         if getattr(net, "decay", None) is not None:
             raise ValueError("--feedback-decay keeps running statistics that chain through the micro-batches; "
                              "leave it out or --micro-batches at 1")
@@ -147,7 +154,7 @@ def run_slice(learner, h, y, Y, weight, out=None):
     for layer in norms:
         for v in layer.buffers.values():
             v[...] = 0
-    net = getattr(getattr(learner, "source", None), "net", None)
+    net = _feedback_net(learner)
     closed = net is not None and not hasattr(net, "opt")  # closed form: W is fitted on each slice
     W = net.W if closed else None
     stats = learner.stats
@@ -298,7 +305,7 @@ def shared_buffers(comm, nbytes, wait=None, tag=0):
     (a rank that reads another token, a same-named file on another host, counts as unable), and
     unlinks it as soon as every rank has tried to map it: a rank that dies later leaves nothing
     behind (the memory goes with the last mapping; the arrays keep theirs alive)."""
-    wait = wait or (lambda req, peer: req.Wait())
+    wait = wait or blocking_wait
     others = range(1, comm.Get_size())
     head, step = 64, -(-int(nbytes) // 64) * 64  # every rank's buffer starts 64-byte aligned
     total = head + step * comm.Get_size()

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "STATE_TAG"]
+__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE_TAG"]
 
 STATE_TAG = 7
 
@@ -14,7 +14,7 @@ STATE_TAG = 7
 def bcast_groups(comm, groups, wait=None):
     """Rank 0's groups (list of lists of learner indices) to every rank, as an int array.
     ``wait(request, peer)`` completes each broadcast (default: MPI's blocking Wait)."""
-    wait = wait or _blocking
+    wait = wait or blocking_wait
     n = np.array([len(groups) if groups is not None else 0], np.int64)
     wait(comm.Ibcast(n, root=0), 0)
     sizes = np.array([len(g) for g in groups] if comm.Get_rank() == 0 else np.zeros(n[0]), np.int64)
@@ -23,11 +23,12 @@ def bcast_groups(comm, groups, wait=None):
     return [list(range(bounds[i], bounds[i + 1])) for i in range(len(sizes))]
 
 
-def _blocking(req, peer):
+def blocking_wait(req, peer):
+    """The default ``wait(request, peer)``: MPI's blocking Wait (no limit)."""
     req.Wait()
 
 
-def send_arrays(comm, arrays: dict, dest, tag=STATE_TAG, wait=_blocking):
+def send_arrays(comm, arrays: dict, dest, tag=STATE_TAG, wait=blocking_wait):
     """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle.
     ``wait(request, peer)`` completes each message (default: MPI's blocking Wait)."""
     names = sorted(arrays)
@@ -38,7 +39,7 @@ def send_arrays(comm, arrays: dict, dest, tag=STATE_TAG, wait=_blocking):
         wait(comm.Isend(buf, dest=dest, tag=tag), dest)
 
 
-def recv_arrays(comm, source, tag=STATE_TAG, wait=_blocking) -> dict:
+def recv_arrays(comm, source, tag=STATE_TAG, wait=blocking_wait) -> dict:
     """What ``send_arrays`` sent from ``source``."""
     n = np.empty(1, np.int64)
     wait(comm.Irecv(n, source=source, tag=tag), source)
