@@ -77,12 +77,16 @@ MODELS = {"mlp4": SIZES, "mlp8": (784,) + (1024,) * 7 + (10,), "mlp16": (784,) +
 VARIANTS = {"seq": ("mlp4", "seq", 1, 1), "seq_mb2": ("mlp4", "seq", 1, 2), "threads": ("mlp4", "threads", 2, 1),
             "mpi2": ("mlp4", "mpi", 2, 1), "mpi2r": ("mlp4", "mpi", 1, 2), "mpi4": ("mlp4", "mpi", 4, 1),
             "mpi4r": ("mlp4", "mpi", 2, 2), "mpi8r": ("mlp4", "mpi", 4, 2),
-            "seq16": ("mlp16", "seq", 1, 1), "mpi16": ("mlp16", "mpi", 16, 1)}
-SMALL = ("seq", "seq_mb2", "threads", "mpi2", "mpi2r", "mpi4", "mpi4r")
+            "seq16": ("mlp16", "seq", 1, 1), "mpi16": ("mlp16", "mpi", 16, 1),
+            "mpi2r_whole": ("mlp4", "mpi", 1, 2), "mpi4r_whole": ("mlp4", "mpi", 2, 2)}
+# replicas that each step the whole optimiser (BLL_REF_SHARD_STEP=0), side by side with the steps in shares
+WHOLE_STEP = ("mpi2r_whole", "mpi4r_whole")
+SMALL = ("seq", "seq_mb2", "threads", "mpi2", "mpi2r", "mpi2r_whole", "mpi4", "mpi4r", "mpi4r_whole")
 BIG = SMALL + ("mpi8r", "seq16", "mpi16")
 NAMES = {"seq": "sequential", "seq_mb2": "sequential, 2 micro-batches", "threads": "threads, 2 workers",
          "mpi2": "MPI 2 ranks (2 x 1)", "mpi2r": "MPI 2 ranks (1 x 2)", "mpi4": "MPI 4 ranks (4 x 1)",
-         "mpi4r": "MPI 4 ranks (2 x 2)", "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
+         "mpi4r": "MPI 4 ranks (2 x 2)", "mpi2r_whole": "MPI 2 ranks (1 x 2), whole step each",
+         "mpi4r_whole": "MPI 4 ranks (2 x 2), whole step each", "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
          "mpi16": "16-block MLP, MPI 16 ranks (16 x 1)", "torch": "PyTorch BP, 2 threads",
          "torch1": "PyTorch BP, 1 process, 1 thread", "ddp2": "PyTorch DDP (gloo), 2 processes",
          "ddp4": "PyTorch DDP (gloo), 4 processes", "ddp8": "PyTorch DDP (gloo), 8 processes"}
@@ -150,8 +154,8 @@ def mpiexec():
     return here if os.path.exists(here) else shutil.which("mpiexec")
 
 
-def _subprocess_env(blas_one=True):
-    env = dict(os.environ)
+def _subprocess_env(blas_one=True, **extra):
+    env = dict(os.environ, **extra)
     if blas_one:
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -161,13 +165,13 @@ def _subprocess_env(blas_one=True):
     return env
 
 
-def run_subprocess(cmd, timeout, blas_one=True):
+def run_subprocess(cmd, timeout, blas_one=True, **env):
     """Run ``cmd`` (it writes a JSON file, named by the trailing --out) and return that JSON,
     or {"error": ...} with the end of its output. On timeout everything it started is ended."""
     fd, out = tempfile.mkstemp(prefix="bll_parallel_", suffix=".json")
     os.close(fd)
     proc = subprocess.Popen(cmd + ["--out", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_subprocess_env(blas_one), start_new_session=True, text=True)
+                            env=_subprocess_env(blas_one, **env), start_new_session=True, text=True)
     try:
         text, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -222,7 +226,7 @@ def run_mpi(v, steps, warmup, groups, timeout):
     return run_subprocess([mpiexec(), "-n", str(stages * replicas), "--oversubscribe", sys.executable, "-m", "mpi4py",
                            os.path.abspath(__file__), "--mpi-worker", "pipeline", "--steps", str(steps),
                            "--warmup", str(warmup), "--groups", groups_arg(groups), "--model", model,
-                           "--replicas", str(replicas)], timeout)
+                           "--replicas", str(replicas)], timeout, BLL_REF_SHARD_STEP="0" if v in WHOLE_STEP else "1")
 
 
 TCP = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
@@ -343,6 +347,29 @@ def measure_blocks(batches, model="mlp4", rows=ROWS, repeats=5):
         return {n: measure_learner_seconds(m, x[:n], y[:n], repeats=repeats) for n in rows}
 
 
+def measure_opt_seconds(batches, model="mlp4", repeats=5):
+    """[seconds of each learner's optimiser steps (block, head, trained feedback)], 1 BLAS thread:
+    the part of a step that replicas stepping in shares split R ways."""
+    from bll_ref.parallel import blas_threads
+    from bll_ref.parallel.slices import optimisers
+    x, y = batches[0]
+    if model == "resnet18":
+        x = x.reshape(-1, 1, 28, 28)
+    with blas_threads(1):
+        m = build_method(x, model)
+        m.train_step(x, y)  # every gradient array exists
+        out = []
+        for learner in m.learners:
+            times = []
+            for _ in range(repeats + 1):
+                t = time.perf_counter()
+                for opt in optimisers(learner):
+                    opt.step()
+                times.append(time.perf_counter() - t)
+            out.append(float(np.median(times[1:])))
+        return out
+
+
 def ping_text(ping):
     """The ping-pong's one-way times, e.g. "8 B 0.8 us, (128, 1024) float32 66 us, 4 MiB 180 us"."""
     names = {"small_8B": "8 B", "activation": "(128, 1024) float32", "grad_4MiB": "4 MiB", "grad_16MiB": "16 MiB"}
@@ -390,7 +417,8 @@ def predict(args, variants, batches, setup):
                 step = max(pipeline_seconds_per_step(cost_at(c, N), groups[v], 0.0),
                            seq / min(cores, stages))
             else:
-                step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rates"])
+                step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rates"],
+                                    opt_s=None if v in WHOLE_STEP else setup["opt_s"][model])
             row[label] = {"step_s": step, "speedup": seq / step}
         out["variants"][v] = row
     for model, c in costs.items():
@@ -400,7 +428,7 @@ def predict(args, variants, batches, setup):
             for link in ("shm", "tcp"):
                 # TCP: ranks on other hosts, whose replicas send their records as messages
                 b = best_split(c, ranks, msg[link], pbytes[model], ranks, n_blocks, setup["copy_rates"],
-                               shared=link == "shm")
+                               shared=link == "shm", opt_s=setup["opt_s"][model])
                 if b:
                     out["deep"][model].setdefault(str(ranks), {})[link] = {"stages": b[0], "replicas": b[1],
                                                                             "speedup": b[2]}
@@ -524,12 +552,14 @@ def measure_setup(args, variants, batches):
     from bll_ref.parallel import balanced_groups, describe
     reps = 2 if args.quick else 5
     models = sorted({VARIANTS[v][0] for v in variants if v in VARIANTS} | {"mlp8", "mlp16", "resnet18"})
-    costs, pbytes = {}, {}
+    costs, pbytes, opt_s = {}, {}, {}
     for model in models:
         costs[model] = measure_blocks(batches, model, repeats=reps)  # medians: one slow repeat would set a stage
         pbytes[model] = stage_param_bytes(model)
+        opt_s[model] = measure_opt_seconds(batches, model, repeats=reps)
         print(f"{model}: block costs at {N} rows (ms) "
-              + ", ".join(f"{1e3 * c:.2f}" for c in costs[model][N]), flush=True)
+              + ", ".join(f"{1e3 * c:.2f}" for c in costs[model][N])
+              + "; of which optimiser steps " + ", ".join(f"{1e3 * c:.2f}" for c in opt_s[model]), flush=True)
     groups = {}
     for v in variants:
         if v in VARIANTS and VARIANTS[v][1] != "seq":
@@ -551,7 +581,7 @@ def measure_setup(args, variants, batches):
         rates[str(k)] = res["bytes_per_s"]
     print(f"memory copy, k processes at once: {copy_text(rates)}", flush=True)
     return {"costs": {m: {str(n): c for n, c in cs.items()} for m, cs in costs.items()}, "param_bytes": pbytes,
-            "groups": groups, "message": msg, "copy_rates": rates}
+            "opt_s": opt_s, "groups": groups, "message": msg, "copy_rates": rates}
 
 
 def copy_text(rates):

@@ -7,8 +7,11 @@ rows through its blocks (cost_k(N / R), measured at that many rows), exchanges i
 the other R - 1 replicas, and sends its activations on (one message of N / R rows; a message's time
 interpolated between the ping-pong's sizes, 8 B to 16 MiB, because the cost per byte changes with
 the size). Replicas on one host share their records in memory (``exchange_buffers`` in
-bll_ref/parallel/slices.py): one 8-byte note per learner and peer travels; across hosts (the TCP
+bll_ref/parallel/shm.py): one 8-byte note per learner and peer travels; across hosts (the TCP
 column of the deep table) one message per learner and peer of that learner's parameter bytes.
+Replicas on one host also step in shares (bll_ref/parallel/exchange.py): each sums and steps
+1/R of the parameters (the optimiser's measured seconds drop by (R - 1)/R), copies the
+parameters once (its share out, the others' in) and sends a second note per learner and peer.
 Writing its record and summing the R replicas' records costs 1 + 1.5 (R - 1) copies of their bytes
 at the memory copy rate measured before the runs with k = min(W, C) processes copying at the same
 time (W ranks on C cores): those passes are memory-bound and run while the other ranks compute and
@@ -55,13 +58,16 @@ def copy_rate_at(rates, k):
     return by_k[max(n for n in by_k if n <= max(k, 1))]
 
 
-def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rates, shared=True, act_bytes=ACT_BYTES):
+def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rates, shared=True, act_bytes=ACT_BYTES,
+                 opt_s=None):
     """Seconds per step of ``groups`` (stages) x ``replicas`` on ``cores`` cores (module docstring).
-    ``shared``: the replicas of a stage share a host (their records in shared memory)."""
+    ``shared``: the replicas of a stage share a host (their records in shared memory). ``opt_s``:
+    seconds of each learner's optimiser steps; given with ``shared``, the replicas step in shares."""
     c = cost_at(costs, N / replicas)
     comm = message_s(msg, act_bytes / replicas) if len(groups) > 1 else 0.0
     w = len(groups) * replicas
     rate = copy_rate_at(copy_rates, min(w, cores))
+    shares = shared and opt_s is not None and replicas > 1
     stage = []
     for g in groups:
         b = sum(pbytes[k] for k in g)
@@ -71,15 +77,22 @@ def predict_step(costs, groups, replicas, msg, pbytes, cores, copy_rates, shared
         sent = [8 if shared else pbytes[k] for k in g]
         exch = ((replicas - 1) * sum(message_s(msg, n) for n in sent)
                 + (1 + 1.5 * (replicas - 1)) * b / rate) if replicas > 1 else 0.0
-        stage.append(sum(c[k] for k in g) + exch)
+        own = sum(c[k] for k in g)
+        if shares:  # in shares (bll_ref/parallel/exchange.py): 1/R of the sums and of the optimiser steps,
+            # a second note per learner and peer, and one copy of the parameters (its share out, the rest in)
+            exch = ((replicas - 1) * 2 * len(g) * message_s(msg, 8)
+                    + (1 + 1.5 * (replicas - 1) / replicas + 1) * b / rate)
+            own -= (replicas - 1) / replicas * sum(opt_s[k] for k in g)
+        stage.append(own + exch)
     compute = max(stage)
     if w > cores:
         compute *= w / cores
-    work = replicas * sum(c)
+    saved = (replicas - 1) * sum(opt_s) if shares else 0.0  # optimiser work no longer repeated R times
+    work = replicas * sum(c) - saved
     return max(compute, work / min(cores, w)) + comm
 
 
-def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rates, shared=True):
+def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rates, shared=True, opt_s=None):
     """The (stages, replicas, speed-up) with stages x replicas = ranks that the model likes best."""
     from bll_ref.parallel import balanced_groups  # here: benchmarks/parallel.py's PyTorch worker has no bll_ref
     seq = sum(cost_at(costs, N))
@@ -89,7 +102,7 @@ def best_split(costs, ranks, msg, pbytes, cores, n_blocks, copy_rates, shared=Tr
         if s * r != ranks or s > n_blocks or s < 1 or N % r:
             continue
         sp = seq / predict_step(costs, balanced_groups(cost_at(costs, N), s), r, msg, pbytes, cores, copy_rates,
-                                shared)
+                                shared, opt_s=opt_s)
         if best is None or sp > best[2]:
             best = (s, r, sp)
     return best

@@ -185,8 +185,8 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
         if big > MAX_PARAM:
             raise _diverged(method, epoch + 1, steps, f"a parameter reached |w| = {big:.3g} (weights exploding, "
                             f"more than {MAX_PARAM:.0e})", finite=True)
-        # other processes may wait for this one to finish the epoch: beat after every piece of work
-        beat = schedule.beat if epoch + 1 < epochs else None
+        # other processes wait for this one to finish the epoch (or the run): beat after every piece of work
+        beat = schedule.beat
         fault_point(0, epoch, "eval")
         with blas_threads(getattr(schedule, "blas", None)):  # as many as training: every schedule, same bits
             logits = predict(method.model, data["x_test"], eval_batch, on_chunk=beat)
@@ -195,8 +195,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
             n_te = min(int(train_eval), len(x))
             train_acc = evaluate(method.model, x[:n_te], y[:n_te], eval_batch, on_chunk=beat) if n_te > 0 else None
             diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
-        if beat:
-            beat()
+        beat()
         history["epochs"].append(epoch + 1)
         history["test_acc"].append(acc)
         for key, v in (("test_top3", top3), ("train_acc", train_acc)):
@@ -212,8 +211,7 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
                 f"{eval_name} accuracy {100 * acc:.2f}%")
         if history_path:
             write_json_atomic(history_path, history)
-            if beat:
-                beat()
+            beat()
         if state_dir:
-            runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options)
+            runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options, on_file=beat)
     return history

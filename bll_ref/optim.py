@@ -126,6 +126,16 @@ class _Optimizer:
                 raise RuntimeError(f"gradient {k} has shape {grads[k].shape}, parameter {p.shape}")
         return grads
 
+    def _pieces(self, grads, part):
+        """(name, parameter, flat gradient piece, lo, hi) to update: every parameter whole, or with
+        ``part`` ({name: (lo, hi)}) elements lo:hi of the flattened parameters it names, an MPI
+        replica's share of a step (bll_ref/parallel/slices.py, ``shard_parts``). The update is
+        elementwise, so the pieces of all replicas together make the whole step, bit for bit."""
+        for k, p in self._params.items():
+            lo, hi = (0, p.size) if part is None else part.get(k, (0, 0))
+            if hi > lo:
+                yield k, p, grads[k].reshape(-1)[lo:hi], lo, hi
+
     def state_dict(self) -> dict:
         return {"t": np.array(self.t), "lr": np.array(self.lr)}
 
@@ -161,20 +171,21 @@ class SGD(_Optimizer):
 
     _STATE = ("velocity",)
 
-    def step(self):
+    def step(self, part=None):
         grads = self._grads()
         self.t += 1
-        for k, p in self._params.items():
+        for k, p, g, lo, hi in self._pieces(grads, part):
+            vel = self.velocity[k].reshape(-1)[lo:hi]
             if not self.fused:
-                sgd_update_reference(p, grads[k], self.velocity[k], self.lr, self.momentum, self.weight_decay)
+                sgd_update_reference(_flat(p, k)[lo:hi], g, vel, self.lr, self.momentum, self.weight_decay)
                 continue
             f = p.dtype.type  # scalars in the parameter's dtype: no float64 per element for float32
             gpu = self._kernels(p)
             if self.momentum:
-                (gpu.sgd if gpu else _sgd_kernel)(_flat(p, k), _flat_grad(grads[k], p), self.velocity[k].reshape(-1),
-                                                   f(self.lr), f(self.momentum), f(self.weight_decay))
+                (gpu.sgd if gpu else _sgd_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), vel, f(self.lr),
+                                                   f(self.momentum), f(self.weight_decay))
             else:
-                (gpu.sgd_plain if gpu else _sgd_plain_kernel)(_flat(p, k), _flat_grad(grads[k], p), f(self.lr),
+                (gpu.sgd_plain if gpu else _sgd_plain_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), f(self.lr),
                                                                f(self.weight_decay))
 
     def state_dict(self):
@@ -198,18 +209,19 @@ class Adam(_Optimizer):
 
     _STATE = ("m", "v")
 
-    def step(self):
+    def step(self, part=None):
         grads = self._grads()
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        for k, p in self._params.items():
+        for k, p, g, lo, hi in self._pieces(grads, part):
+            m, v = self.m[k].reshape(-1)[lo:hi], self.v[k].reshape(-1)[lo:hi]
             if not self.fused:
-                adam_update_reference(p, grads[k].astype(p.dtype, copy=False), self.m[k], self.v[k], self.lr,
+                adam_update_reference(_flat(p, k)[lo:hi], g.astype(p.dtype, copy=False), m, v, self.lr,
                                       self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
                 continue
             f = p.dtype.type  # scalars precomputed once per step, in the parameter's dtype
             gpu = self._kernels(p)
-            (gpu.adam if gpu else _adam_kernel)(_flat(p, k), _flat_grad(grads[k], p), self.m[k].reshape(-1), self.v[k].reshape(-1),
+            (gpu.adam if gpu else _adam_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), m, v,
                          f(self.lr / c1), f(self.beta1), f(1 - self.beta1), f(self.beta2), f(1 - self.beta2),
                          f(1 / math.sqrt(c2)), f(self.eps), f(self.weight_decay))
 

@@ -53,13 +53,16 @@ def _load_part(method, name, state):
         method.learners[int(name[len("learner"):])].load_state_dict(state)
 
 
-def save(state_dir, method, epoch, rng_state, history, options=None):
-    """Write the state of ``method`` after ``epoch`` completed epochs."""
+def save(state_dir, method, epoch, rng_state, history, options=None, on_file=None):
+    """Write the state of ``method`` after ``epoch`` completed epochs; ``on_file()`` is called
+    after each file written (an MPI rank 0 beats there: ``parallel.mpi``)."""
     os.makedirs(state_dir, exist_ok=True)
     files = {}
     for name in _part_names(method):
         files[name] = f"{name}-epoch{epoch}.npz"
         write_npz(os.path.join(state_dir, files[name]), _part_state(method, name))
+        if on_file:
+            on_file()
     write_json_atomic(os.path.join(state_dir, TRAINER), {
         "format": FORMAT, "version": VERSION, "epoch": int(epoch), "method": method.name,
         "rng": rng_state, "history": history, "options": options or {}, "files": files})

@@ -291,6 +291,10 @@ def _run(cfg, lock, log, resuming):
                        history_path=os.path.join(out, "history.json") if rank == 0 else None,
                        state_dir=os.path.join(out, "state"),  # every rank resumes from it; rank 0 writes
                        resume=resuming, options=options, schedule=schedule)
+        if schedule.is_root:
+            meta = dict(method=cfg.method, model=cfg.model, data=source, options=options, test_acc=hist["test_acc"])
+            checkpoint.save(os.path.join(out, "checkpoint.npz"), method.model, meta, method.aux_state())
+        schedule.finish()  # under MPI the others wait for rank 0's "done" (a hung rank 0 is named)
     except BaseException as e:
         if schedule.name == "mpi" and isinstance(e, Exception):
             schedule.abort(e)
@@ -300,10 +304,6 @@ def _run(cfg, lock, log, resuming):
         if isinstance(e, Diverged):
             raise Diverged(f"{e}; no checkpoint written") from None
         raise
-    if schedule.is_root:
-        meta = {"method": cfg.method, "model": cfg.model, "data": source, "options": options,
-                "test_acc": hist["test_acc"]}
-        checkpoint.save(os.path.join(out, "checkpoint.npz"), method.model, meta, method.aux_state())
     return TrainResult(hist, method, out, source, wrote=schedule.is_root)
 
 

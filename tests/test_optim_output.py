@@ -50,6 +50,42 @@ def test_fused_sgd_equals_numpy_reference(dtype, momentum, weight_decay):
         np.testing.assert_allclose(oa.velocity[k], ob.velocity[k], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("make_opt", [lambda m, f: Adam(m, lr=1e-2, weight_decay=1e-3, fused=f),
+                                      lambda m, f: SGD(m, lr=0.05, momentum=0.9, weight_decay=1e-2, fused=f),
+                                      lambda m, f: SGD(m, lr=0.05, fused=f)], ids=["adam", "sgd momentum", "sgd"])
+def test_steps_in_parts_make_the_whole_step_bit_for_bit(dtype, fused, make_opt):
+    """``step(part=...)`` updates only elements lo:hi of the flattened parameters it names (an MPI
+    replica's share, the same every step): the shares of R optimisers, put together, are the whole
+    step exactly, over several steps, with cuts anywhere (inside the kernels' SIMD lanes or at
+    their edges)."""
+    rng, shares = np.random.default_rng(1), 3
+    whole_model = _model(dtype)
+    whole = make_opt(whole_model, fused)
+    models = [_model(dtype) for _ in range(shares)]
+    opts = [make_opt(m, fused) for m in models]
+    bounds = {k: [0, *np.sort(rng.integers(0, p.size + 1, shares - 1)).tolist(), p.size]
+              for k, p in whole_model.params.items()}
+    for step in range(4):
+        for m in (whole_model, *models):
+            _fill_grads(m, step)
+        whole.step()
+        for q, (m, o) in enumerate(zip(models, opts)):
+            part = {k: (b[q], b[q + 1]) for k, b in bounds.items()}
+            before = {k: p.copy() for k, p in m.params.items()}
+            o.step(part=part)
+            for k, (lo, hi) in part.items():
+                flat, old = m.params[k].reshape(-1), before[k].reshape(-1)
+                assert np.array_equal(flat[:lo], old[:lo]) and np.array_equal(flat[hi:], old[hi:])  # only its part
+        for k, p in whole_model.params.items():  # put together; then every model takes the whole, as replicas do
+            got = np.concatenate([m.params[k].reshape(-1)[b0:b1]
+                                  for m, b0, b1 in zip(models, bounds[k][:-1], bounds[k][1:])])
+            assert np.array_equal(got, p.reshape(-1)), k
+            for m in models:
+                m.params[k][...] = p
+
+
 def test_fused_kernels_keep_float32_and_propagate_non_finite():
     # fastmath must not drop NaN/inf: a diverging run has to stay visibly non-finite
     for opt in (Adam, lambda m: SGD(m, lr=0.1, momentum=0.9)):

@@ -71,3 +71,17 @@ def test_best_split_prefers_what_predict_step_says_is_fastest():
     two_by_one = 12 * MS / predict_step(costs, balanced_groups(cost_at(costs, N), 2), 1, MSG, PBYTES, 2, RATES)
     assert speedup == pytest.approx(max(one_by_two, two_by_one))
     assert (stages, replicas) == ((1, 2) if one_by_two > two_by_one else (2, 1))
+
+
+def test_replicas_stepping_in_shares_split_the_optimiser_and_copy_the_parameters_once():
+    # 1 stage x 2 replicas on 2 cores, optimiser steps of 1, 2 and 0.5 ms inside the block costs:
+    # blocks at 64 rows (7.5 ms) less half of the 3.5 ms of optimiser steps, two notes per learner
+    # and peer (6 us), and 1 (record) + 0.75 (half the sums) + 1 (parameters) copies of 3 MB at 5 GB/s
+    opt = [1 * MS, 2 * MS, 0.5 * MS]
+    shares = predict_step(COSTS, [[0, 1, 2]], 2, MSG, PBYTES, 2, RATES, opt_s=opt)
+    assert shares == pytest.approx(7.5 * MS - 1.75 * MS + 6e-6 + 2.75 * 3e6 / 5e9)
+    # across hosts (no shared memory) every replica steps everything: the optimiser seconds do not count
+    assert predict_step(COSTS, [[0, 1, 2]], 2, MSG, PBYTES, 2, RATES, shared=False, opt_s=opt) == \
+        predict_step(COSTS, [[0, 1, 2]], 2, MSG, PBYTES, 2, RATES, shared=False)
+    # one replica: nothing to share
+    assert predict_step(COSTS, [[0, 1, 2]], 1, MSG, PBYTES, 2, RATES, opt_s=opt) == pytest.approx(12 * MS)

@@ -90,6 +90,54 @@ def test_run_slice_leaves_the_learner_unchanged_and_records_pack_losslessly():
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_a_step_in_shares_makes_the_whole_step_bit_for_bit(kind, shards):
+    """Replicas on one host each sum and step their share of a learner's parameters
+    (``shard_parts``, ``combine(parts=...)``), then take the others' shares: the parameters and,
+    put together, the optimiser moments equal the whole step's exactly, over two steps."""
+    import copy
+
+    from bll_ref.parallel.slices import optimisers, combine, shard_parts, split
+
+    m = _method(kind)
+    d = _task(kind == "cnn")
+    x, y = d["x_train"][:30], d["y_train"][:30]
+    learner = m.learners[1]
+    assert optimisers(learner) == [learner.opt, learner.head_opt]  # the state keys below
+    owner = {"block/params/": 0, "opt/m/": 0, "opt/v/": 0, "head/params/": 1, "head_opt/m/": 1, "head_opt/v/": 1}
+    h = m.learners[0].forward(x)
+    replicas = [copy.deepcopy(learner) for _ in range(shards)]
+    parts = [shard_parts(learner, q, shards) for q in range(shards)]
+    sizes = [sum(hi - lo for part in ps for lo, hi in part.values()) for ps in parts]
+    assert sum(sizes) == sum(p.size for o in optimisers(learner) for p in o.layer.params.values())
+    assert max(sizes) - min(sizes) <= 32  # cuts at multiples of 16 elements
+    for _ in range(2):  # moments and step counts carried from step to step
+        recs = [run_slice(learner, *args)[1] for args in zip(*split(h, y, m.one_hot(y), 3))]
+        combine(learner, recs)
+        before = [copy.deepcopy(c.state_dict()) for c in replicas]
+        for q, c in enumerate(replicas):
+            combine(c, recs, parts[q])
+        whole, states = learner.state_dict(), [c.state_dict() for c in replicas]
+        for key, v in whole.items():
+            prefix = next((p for p in owner if key.startswith(p)), None)
+            if prefix is None:  # not stepped in shares (statistics, feedback, step counts): every replica's
+                assert all(np.array_equal(st[key], v) for st in states), key
+                continue
+            got = np.full(v.size, np.nan, v.dtype)
+            for q, st in enumerate(states):
+                lo, hi = parts[q][owner[prefix]].get(key[len(prefix):], (0, 0))
+                got[lo:hi] = st[key].reshape(-1)[lo:hi]
+                rest = np.ones(v.size, bool)
+                rest[lo:hi] = False
+                assert np.array_equal(st[key].reshape(-1)[rest], before[q][key].reshape(-1)[rest]), key  # not stepped
+            assert np.array_equal(got, v.reshape(-1)), key
+        for c in replicas:  # each takes the others' parameters (what ``shm.take_params`` copies)
+            for o, o_whole in zip(optimisers(c), optimisers(learner)):
+                for k, p in o.layer.params.items():
+                    p[...] = o_whole.layer.params[k]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("groups", [[[0, 1], [2, 3]], [[0], [1, 2], [3]]], ids=["2 workers", "3 workers"])
 def test_thread_pipeline_with_micro_batches_equals_sequential(kind, groups):
     def trained(schedule_of):
@@ -341,6 +389,36 @@ def test_rank_0_hung_in_its_evaluation_ends_the_job_within_10_s(tmp_path, ranks,
     assert re.search(f"no message from {who} for \\d+ s between epochs; it is dead or hung", r.stderr), \
         r.stderr[-2000:]
     assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks,replicas", [(2, 1), (2, 2)])
+def test_rank_0_hung_after_the_last_epoch_ends_the_job_within_10_s(tmp_path, ranks, replicas):
+    """After the last epoch the others wait for rank 0's "done" (sent once the checkpoint is
+    written), taking its beats meanwhile; they used to sit in MPI's finalize for ever."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out), "--replicas", str(replicas)], mpi=ranks, timeout=120,
+             BLL_REF_FAULT="hang:0:0:eval")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    who = r"rank 0 \(blocks? [\d-]+(, replica 0)?\)"
+    assert re.search(f"no message from {who} for \\d+ s after the last epoch; it is dead or hung", r.stderr), \
+        r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists()
+
+
+@needs_mpi
+def test_a_rank_hung_before_the_pipeline_exists_ends_the_job_after_the_start_up_allowance(tmp_path):
+    """Rank 1 hangs at start-up while rank 0 goes on: every wait before the first step is bounded
+    by the start-up allowance (3 s here), the collective calls included (a replicated run's Split
+    used to wait for ever)."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out), "--replicas", "2"], mpi=2, timeout=120,
+             BLL_REF_FAULT="hang:1:0:plan", BLL_REF_MPI_START_UP="3")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    assert "no message from every other rank for 3 s at start-up; it is dead or hung" in r.stderr, r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists()
 
 
 @needs_mpi

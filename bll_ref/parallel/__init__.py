@@ -16,7 +16,7 @@ from .options import SCHEDULE_OPTIONS, resolve_micro_batches, unread_data
 from .slices import check_sliceable
 from .plan import balanced_groups, blocks_label, describe, measure_learner_seconds, pipeline_seconds_per_step
 from .threads import ThreadPipeline
-from .wire import bcast_groups
+from .wire import bcast_groups, hang_deadline, start_up_wait
 
 __all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule", "blas_threads", "WorkerError",
            "check_pipelinable", "plan_groups", "fault_point", "balanced_groups", "blocks_label", "describe",
@@ -56,7 +56,7 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
     if parallel == "threads":
         groups, _ = plan_groups(method, 2 if workers is None else workers, x, y, log=log)
         return ThreadPipeline(method, groups, blas=blas_threads, micro_batches=micro_batches)
-    from .mpi import MPIPipeline, hang_deadline, start_up_wait, world
+    from .mpi import MPIPipeline, world
     comm = world()
     size, replicas = comm.Get_size(), replicas or 1
     if workers is not None and workers != size:

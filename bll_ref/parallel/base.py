@@ -64,6 +64,9 @@ class SequentialSchedule:
     def beat(self):
         """Nothing waits for this process between epochs (an MPI rank 0 tells its ranks it is busy)."""
 
+    def finish(self):
+        """Nothing waits for this process to finish (an MPI rank 0 tells its ranks it is done)."""
+
 
 def micro_step(learners, x, y, Y, slices, pool=None):
     """One step of ``learners`` (a whole model) with the batch in ``slices`` micro-batches; returns

@@ -17,9 +17,10 @@ replicas exchange their slices' records, learner by learner (learner k's while l
 computes), and every replica sums them in slice (= rank) order, never in the order an ``Allreduce``
 picks, so all replicas make the same step, and the same one as a sequential run with
 ``--micro-batches M``. ``run_slice`` writes the records straight into buffers set up at the first
-step (``slices.exchange_buffers``): on one host the replicas map the same memory, so only an
+step (``shm.exchange_buffers``): on one host the replicas map the same memory, so only an
 8-byte note "written" travels and a peer sums the records where they lie; where they cannot share
 memory (other hosts, ``BLL_REF_SHARED_DIR=""``) the records themselves travel point-to-point.
+On one host the replicas also step in shares, each 1/R of the parameters (``exchange.py``).
 
 Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
 that hears nothing from a neighbour for ``deadline`` seconds prints which rank and blocks it waited
@@ -29,8 +30,9 @@ long allowance (``EPOCH_WAIT``); from then on every wait has the short deadline,
 included. Between epochs rank 0 evaluates and writes files while the others wait for its go: it
 sends them a beat after every piece of that work (``beat``: an evaluation chunk, a file) and then
 the start of the next epoch, all as messages on one tag (so they arrive in order), and the others
-allow ``deadline`` from one message to the next. The epoch-end states travel to rank 0 under the
-same deadline.
+allow ``deadline`` from one message to the next; after the last epoch the run ends the same way,
+with "done" once rank 0 has written the checkpoint (``finish``). The epoch-end states travel to
+rank 0 under the same deadline.
 
 Launch: ``mpiexec -n K python -m mpi4py -m bll_ref.cli train --parallel mpi`` (``-m mpi4py``
 turns an uncaught exception on one rank into MPI_Abort of the whole job instead of a hang).
@@ -52,16 +54,14 @@ from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 from .shard import release_others, state_bytes
-from .wire import recv_arrays, send_arrays
-from .slices import combine, exchange_buffers, pack_records, record_layout, slice_bounds, split, stage_slices
+from .wire import EPOCH_WAIT, recv_arrays, send_arrays
+from .exchange import StageExchange
+from .slices import combine, slice_bounds, split, stage_slices
 
-__all__ = ["MPIPipeline", "world", "hang_deadline", "start_up_wait", "EPOCH_WAIT"]
+__all__ = ["MPIPipeline", "world"]
 
-_ACT_TAG, _LOSS_TAG, _GRAD_TAG, _BEAT_TAG = 5, 8, 9, 10  # (wire.STATE_TAG = 7)
-#: seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads or
-#: compiles its learners' Numba kernels (``MPIPipeline._warm_up``); BLL_REF_MPI_START_UP overrides it
-EPOCH_WAIT = float(os.environ.get("BLL_REF_MPI_START_UP", 600.0))
-_BUSY = -1  # a beat of rank 0 between epochs: still evaluating or writing (an epoch number: go)
+_ACT_TAG, _LOSS_TAG, _BEAT_TAG = 5, 8, 10  # (wire.STATE_TAG = 7; the stages' own: exchange.py)
+_BUSY, _DONE = -1, -2  # rank 0's tokens between epochs: busy evaluating or writing; all written (an epoch number: go)
 
 
 def world():
@@ -72,27 +72,6 @@ def world():
         raise ValueError(f"--parallel mpi needs mpi4py and an MPI runtime ({e}); "
                          "pip install 'bll_ref[mpi]' and launch with mpiexec") from None
     return MPI.COMM_WORLD
-
-
-def hang_deadline(costs):
-    """Seconds a rank waits for a neighbour inside an epoch before declaring it dead or hung:
-    BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
-    env = os.environ.get("BLL_REF_MPI_DEADLINE")
-    return float(env) if env else 3.0 + 20 * float(sum(costs))
-
-
-def start_up_wait(comm, what):
-    """A ``wait(request, peer)`` for the messages before the pipeline exists (rank 0's plan): it
-    polls the request and ends the job, naming ``what`` it waited for, after ``EPOCH_WAIT`` s."""
-    def wait(req, peer):
-        t0 = time.perf_counter()
-        while not req.Test():
-            if time.perf_counter() - t0 > EPOCH_WAIT:
-                print(f"bll-ref train: rank {comm.Get_rank()}: no {what} from rank {peer} for {EPOCH_WAIT:.0f} s at "
-                      "start-up; it is dead or hung", file=sys.stderr, flush=True)
-                comm.Abort(1)
-            time.sleep(0.002)
-    return wait
 
 
 class MPIPipeline:
@@ -111,7 +90,6 @@ class MPIPipeline:
                  log=None, data=None):
         check_pipelinable(method)
         self.log, self._watch = log, None
-        self._xbuf, self._xraw = [], []  # per learner: [this step's turn, the next] of replica -> records / buffer
         self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
         self._beats, self._token = [], np.empty(1, np.int64)  # rank 0's beats in flight; a beat received
@@ -127,7 +105,11 @@ class MPIPipeline:
             raise ValueError(f"{len(self.groups)} groups of blocks x {self.replicas} replicas for {self.workers} MPI ranks")
         self.stage, self.replica = divmod(self.rank, self.replicas)
         self.share = self.micro // self.replicas
-        self.stage_comm = comm.Split(self.stage, self.replica) if self.replicas > 1 else None
+        # every rank is here before the blocking Split (a rank hung before it is named, not waited for)
+        self._wait(comm.Ibarrier(), "all", "at start-up", limit=EPOCH_WAIT)
+        self.exchange = None if self.replicas == 1 else StageExchange(
+            comm.Split(self.stage, self.replica), self.stage * self.replicas, self.share, self._wait,
+            log if self.stage == 0 else None)
         self.is_root, self.last_stage = self.rank == 0, self.stage == self.stages - 1
         self.last = self.last_stage and self.replica == 0  # the rank that reports the losses
         self.mine = [method.learners[k] for k in self.groups[self.stage]]
@@ -182,13 +164,33 @@ class MPIPipeline:
         if self.is_root:
             self._send_token(epoch)
             return
+        token = self._await_token("between epochs")
+        if token != epoch:
+            raise RuntimeError(f"rank 0 started epoch {token + 1}, {self.label()} epoch {epoch + 1}")
+
+    def _await_token(self, when) -> int:
+        """The others: rank 0's next token that is not a beat, each message within ``deadline``."""
         while True:
-            self._wait(self.comm.Irecv(self._token, source=0, tag=_BEAT_TAG), 0, "between epochs",
-                       limit=self.deadline)
+            self._wait(self.comm.Irecv(self._token, source=0, tag=_BEAT_TAG), 0, when, limit=self.deadline)
             if int(self._token[0]) != _BUSY:
-                break
-        if int(self._token[0]) != epoch:
-            raise RuntimeError(f"rank 0 started epoch {int(self._token[0]) + 1}, {self.label()} epoch {epoch + 1}")
+                return int(self._token[0])
+
+    def finish(self):
+        """The end of the run, on every rank: rank 0, once it has written everything (the last
+        evaluation, history, state, checkpoint; beating meanwhile), tells the others it is done;
+        they wait for that under the deadline, so a rank 0 hung after the last epoch is named
+        within seconds instead of leaving them in MPI's finalize for ever."""
+        if self.workers == 1:
+            return
+        if self.is_root:
+            self._send_token(_DONE)
+            for req, _ in self._beats:
+                req.Wait()  # each rank takes all of its tokens (a dead one: mpiexec ends the job)
+            self._beats = []
+            return
+        token = self._await_token("after the last epoch")
+        if token != _DONE:
+            raise RuntimeError(f"rank 0 started epoch {token + 1} after {self.label()} finished its last")
 
     def _send_token(self, value):
         token = np.array([value], np.int64)
@@ -242,7 +244,7 @@ class MPIPipeline:
         mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss, -1 if peak is None else peak],
                         np.int64)
         every = np.zeros((self.workers, len(mine)), np.int64) if self.is_root else None
-        self.comm.Gather(mine, every, root=0)
+        self._wait(self.comm.Igather(mine, every, root=0), "all", "at start-up", limit=EPOCH_WAIT)
         if self.is_root and self.log:
             mb = lambda v: f"{v / 1e6:.2f}" if v >= 0 else "?"  # noqa: E731
             self.log("memory per rank, MB (model state, data, resident, peak resident): "
@@ -285,53 +287,23 @@ class MPIPipeline:
         if self.stage > 0:
             b = slice_bounds(len(xb), self.micro)
             xs = [self._recv((b[r + 1] - b[r],), step) for r in keep]
-        if self.replicas == 1:
+        x = self.exchange
+        if x is None:
             hs, records = stage_slices(self.mine, xs, ys, Ys, ws)
-        else:
-            flying = []  # learner i's records travel while learner i + 1 computes
-            # this step's records go straight into this replica's buffers (``_start_exchange``)
-            into = [views[0][self.replica] for views in self._xbuf] if self._xbuf else None
-            hs, records = stage_slices(self.mine, xs, ys, Ys, ws, into=into,
-                                       done=lambda i, recs: flying.append(self._start_exchange(i, recs, step)))
+        else:  # learner i's records travel while learner i + 1 computes, from this replica's buffers
+            flying = []
+            hs, records = stage_slices(self.mine, xs, ys, Ys, ws, into=x.into(),
+                                       done=lambda i, recs: flying.append(x.start(i, self.mine[i], recs, step)))
         if not self.last_stage:
             for h in hs:
                 self._send(h, pending, step)
         for i, (learner, recs) in enumerate(zip(self.mine, records)):
-            if self.replicas > 1:
-                recs = self._finish_exchange(i, flying[i], step)
-            combine(learner, recs)
-
-    def _start_exchange(self, i, records, step):
-        """Hand learner i's records (this replica's slices) to the stage's other replicas; returns what
-        ``_finish_exchange`` waits for. ``run_slice`` wrote them into this step's buffer (``exchange_buffers``:
-        shared by the replicas of a host, else sent from here): when shared, only an 8-byte note travels."""
-        base, peers = self.stage * self.replicas, [q for q in range(self.replicas) if q != self.replica]
-        if len(self._xbuf) == i:  # first step: the layout is known now
-            raw, views = exchange_buffers(self.stage_comm, record_layout(records[0]), self.share, tag=_GRAD_TAG,
-                                          wait=lambda req, q: self._wait(req, base + q, step))
-            self._xraw.append(raw)
-            self._xbuf.append(views)
-            if i == 0 and self.log:
-                self.log(f"replicas of stage 1 exchange records through {'shared memory' if raw[0] is not raw[1] else 'messages'}")
-        raw, views, shared = self._xraw[i][0], self._xbuf[i][0], self._xraw[i][0] is not self._xraw[i][1]
-        self._xraw[i].reverse(), self._xbuf[i].reverse()  # the other turn next step
-        if any(r is not v for r, v in zip(records, views[self.replica])):
-            pack_records(records, out=raw[self.replica])  # not written in place (the first step)
-        if set(records[0]) != set(views[self.replica][0]):
-            raise RuntimeError(f"learner {self.groups[self.stage][i]}: its micro-batch records changed layout")
-        reqs = [(self.stage_comm.Irecv(np.empty(1, np.int64) if shared else raw[q], source=q, tag=_GRAD_TAG),
-                 base + q) for q in peers]
-        reqs += [(self.stage_comm.Isend(np.array([i], np.int64) if shared else raw[self.replica], dest=q,
-                                        tag=_GRAD_TAG), base + q) for q in peers]
-        for req, _ in reqs:
-            req.Test()  # get the transfers going while the next learner computes
-        return reqs, views
-
-    def _finish_exchange(self, i, flying, step):
-        """Wait for learner i's exchange (``flying``); its records of every replica, in slice (rank) order."""
-        for req, peer in flying[0]:
-            self._wait(req, peer, step)
-        return [rec for q in range(self.replicas) for rec in flying[1][q]]
+            if x is None:
+                combine(learner, recs)
+            else:
+                x.step(i, learner, flying[i], step)
+        if x is not None:
+            x.settle(step)  # the other replicas' shares of the step
 
     def _run_epoch(self, method, batches, on_step):
         pending, losses = [], []
@@ -358,7 +330,7 @@ class MPIPipeline:
         # the root reports the epoch: it needs the output learner's losses
         reporter = (self.stages - 1) * self.replicas
         if self.last and not self.is_root:
-            self.comm.Send(np.asarray(losses, np.float64), dest=0, tag=_LOSS_TAG)
+            self._wait(self.comm.Isend(np.asarray(losses, np.float64), dest=0, tag=_LOSS_TAG), 0, step)
         elif self.is_root and not self.last:
             losses = np.empty(step, np.float64)
             self._wait(self.comm.Irecv(losses, source=reporter, tag=_LOSS_TAG), reporter, step)
@@ -369,6 +341,8 @@ class MPIPipeline:
         """Every stage's learner states (from its replica 0) to rank 0, which loads them into its
         copy of the model."""
         wait = lambda req, peer: self._wait(req, peer, "at the epoch's end")  # noqa: E731 (under the deadline)
+        if self.exchange is not None:
+            self.exchange.collect_state(self.mine, "at the epoch's end")  # whole optimiser states on replica 0
         if self.replica != 0 or self.is_root:
             if self.is_root:
                 for s in range(1, self.stages):

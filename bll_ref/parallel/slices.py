@@ -31,20 +31,10 @@ do in parallel: micro-batches refuse them. ``R = 1`` never comes here (the learn
 """
 from __future__ import annotations
 
-import mmap
-import os
-import tempfile
-
 import numpy as np
 
-from .wire import blocking_wait
-
 __all__ = ["slice_bounds", "split", "run_slice", "combine", "check_sliceable", "stage_slices", "pack_records",
-           "unpack_records", "record_layout", "record_bytes", "shared_buffers", "exchange_buffers", "SHARED_DIR"]
-
-#: where ``shared_buffers`` puts the file its ranks map (a RAM file system on Linux); the
-#: environment variable BLL_REF_SHARED_DIR overrides it, and set empty turns sharing off
-SHARED_DIR = "/dev/shm"
+           "unpack_records", "record_layout", "record_bytes", "shard_parts", "optimisers"]
 
 
 def slice_bounds(n, slices) -> list[int]:
@@ -91,7 +81,7 @@ def _feedback_net(learner):
     return getattr(getattr(learner, "source", None), "net", None)
 
 
-def _optimisers(learner):
+def optimisers(learner):
     """Block, head and trained-feedback optimisers, in a fixed order (absent ones skipped)."""
     net = _feedback_net(learner)
     cands = (learner.opt, getattr(learner, "head_opt", None), getattr(net, "opt", None))
@@ -135,7 +125,7 @@ def run_slice(learner, h, y, Y, weight, out=None):
     ``out``: a record of the same layout to write into (an older step's, or views into an MPI
     send buffer), so no array is allocated for it; it is returned as the record."""
     rec = {} if out is None else out
-    opts = _optimisers(learner)
+    opts = optimisers(learner)
     w = np.float64(weight)
 
     def deferred(i, opt):
@@ -185,28 +175,55 @@ def run_slice(learner, h, y, Y, weight, out=None):
     return h_out, rec
 
 
-def combine(learner, records):
+def shard_parts(learner, shard, shards) -> list[dict]:
+    """Replica ``shard`` of ``shards``' share of ``learner``'s optimiser steps, per optimiser (the
+    order of ``combine``) {parameter name: (lo, hi)}: near-equal contiguous runs of all its
+    parameters flattened and laid end to end, cut at multiples of 16 elements (64 bytes of
+    float32). Every replica computes every replica's parts the same way."""
+    sizes = [(i, k, p.size) for i, opt in enumerate(optimisers(learner)) for k, p in opt.layer.params.items()]
+    total = sum(n for _, _, n in sizes)
+    cut = [total * r // shards // 16 * 16 for r in range(shards)] + [total]
+    parts, start = [{} for _ in optimisers(learner)], 0
+    for i, k, n in sizes:
+        lo, hi = max(cut[shard] - start, 0), min(cut[shard + 1] - start, n)
+        if hi > lo:
+            parts[i][k] = (lo, hi)
+        start += n
+    return parts
+
+
+def combine(learner, records, parts=None):
     """Apply ``records`` (slice order) to ``learner``: summed gradients, one step per optimiser,
-    statistics, loss, BatchNorm buffers and the last slice's closed-form W."""
+    statistics, loss, BatchNorm buffers and the last slice's closed-form W. ``parts``
+    (``shard_parts``): sum and step only those elements of the parameters (a replica's share;
+    its peers step the rest and the replicas exchange the parameters, bll_ref/parallel/mpi.py)."""
     first = records[0]
-    for i, opt in enumerate(_optimisers(learner)):
+    for i, opt in enumerate(optimisers(learner)):
         grads = opt.layer.grads
         if any(f"g{i}/{name}" not in first for name in opt.layer.params):
             raise RuntimeError(f"learner {learner.k}: optimiser {i} took no step in a micro-batch")
-        if set(grads) != set(opt.layer.params) or any(grads[k].shape != p.shape for k, p in opt.layer.params.items()):
-            opt.layer.zero_grads()  # a replica whose layer has no gradient arrays yet
+        if set(grads) != set(opt.layer.params) or any(grads[k].shape != p.shape or not grads[k].flags.c_contiguous
+                                                       for k, p in opt.layer.params.items()):
+            opt.layer.zero_grads()  # a replica whose layer has no gradient arrays yet (or views)
             grads = opt.layer.grads
         for name, g in grads.items():
             # summed left to right straight into the arrays the optimiser reads: ((r0 + r1) + r2) ...,
             # elementwise the same additions in the same order as a sum into a copy of r0
             key = f"g{i}/{name}"
-            if len(records) == 1:
-                g[...] = first[key]
+            lo, hi = (0, g.size) if parts is None else parts[i].get(name, (0, 0))
+            if hi <= lo:
+                continue
+            g, rs = g.reshape(-1)[lo:hi], [rec[key].reshape(-1)[lo:hi] for rec in records]
+            if len(rs) == 1:
+                g[...] = rs[0]
             else:
-                np.add(first[key], records[1][key], out=g)
-                for rec in records[2:]:
-                    g += rec[key]
-        opt.step()
+                np.add(rs[0], rs[1], out=g)
+                for r in rs[2:]:
+                    g += r
+        if parts is None:
+            opt.step()
+        else:
+            opt.step(part=parts[i])
     for k in learner.STATS:
         if k == "steps":
             learner.stats[k] += 1
@@ -292,106 +309,3 @@ def unpack_records(buf, layout, count) -> list[dict]:
     if pos != len(buf):
         raise ValueError(f"micro-batch records: {len(buf)} bytes for {count} records of {pos // max(count, 1)}")
     return out
-
-
-def shared_buffers(comm, nbytes, wait=None, tag=0):
-    """[uint8 array of ``nbytes``] for every rank of ``comm`` (an mpi4py intracommunicator), all
-    in one file under ``SHARED_DIR`` that every rank maps: a rank reads what another wrote there
-    with no message and no copy. None on every rank when they cannot all map it (ranks on other
-    hosts, no ``SHARED_DIR``). Every rank calls it; ``wait(request, peer)`` completes each of its
-    point-to-point messages (on ``tag``) between rank 0 and a peer (default: MPI's ``Wait``).
-
-    Rank 0 creates the file once every rank has said it is here, with a random token at its start
-    (a rank that reads another token, a same-named file on another host, counts as unable), and
-    unlinks it as soon as every rank has tried to map it: a rank that dies later leaves nothing
-    behind (the memory goes with the last mapping; the arrays keep theirs alive)."""
-    wait = wait or blocking_wait
-    others = range(1, comm.Get_size())
-    head, step = 64, -(-int(nbytes) // 64) * 64  # every rank's buffer starts 64-byte aligned
-    total = head + step * comm.Get_size()
-    msg, word = np.zeros(512, np.uint8), np.zeros(1, np.int64)  # msg: token (16 bytes), then the path
-    if comm.Get_rank() == 0:
-        for q in others:
-            wait(comm.Irecv(word, source=q, tag=tag), q)  # q is here
-        _create_shared(total, msg)
-        for q in others:
-            wait(comm.Isend(msg, dest=q, tag=tag), q)
-    else:
-        wait(comm.Isend(word, dest=0, tag=tag), 0)
-        wait(comm.Irecv(msg, source=0, tag=tag), 0)
-    token, path = msg[:16].tobytes(), os.fsdecode(msg[16:].tobytes().rstrip(b"\0"))
-    mem = None
-    if path:
-        try:
-            with open(path, "r+b") as f:
-                mem = mmap.mmap(f.fileno(), total)
-            if mem[:16] != token:
-                mem.close()
-                mem = None
-        except (OSError, ValueError):
-            mem = None
-    ok = np.array([mem is not None], np.int64)
-    if comm.Get_rank() == 0:
-        for q in others:
-            wait(comm.Irecv(word, source=q, tag=tag), q)
-            ok &= word
-        if path:
-            os.unlink(path)
-        for q in others:
-            wait(comm.Isend(ok, dest=q, tag=tag), q)
-    else:
-        wait(comm.Isend(ok.copy(), dest=0, tag=tag), 0)
-        wait(comm.Irecv(ok, source=0, tag=tag), 0)
-    if not ok[0]:
-        if mem is not None:
-            mem.close()
-        return None
-    return [np.frombuffer(mem, np.uint8, count=int(nbytes), offset=head + r * step) for r in range(comm.Get_size())]
-
-
-def _create_shared(total, msg):
-    """Create the file of ``shared_buffers`` (``total`` bytes, a random token at its start) and write
-    the token and its path into ``msg``; its path, or "" (msg left zero) where that fails."""
-    where = os.environ.get("BLL_REF_SHARED_DIR", SHARED_DIR)
-    if not where or not hasattr(os, "posix_fallocate"):
-        return ""  # sharing turned off, or no way to reserve the pages (not Linux)
-    try:
-        fd, path = tempfile.mkstemp(prefix="bll_ref_records_", dir=where)
-    except OSError:
-        return ""
-    token, raw = os.urandom(16), os.fsencode(path)
-    try:
-        os.posix_fallocate(fd, 0, total)  # the pages now, or ENOSPC (a full /dev/shm would be SIGBUS later)
-        os.pwrite(fd, token, 0)
-        written = 16 + len(raw) <= len(msg)
-    except OSError:
-        written = False
-    finally:
-        os.close(fd)
-    if not written:
-        os.unlink(path)
-        return ""
-    msg[:16 + len(raw)] = np.frombuffer(token + raw, np.uint8)
-    return path
-
-
-def exchange_buffers(comm, layout, count, wait=None, tag=0):
-    """Buffers for one learner's records (``count`` of ``layout`` per rank), exchanged among the
-    ranks of ``comm`` (the replicas of a stage, bll_ref/parallel/mpi.py): (raw, views), each a
-    pair of per-turn dicts {rank: uint8 buffer} and {rank: [records, views into it]}; a step uses
-    turn 0 and swaps the pair. Every rank of ``comm`` calls it (``wait``, ``tag``: ``shared_buffers``).
-
-    On one host (``shared_buffers``) every rank has two buffers, the turns: a peer sums a rank's
-    records where they were written, with no message of their bytes, only a short note "written"
-    (whose receipt orders the writes before the peer's reads: MPI's shared-memory transport fences
-    its messages). A rank writes a buffer again two steps later, after every peer's note of the
-    step between, which a peer sends only once it has finished the step before, its sums included.
-    Otherwise both turns are the same buffers, which the records are sent from and received into."""
-    n = record_bytes(layout) * count
-    shared = shared_buffers(comm, 2 * n, wait, tag)
-    if shared is None:
-        raw = {q: np.empty(n, np.uint8) for q in range(comm.Get_size())}
-        views = {q: unpack_records(buf, layout, count) for q, buf in raw.items()}
-        return [raw, raw], [views, views]
-    raw = [{q: buf[t * n:(t + 1) * n] for q, buf in enumerate(shared)} for t in (0, 1)]
-    return raw, [{q: unpack_records(buf, layout, count) for q, buf in r.items()} for r in raw]

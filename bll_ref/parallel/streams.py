@@ -64,6 +64,9 @@ class StreamSchedule:
     def beat(self):
         """Nothing waits for this process between epochs."""
 
+    def finish(self):
+        """Nothing waits for this process to finish."""
+
     def gather(self, method):
         backend.synchronize()
         for s in self.streams:

@@ -134,3 +134,6 @@ class ThreadPipeline:
 
     def beat(self):
         """Nothing waits for this process between epochs."""
+
+    def finish(self):
+        """Nothing waits for this process to finish."""

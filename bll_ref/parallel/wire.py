@@ -1,14 +1,43 @@
 """Arrays between MPI ranks without pickling: a dict of arrays as a JSON header and raw buffers,
-and rank 0's grouping of blocks into pipeline stages. Needs only an mpi4py communicator passed in."""
+and rank 0's grouping of blocks into pipeline stages; how long a rank waits for another (the hang
+deadline within an epoch, the start-up allowance). Needs only an mpi4py communicator passed in."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 
 import numpy as np
 
-__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE_TAG"]
+__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE_TAG", "EPOCH_WAIT", "hang_deadline",
+           "start_up_wait"]
 
 STATE_TAG = 7
+#: seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads or
+#: compiles its learners' Numba kernels (``MPIPipeline._warm_up``); BLL_REF_MPI_START_UP overrides it
+EPOCH_WAIT = float(os.environ.get("BLL_REF_MPI_START_UP", 600.0))
+
+
+def hang_deadline(costs):
+    """Seconds a rank waits for a neighbour inside an epoch before declaring it dead or hung:
+    BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
+    env = os.environ.get("BLL_REF_MPI_DEADLINE")
+    return float(env) if env else 3.0 + 20 * float(sum(costs))
+
+
+def start_up_wait(comm, what):
+    """A ``wait(request, peer)`` for the messages before the pipeline exists (rank 0's plan): it
+    polls the request and ends the job, naming ``what`` it waited for, after ``EPOCH_WAIT`` s."""
+    def wait(req, peer):
+        t0 = time.perf_counter()
+        while not req.Test():
+            if time.perf_counter() - t0 > EPOCH_WAIT:
+                print(f"bll-ref train: rank {comm.Get_rank()}: no {what} from rank {peer} for {EPOCH_WAIT:.0f} s at "
+                      "start-up; it is dead or hung", file=sys.stderr, flush=True)
+                comm.Abort(1)
+            time.sleep(0.002)
+    return wait
 
 
 def bcast_groups(comm, groups, wait=None):
