@@ -5,7 +5,7 @@ import pytest
 from bll_ref.gradcheck import numeric_gradient, rel_error
 from bll_ref.layers import Dense, Sequential
 from bll_ref.losses.output import mse, softmax_cross_entropy
-from bll_ref.optim import SGD, Adam, adam_update_reference, make_optimizer, sgd_update_reference
+from bll_ref.optim import SGD, Adam, adam_update_reference, make_optimizer
 
 
 def _model(dtype=np.float64, seed=0):
