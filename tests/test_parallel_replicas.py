@@ -29,7 +29,8 @@ MLP = ["train", "--data", "synthetic", "--limit-train", "320", "--limit-test", "
        "--sizes", "784,64,48,32,10"]
 CNN = ["train", "--data", "synthetic", "--model", "cnn", "--limit-train", "96", "--limit-test", "32",
        "--batch-size", "32"]
-ARGS = {"mlp": MLP, "cnn": CNN}
+ARGS = {"mlp": MLP, "cnn": CNN,  # three optimisers per learner (block, head, feedback), SGD's velocities
+        "mlp_sgd": MLP + ["--feedback", "trained", "--optimizer", "sgd", "--momentum", "0.9"]}
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "parallel.md")
 
 
@@ -91,7 +92,9 @@ def test_run_slice_leaves_the_learner_unchanged_and_records_pack_losslessly():
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("shards", [2, 3, 5])
-def test_a_step_in_shares_makes_the_whole_step_bit_for_bit(kind, shards):
+@pytest.mark.parametrize("opts", [{}, dict(feedback="trained", optimizer="sgd", momentum=0.9)],
+                         ids=["default", "trained feedback + sgd"])
+def test_a_step_in_shares_makes_the_whole_step_bit_for_bit(kind, shards, opts):
     """Replicas on one host each sum and step their share of a learner's parameters
     (``shard_parts``, ``combine(parts=...)``), then take the others' shares: the parameters and,
     put together, the optimiser moments equal the whole step's exactly, over two steps."""
@@ -99,12 +102,15 @@ def test_a_step_in_shares_makes_the_whole_step_bit_for_bit(kind, shards):
 
     from bll_ref.parallel.slices import optimisers, combine, shard_parts, split
 
-    m = _method(kind)
+    m = _method(kind, **opts)
     d = _task(kind == "cnn")
     x, y = d["x_train"][:30], d["y_train"][:30]
     learner = m.learners[1]
-    assert optimisers(learner) == [learner.opt, learner.head_opt]  # the state keys below
-    owner = {"block/params/": 0, "opt/m/": 0, "opt/v/": 0, "head/params/": 1, "head_opt/m/": 1, "head_opt/v/": 1}
+    net = learner.source.net
+    assert optimisers(learner) == [learner.opt, learner.head_opt] + ([net.opt] if opts else [])  # the keys below
+    owner = {f"{part}/params/": j for j, part in enumerate(("block", "head", "feedback"))}
+    owner.update({f"{o}/{s}/": j for j, o in enumerate(("opt", "head_opt", "feedback_opt"))
+                  for s in ("m", "v", "velocity")})
     h = m.learners[0].forward(x)
     replicas = [copy.deepcopy(learner) for _ in range(shards)]
     parts = [shard_parts(learner, q, shards) for q in range(shards)]
@@ -205,7 +211,7 @@ def sequential(tmp_path_factory):
 @needs_mpi
 @pytest.mark.parametrize("kind,ranks,replicas,micro", [
     ("mlp", 2, 2, 2), ("mlp", 3, 3, 3), ("mlp", 3, 1, 1), ("mlp", 4, 2, 2), ("mlp", 2, 2, 4),
-    ("cnn", 2, 2, 2), ("cnn", 3, 1, 1), ("cnn", 4, 2, 2)],
+    ("cnn", 2, 2, 2), ("cnn", 3, 1, 1), ("cnn", 4, 2, 2), ("mlp_sgd", 3, 3, 3)],
     ids=lambda v: str(v))
 def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind, ranks, replicas, micro):
     out = tmp_path / "mpi"
