@@ -150,8 +150,10 @@ def run_threads(batches, warmup, groups):
 
 # --- subprocess variants ---------------------------------------------------------------------
 def mpiexec():
+    """$MPIEXEC if set (benchmarks/cores16.sh: the carried OpenMPI's, whatever else is installed),
+    else the one beside this Python (a venv's), else the first on PATH."""
     here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return here if os.path.exists(here) else shutil.which("mpiexec")
+    return os.environ.get("MPIEXEC") or (here if os.path.exists(here) else shutil.which("mpiexec"))
 
 
 def _subprocess_env(blas_one=True, **extra):
