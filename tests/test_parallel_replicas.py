@@ -275,6 +275,25 @@ def test_a_full_shared_directory_falls_back_to_messages_and_leaves_nothing(seque
         subprocess.run(["umount", str(shm)], check=True)
 
 
+@needs_mpi
+def test_shared_files_left_by_a_dead_job_are_removed_and_a_run_leaves_none(tmp_path):
+    """A job whose rank 0 died between making a shared file and unlinking it (about a millisecond)
+    leaves the file; the next job's rank 0 removes it (the dead pid in its name), and leaves any
+    of a living process alone."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = shm / f"bll_ref_records_{int(gone.stdout)}_x1", shm / f"bll_ref_records_{os.getpid()}_x2"
+    dead.write_bytes(b"left")
+    alive.write_bytes(b"in use")
+    out = tmp_path / "mpi"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out), "--replicas", "2"], mpi=2, timeout=240,
+             BLL_REF_SHARED_DIR=str(shm))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "replicas of stage 1 exchange records through shared memory" in r.stdout
+    assert sorted(os.listdir(shm)) == [alive.name]
+
+
 def _docs_command(marker):
     """The one command line of docs/parallel.md that contains ``marker``."""
     with open(DOCS) as f:

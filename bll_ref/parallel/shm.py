@@ -7,8 +7,10 @@ function returns what the message path needs instead.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -21,6 +23,7 @@ __all__ = ["shared_buffers", "exchange_buffers", "param_buffers", "put_params", 
 #: where ``shared_buffers`` puts the file its ranks map (a RAM file system on Linux); the
 #: environment variable BLL_REF_SHARED_DIR overrides it, and set empty turns sharing off
 SHARED_DIR = "/dev/shm"
+_PREFIX = "bll_ref_records_"  # then rank 0's pid and "_": a file left by a dead job is found (``_sweep``)
 
 
 def shared_buffers(comm, nbytes, wait=None, tag=0):
@@ -78,14 +81,35 @@ def shared_buffers(comm, nbytes, wait=None, tag=0):
     return [np.frombuffer(mem, np.uint8, count=int(nbytes), offset=head + r * step) for r in range(comm.Get_size())]
 
 
+def _sweep(where):
+    """Remove the files of ``shared_buffers`` that a job left behind: its rank 0 (whose pid the
+    name holds) died in the moment between making one and unlinking it, and is gone."""
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return
+    for name in names:
+        m = re.match(rf"{_PREFIX}(\d+)_", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(where, name))
+        except OSError:
+            pass  # alive (another user's process)
+
+
 def _create_shared(total, msg):
     """Create the file of ``shared_buffers`` (``total`` bytes, a random token at its start) and write
     the token and its path into ``msg``; its path, or "" (msg left zero) where that fails."""
     where = os.environ.get("BLL_REF_SHARED_DIR", SHARED_DIR)
     if not where or not hasattr(os, "posix_fallocate"):
         return ""  # sharing turned off, or no way to reserve the pages (not Linux)
+    _sweep(where)
     try:
-        fd, path = tempfile.mkstemp(prefix="bll_ref_records_", dir=where)
+        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}_", dir=where)
     except OSError:
         return ""
     token, raw = os.urandom(16), os.fsencode(path)
