@@ -80,7 +80,7 @@ def copy_bandwidth(cp, repeats, nbytes=1 << 30):
     """Device-to-device cudaMemcpyAsync of nbytes: bytes read + written per second."""
     src, dst = cp.ones(nbytes, cp.uint8), cp.empty(nbytes, cp.uint8)
     t, _ = time_calls(cp, lambda: dst.data.copy_from_device_async(src.data, nbytes), 5, repeats)
-    del src, dst
+    src = dst = None  # (not del: the lambda above closes over them)
     cp.get_default_memory_pool().free_all_blocks()
     return 2 * nbytes / t
 
