@@ -55,7 +55,7 @@ class StageExchange:
         return [views[0][self.me] for views in self.views] if self.views else None
 
     def start(self, i, learner, records, step):
-        """Hand learner i's records (this replica's slices) to the others; returns what ``finish``
+        """Hand learner i's records (this replica's slices) to the others; returns what ``step``
         waits for. ``run_slice`` wrote them into this step's buffer (after the first step)."""
         wait = lambda req, q: self.wait(req, self.base + q, step)  # noqa: E731
         if len(self.views) == i:  # first step: the layout is known now
