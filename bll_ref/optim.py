@@ -127,14 +127,15 @@ class _Optimizer:
         return grads
 
     def _pieces(self, grads, part):
-        """(name, parameter, flat gradient piece, lo, hi) to update: every parameter whole, or with
-        ``part`` ({name: (lo, hi)}) elements lo:hi of the flattened parameters it names, an MPI
-        replica's share of a step (bll_ref/parallel/slices.py, ``shard_parts``). The update is
-        elementwise, so the pieces of all replicas together make the whole step, bit for bit."""
+        """(name, flat parameter piece, flat gradient piece, cut) to update, ``cut`` the slice of
+        the flattened arrays (the state's too): every parameter whole, or with ``part``
+        ({name: (lo, hi)}) elements lo:hi of the parameters it names, an MPI replica's share of a
+        step (bll_ref/parallel/slices.py, ``shard_parts``). The update is elementwise, so the
+        pieces of all replicas together make the whole step, bit for bit."""
         for k, p in self._params.items():
-            lo, hi = (0, p.size) if part is None else part.get(k, (0, 0))
-            if hi > lo:
-                yield k, p, grads[k].reshape(-1)[lo:hi], lo, hi
+            cut = slice(0, p.size) if part is None else slice(*part.get(k, (0, 0)))
+            if cut.stop > cut.start:
+                yield k, _flat(p, k)[cut], grads[k].reshape(-1)[cut], cut
 
     def state_dict(self) -> dict:
         return {"t": np.array(self.t), "lr": np.array(self.lr)}
@@ -174,19 +175,18 @@ class SGD(_Optimizer):
     def step(self, part=None):
         grads = self._grads()
         self.t += 1
-        for k, p, g, lo, hi in self._pieces(grads, part):
-            vel = self.velocity[k].reshape(-1)[lo:hi]
+        for k, p, g, cut in self._pieces(grads, part):
+            vel = self.velocity[k].reshape(-1)[cut]
             if not self.fused:
-                sgd_update_reference(_flat(p, k)[lo:hi], g, vel, self.lr, self.momentum, self.weight_decay)
+                sgd_update_reference(p, g, vel, self.lr, self.momentum, self.weight_decay)
                 continue
             f = p.dtype.type  # scalars in the parameter's dtype: no float64 per element for float32
             gpu = self._kernels(p)
             if self.momentum:
-                (gpu.sgd if gpu else _sgd_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), vel, f(self.lr),
-                                                   f(self.momentum), f(self.weight_decay))
+                (gpu.sgd if gpu else _sgd_kernel)(p, _flat_grad(g, p), vel, f(self.lr), f(self.momentum),
+                                                   f(self.weight_decay))
             else:
-                (gpu.sgd_plain if gpu else _sgd_plain_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), f(self.lr),
-                                                               f(self.weight_decay))
+                (gpu.sgd_plain if gpu else _sgd_plain_kernel)(p, _flat_grad(g, p), f(self.lr), f(self.weight_decay))
 
     def state_dict(self):
         return {**super().state_dict(), **{f"velocity/{k}": backend.asnumpy(v) for k, v in self.velocity.items()}}
@@ -213,15 +213,15 @@ class Adam(_Optimizer):
         grads = self._grads()
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        for k, p, g, lo, hi in self._pieces(grads, part):
-            m, v = self.m[k].reshape(-1)[lo:hi], self.v[k].reshape(-1)[lo:hi]
+        for k, p, g, cut in self._pieces(grads, part):
+            m, v = self.m[k].reshape(-1)[cut], self.v[k].reshape(-1)[cut]
             if not self.fused:
-                adam_update_reference(_flat(p, k)[lo:hi], g.astype(p.dtype, copy=False), m, v, self.lr,
+                adam_update_reference(p, g.astype(p.dtype, copy=False), m, v, self.lr,
                                       self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
                 continue
             f = p.dtype.type  # scalars precomputed once per step, in the parameter's dtype
             gpu = self._kernels(p)
-            (gpu.adam if gpu else _adam_kernel)(_flat(p, k)[lo:hi], _flat_grad(g, p), m, v,
+            (gpu.adam if gpu else _adam_kernel)(p, _flat_grad(g, p), m, v,
                          f(self.lr / c1), f(self.beta1), f(1 - self.beta1), f(self.beta2), f(1 - self.beta2),
                          f(1 / math.sqrt(c2)), f(self.eps), f(self.weight_decay))
 

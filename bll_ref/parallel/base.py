@@ -13,8 +13,8 @@ from threadpoolctl import threadpool_limits
 from .plan import balanced_groups, describe, measure_learner_seconds
 from .slices import check_sliceable, combine, split, stage_slices
 
-__all__ = ["SCHEDULES", "SequentialSchedule", "blas_threads", "WorkerError", "check_pipelinable", "plan_groups",
-           "fault_point", "micro_step"]
+__all__ = ["SCHEDULES", "SequentialSchedule", "OneProcess", "blas_threads", "WorkerError", "check_pipelinable",
+           "plan_groups", "fault_point", "micro_step"]
 
 SCHEDULES = ("none", "threads", "mpi", "streams")  # streams: one CUDA stream per block (--device cuda)
 
@@ -29,7 +29,24 @@ def blas_threads(n):
     return threadpool_limits(limits=int(n), user_api="blas") if n else contextlib.nullcontext()
 
 
-class SequentialSchedule:
+class OneProcess:
+    """A schedule whose workers all live in this process: it holds every learner already
+    (``gather``), and no other process waits for it between epochs (``beat``) or for its end
+    (``finish``); an MPI rank 0 does both (``mpi.MPIPipeline``)."""
+
+    is_root = True
+
+    def gather(self, method):
+        pass
+
+    def beat(self):
+        pass
+
+    def finish(self):
+        pass
+
+
+class SequentialSchedule(OneProcess):
     """Every learner of a step in one loop, in one process (``BLL.train_step``, or any method's).
 
     ``blas`` : BLAS threads while training (None: the library's default).
@@ -38,7 +55,7 @@ class SequentialSchedule:
     order before each optimiser steps (``slices.py``); 1 is the plain step.
     """
 
-    name, workers, is_root = "none", 1, True
+    name, workers = "none", 1
 
     def __init__(self, blas=None, micro_batches=1, method=None):
         self.blas, self.micro_batches = blas, int(micro_batches)
@@ -57,15 +74,6 @@ class SequentialSchedule:
                 losses.append(loss)
                 on_step(step, loss)
         return losses
-
-    def gather(self, method):
-        pass
-
-    def beat(self):
-        """Nothing waits for this process between epochs (an MPI rank 0 tells its ranks it is busy)."""
-
-    def finish(self):
-        """Nothing waits for this process to finish (an MPI rank 0 tells its ranks it is done)."""
 
 
 def micro_step(learners, x, y, Y, slices, pool=None):

@@ -227,8 +227,7 @@ class MPIPipeline:
             w = self._watch
             if w is not None and time.perf_counter() - w[0] > w[1]:
                 _, limit, peer, step = w
-                who = (self._label_of(peer) if isinstance(peer, int) else "every other rank" if peer == "all" else
-                       f"the other replicas of stage {self.stage} ({blocks_label(self.groups[self.stage])})")
+                who = "every other rank" if peer == "all" else self._label_of(peer)
                 when = f"at step {step}" if isinstance(step, int) else step
                 self._die(f"no message from {who} for {limit:.0f} s {when}; it is dead or hung")
 

@@ -220,10 +220,7 @@ def combine(learner, records, parts=None):
                 np.add(rs[0], rs[1], out=g)
                 for r in rs[2:]:
                     g += r
-        if parts is None:
-            opt.step()
-        else:
-            opt.step(part=parts[i])
+        opt.step(part=None if parts is None else parts[i])
     for k in learner.STATS:
         if k == "steps":
             learner.stats[k] += 1

@@ -17,15 +17,16 @@ so no array of a step is freed and reused while another stream may still read it
 from __future__ import annotations
 
 from .. import backend
+from .base import OneProcess
 
 __all__ = ["StreamSchedule"]
 
 
-class StreamSchedule:
+class StreamSchedule(OneProcess):
     """One CUDA stream per block learner (``streams_per_block=False``: all on one stream, the
     baseline it is measured against). The method must be on the GPU (``method.to('cuda')``)."""
 
-    name, is_root = "streams", True
+    name = "streams"
 
     def __init__(self, method, streams_per_block=True):
         cp = backend.require_cuda()
@@ -60,12 +61,6 @@ class StreamSchedule:
             losses.append(loss)
             on_step(step, loss)
         return losses
-
-    def beat(self):
-        """Nothing waits for this process between epochs."""
-
-    def finish(self):
-        """Nothing waits for this process to finish."""
 
     def gather(self, method):
         backend.synchronize()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from .base import WorkerError, blas_threads, check_pipelinable, fault_point
+from .base import OneProcess, WorkerError, blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
 from .slices import check_sliceable, combine, split, stage_slices
 
@@ -20,10 +20,10 @@ _END = object()
 _POLL = 0.05  # seconds between checks for a failed worker while waiting on a queue
 
 
-class ThreadPipeline:
+class ThreadPipeline(OneProcess):
     """Runs the learners of ``method`` in ``len(groups)`` threads (groups of learner indices)."""
 
-    name, is_root = "threads", True
+    name = "threads"  # (threads share the learners: nothing to gather)
 
     def __init__(self, method, groups, depth=2, blas=1, micro_batches=1):
         check_pipelinable(method)
@@ -128,12 +128,3 @@ class ThreadPipeline:
             raise WorkerError(f"worker {w} ({blocks_label(self.groups[w])}) failed: "
                               f"{type(e).__name__}: {e}") from e
         return losses
-
-    def gather(self, method):
-        pass  # threads share the learners
-
-    def beat(self):
-        """Nothing waits for this process between epochs."""
-
-    def finish(self):
-        """Nothing waits for this process to finish."""
