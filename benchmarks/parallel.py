@@ -105,6 +105,11 @@ def make_batches(n):
     return [(rng.standard_normal((N, SIZES[0])).astype(np.float32), rng.integers(0, 10, N)) for _ in range(n)]
 
 
+def model_input(x, model):
+    """Benchmark rows ``x`` (N, 784) as ``model`` takes them: images (N, 1, 28, 28) for ResNet-18."""
+    return x.reshape(-1, 1, 28, 28) if model == "resnet18" else x
+
+
 def build_method(x, model="mlp4"):
     from bll_ref import methods, models
     blocks = models.build("resnet18", rng=SEED) if model == "resnet18" else models.mlp(MODELS[model], rng=SEED)
@@ -342,8 +347,7 @@ def measure_blocks(batches, model="mlp4", rows=ROWS, repeats=5):
     """{rows: [seconds of forward + update of each learner alone]} on one batch, 1 BLAS thread."""
     from bll_ref.parallel import blas_threads, measure_learner_seconds
     x, y = batches[0]
-    if model == "resnet18":
-        x = x.reshape(-1, 1, 28, 28)
+    x = model_input(x, model)
     with blas_threads(1):
         m = build_method(x, model)
         return {n: measure_learner_seconds(m, x[:n], y[:n], repeats=repeats) for n in rows}
@@ -355,8 +359,7 @@ def measure_opt_seconds(batches, model="mlp4", repeats=5):
     from bll_ref.parallel import blas_threads
     from bll_ref.parallel.slices import optimisers
     x, y = batches[0]
-    if model == "resnet18":
-        x = x.reshape(-1, 1, 28, 28)
+    x = model_input(x, model)
     with blas_threads(1):
         m = build_method(x, model)
         m.train_step(x, y)  # every gradient array exists
@@ -382,8 +385,7 @@ def stage_param_bytes(model):
     """Bytes of the gradients each learner's replicas exchange (block + head + trained parts):
     the parameters of its state, float32."""
     import re
-    m = build_method(make_batches(1)[0][0].reshape(-1, 1, 28, 28) if model == "resnet18"
-                     else make_batches(1)[0][0], model)
+    m = build_method(model_input(make_batches(1)[0][0], model), model)
     return [sum(v.nbytes for k, v in l.state_dict().items() if re.search(r"(^|/)params/", k)) for l in m.learners]
 
 
