@@ -1,6 +1,6 @@
 """GPU acceptance check: the CuPy + numba.cuda path against the NumPy reference, on a real GPU.
 
-    python benchmarks/gpu_check.py [--out DIR] [--quick]
+    python benchmarks/gpu_check.py [--out DIR] [--quick] [--smoke]
 
 1. every layer's forward, input gradient and parameter gradients on the GPU against the same
    layer on the CPU (this runs every numba.cuda layer kernel against its Numba twin through the
@@ -109,12 +109,12 @@ def check_layers(cp):
 
 
 # ---------------------------------------------------------------------------------------- losses
-def check_losses(cp):
+def check_losses(cp, shapes=((128, 1024), (7, 333))):
     from bll_ref.losses import cuda as cl
     rng = np.random.default_rng(1)
     for dt in (np.float32, np.float64):
         for scale in (1.0, 1e3):
-            for shape in ((128, 1024), (7, 333)):
+            for shape in shapes:
                 a = (rng.standard_normal(shape) * scale).astype(dt)
                 b = (rng.standard_normal(shape) * scale).astype(dt)
                 tag = f"{shape} {np.dtype(dt).name} |x|~{scale:g}"
@@ -132,13 +132,13 @@ def check_losses(cp):
         record("softmax CE vs NumPy", np.dtype(dt).name, max(rel(g, r) for g, r in zip(got, ref)), TOL[dt] * 10)
 
 
-def check_optimisers(cp):
+def check_optimisers(cp, size=(300, 257)):
     rng = np.random.default_rng(2)
     for dt in (np.float32, np.float64):
         for name, make_opt in (("Adam", lambda l: Adam(l, lr=1e-2, weight_decay=1e-3)),
                                ("SGD momentum", lambda l: SGD(l, lr=1e-2, momentum=0.9, weight_decay=1e-3)),
                                ("SGD", lambda l: SGD(l, lr=1e-2))):
-            cpu = L.Dense(300, 257, rng=3, dtype=dt)
+            cpu = L.Dense(*size, rng=3, dtype=dt)
             gpu = copy.deepcopy(cpu).to("cuda")
             oc, og = make_opt(cpu), make_opt(gpu)
             for _ in range(5):
@@ -169,31 +169,34 @@ def _run_steps(method, x, y, steps, batch, schedule=None):
     return losses
 
 
-def _mlp_method(name, dt, sizes=(784, 256, 256, 256, 10), **kw):
+def _mlp_method(name, dt, sizes, **kw):
     blocks = models.mlp(sizes, rng=5, dtype=dt)
     return make(name, blocks, sample_input=np.zeros((8, sizes[0]), dt), rng=5, **kw)
 
 
-def check_training(cp, data, steps=20, batch=128):
+def check_training(cp, data, steps=20, batch=128, hidden=256, small=64, image_batch=32, image_steps=4,
+                   resnet_width=4):
+    """The defaults are the GPU run's; tests/test_gpu_path.py runs this with tiny ones on a stand-in."""
     from bll_ref.parallel.streams import StreamSchedule
     x, y = data["x_train"][:steps * batch], data["y_train"][:steps * batch]
     # determinism, and one stream vs a stream per block
     digests = {}
     for label, per_block in (("run 1", None), ("run 2", None), ("streams per block", True), ("one stream", False)):
-        m = _mlp_method("bll", np.float32).to("cuda")
+        m = _mlp_method("bll", np.float32, (784, hidden, hidden, hidden, 10)).to("cuda")
         sched = StreamSchedule(m, streams_per_block=per_block) if per_block is not None else None
         _run_steps(m, x, y, steps, batch, sched)
         digests[label] = _digest(m)
-    record("GPU run-to-run bit-identical", "BLL 20 steps, sequential", float(digests["run 1"] != digests["run 2"]), 0)
-    record("GPU streams vs sequential", "BLL 20 steps, streams per block = sequential bits",
+    record("GPU run-to-run bit-identical", f"BLL {steps} steps, sequential",
+           float(digests["run 1"] != digests["run 2"]), 0)
+    record("GPU streams vs sequential", f"BLL {steps} steps, streams per block = sequential bits",
            float(digests["streams per block"] != digests["run 1"]), 0)
-    record("GPU streams vs sequential", "BLL 20 steps, one stream = sequential bits",
+    record("GPU streams vs sequential", f"BLL {steps} steps, one stream = sequential bits",
            float(digests["one stream"] != digests["run 1"]), 0)
     # GPU against CPU
     for dt, limit in ((np.float32, 1e-4), (np.float64, 1e-9)):
         xd = x.astype(dt)
         for name in ("bll", "bp", "fa"):
-            cpu = _mlp_method(name, dt)
+            cpu = _mlp_method(name, dt, (784, hidden, hidden, hidden, 10))
             gpu = copy.deepcopy(cpu).to("cuda")
             lc = _run_steps(cpu, xd, y, steps, batch)
             lg = _run_steps(gpu, xd, y, steps, batch)
@@ -203,29 +206,31 @@ def check_training(cp, data, steps=20, batch=128):
     for opts in (dict(variational="eq8", feedback="trained"), dict(variational="bernoulli_kl", feedback="twin"),
                  dict(variational="none"), dict(variational="gauss", feedback_decay=0.9, anneal=False),
                  dict(span=2)):
-        cpu = make("bll", models.mlp((784, 64, 64, 10), activation_name="sigmoid", rng=5, dtype=np.float64),
+        cpu = make("bll", models.mlp((784, small, small, 10), activation_name="sigmoid", rng=5, dtype=np.float64),
                    sample_input=np.zeros((8, 784)), rng=5, **opts)
         gpu = copy.deepcopy(cpu).to("cuda")
         xd = x.astype(np.float64)
-        lc, lg = _run_steps(cpu, xd, y, 10, batch), _run_steps(gpu, xd, y, 10, batch)
+        lc, lg = _run_steps(cpu, xd, y, steps // 2, batch), _run_steps(gpu, xd, y, steps // 2, batch)
         err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(lg, lc))
-        record("GPU vs CPU losses", f"bll {opts} float64, 10 steps", err, 1e-8)
+        record("GPU vs CPU losses", f"bll {opts} float64, {steps // 2} steps", err, 1e-8)
     # CNN and ResNet blocks through BLL on the GPU (float64 vs CPU)
-    xi = data["x_train_img"][:4 * 32].astype(np.float64)
+    xi = data["x_train_img"][:image_steps * image_batch].astype(np.float64)
     for label, blocks in (("CNN 4-block", models.cnn(channels=(8, 16, 16), rng=5, dtype=np.float64)),
-                          ("ResNet-18 width 4", models.resnet18(width=4, rng=5, dtype=np.float64))):
+                          (f"ResNet-18 width {resnet_width}",
+                           models.resnet18(width=resnet_width, rng=5, dtype=np.float64))):
         for name in ("bll", "bp"):
             cpu = make(name, copy.deepcopy(blocks), sample_input=xi[:8], rng=5)
             gpu = copy.deepcopy(cpu).to("cuda")
-            lc, lg = _run_steps(cpu, xi, y, 4, 32), _run_steps(gpu, xi, y, 4, 32)
+            lc, lg = (_run_steps(cpu, xi, y, image_steps, image_batch),
+                      _run_steps(gpu, xi, y, image_steps, image_batch))
             err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(lg, lc))
-            record("GPU vs CPU losses", f"{name} {label} float64, 4 steps", err, 1e-8)
+            record("GPU vs CPU losses", f"{name} {label} float64, {image_steps} steps", err, 1e-8)
 
 
-def check_fashion(data, epochs=2):
+def check_fashion(data, epochs=2, sizes=(784, 1024, 1024, 1024, 10)):
     out = {}
     for device in ("cuda", "cpu"):
-        blocks = models.mlp((784, 1024, 1024, 1024, 10), rng=0)
+        blocks = models.mlp(sizes, rng=0)
         m = make("bll", blocks, sample_input=data["x_train"][:8], rng=0)
         if device == "cuda":
             m.to("cuda")
@@ -236,27 +241,38 @@ def check_fashion(data, epochs=2):
         print(f"  {device}: {epochs} epochs, test accuracy {100 * out[device][0]:.2f} %, "
               f"{out[device][1]:.1f} s", flush=True)
     diff = abs(out["cuda"][0] - out["cpu"][0]) * 100
-    record("Fashion-MNIST 2 epochs GPU vs CPU", f"BLL MLP: GPU {100 * out['cuda'][0]:.2f} % in {out['cuda'][1]:.1f} s, "
+    record(f"{data['name']} {epochs} epochs GPU vs CPU",
+           f"BLL MLP: GPU {100 * out['cuda'][0]:.2f} % in {out['cuda'][1]:.1f} s, "
            f"CPU {100 * out['cpu'][0]:.2f} % in {out['cpu'][1]:.1f} s (points apart)", diff, 0.5)
 
 
-def _data(full):
+def _data(full, n=4096, n_test=512):
     from bll_ref import data as D
     if full and D.fashion_mnist_available():
         d = D.load_fashion_mnist()
+        d["name"] = "Fashion-MNIST"
     else:
         rng = np.random.default_rng(0)
-        n = 4096
         d = {"x_train": rng.random((n, 784), np.float32), "y_train": rng.integers(0, 10, n),
-             "x_test": rng.random((512, 784), np.float32), "y_test": rng.integers(0, 10, 512)}
+             "x_test": rng.random((n_test, 784), np.float32), "y_test": rng.integers(0, 10, n_test),
+             "name": "random synthetic data"}
     d["x_train_img"] = d["x_train"][:512].reshape(-1, 1, 28, 28)
     return d
+
+
+#: ``--smoke``: the sizes each section takes instead of its defaults.
+SMOKE = {"data": dict(n=128, n_test=64), "losses": dict(shapes=((7, 333),)), "optimisers": dict(size=(37, 29)),
+         "training": dict(steps=2, batch=4, hidden=8, small=8, image_batch=2, image_steps=1, resnet_width=1),
+         "fashion": dict(epochs=1, sizes=(784, 16, 16, 10))}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for gpu_check.json/.md (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="skip the 2-epoch Fashion-MNIST comparison")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes and synthetic data: checks that the script runs, in seconds (its numbers "
+                         "mean little; the tests run it on a CuPy stand-in)")
     args = ap.parse_args(argv)
     try:
         cp = backend.require_cuda()
@@ -264,12 +280,14 @@ def main(argv=None):
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2
     print("\n".join(f"{k}: {v}" for k, v in backend.device_info()), flush=True)
-    data = _data(full=not args.quick)
+    size = SMOKE if args.smoke else {k: {} for k in SMOKE}
+    data = _data(full=not (args.quick or args.smoke), **size["data"])
     t0 = time.perf_counter()
-    sections = [("layers", lambda: check_layers(cp)), ("losses", lambda: check_losses(cp)),
-                ("optimisers", lambda: check_optimisers(cp)), ("training", lambda: check_training(cp, data))]
+    sections = [("layers", lambda: check_layers(cp)), ("losses", lambda: check_losses(cp, **size["losses"])),
+                ("optimisers", lambda: check_optimisers(cp, **size["optimisers"])),
+                ("training", lambda: check_training(cp, data, **size["training"]))]
     if not args.quick:
-        sections.append(("fashion", lambda: check_fashion(data)))
+        sections.append(("fashion", lambda: check_fashion(data, **size["fashion"])))
     for name, fn in sections:
         t = time.perf_counter()
         try:

@@ -1,6 +1,6 @@
 """Training-step time on one GPU: our BLL and BP (CuPy + numba.cuda) beside PyTorch-GPU BP.
 
-    python benchmarks/gpu_step.py [--out DIR] [--steps N]
+    python benchmarks/gpu_step.py [--out DIR] [--steps N] [--smoke]
 
 * the benchmark MLP 784-1024-1024-1024-10 (float32, Adam 1e-3, random batches) at batch 128 and
   4096: BP, BLL (default recipe) on one stream, BLL with one CUDA stream per block; PyTorch BP
@@ -86,10 +86,10 @@ def torch_resnet18(torch, width=64):
     return nn.Sequential(*layers)
 
 
-def timed_rounds(fns, steps, rounds, sync):
+def timed_rounds(fns, steps, rounds, sync, warm_up=3):
     """{name: median seconds per step} over ``rounds`` alternating rounds of ``steps`` steps."""
     for f in fns.values():  # warm-up: compilation, cuBLAS handles, memory pools
-        for _ in range(3):
+        for _ in range(warm_up):
             f()
     sync()
     times = {k: [] for k in fns}
@@ -110,7 +110,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50, help="steps per timed round (default 50)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-convnets", action="store_true", help="only the MLP")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny models, 1 step, 1 round: checks that the script runs (the tests run it on a "
+                         "CuPy stand-in); its times mean nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.rounds = 1, 1
+    mlp = (784, 16, 16, 16, 10) if args.smoke else MLP
+    batches, image_batch = ((4, 8), 2) if args.smoke else ((128, 4096), 128)
     try:
         cp = backend.require_cuda()
     except backend.DeviceError as e:
@@ -131,7 +138,8 @@ def main(argv=None):
                          "rounds": args.rounds, "results": []}
 
     def run(label, fns, batch, epoch_steps=None):
-        t = timed_rounds(fns, args.steps if epoch_steps is None else max(10, args.steps // 5), args.rounds, sync)
+        steps = args.steps if epoch_steps is None or args.smoke else max(10, args.steps // 5)
+        t = timed_rounds(fns, steps, args.rounds, sync, warm_up=1 if args.smoke else 3)
         for k, sec in t.items():
             r = {"model": label, "batch": batch, "contender": k, "ms_per_step": 1e3 * sec,
                  "samples_per_s": batch / sec}
@@ -142,27 +150,30 @@ def main(argv=None):
             rows.append(f"| {label} | {batch} | {k} | {1e3 * sec:.3f} | {batch / sec:,.0f} | {epoch} |")
             print(rows[-1], flush=True)
 
-    for batch in (128, 4096):
+    for batch in batches:
         x = rng.random((batch, 784), np.float32)
         y = rng.integers(0, 10, batch)
-        fns = {"BP (ours)": ours("bp", models.mlp(MLP, rng=0), x, y),
-               "BLL (ours), sequential": ours("bll", models.mlp(MLP, rng=0), x, y),
-               "BLL (ours), one stream": ours("bll", models.mlp(MLP, rng=0), x, y, streams=False),
-               "BLL (ours), stream per block": ours("bll", models.mlp(MLP, rng=0), x, y, streams=True)}
+        fns = {"BP (ours)": ours("bp", models.mlp(mlp, rng=0), x, y),
+               "BLL (ours), sequential": ours("bll", models.mlp(mlp, rng=0), x, y),
+               "BLL (ours), one stream": ours("bll", models.mlp(mlp, rng=0), x, y, streams=False),
+               "BLL (ours), stream per block": ours("bll", models.mlp(mlp, rng=0), x, y, streams=True)}
         if torch is not None:
             fns["PyTorch BP, Adam"] = torch_step(torch, torch_mlp(torch), x, y, fused=False)
             fns["PyTorch BP, fused Adam"] = torch_step(torch, torch_mlp(torch), x, y, fused=True)
-        run("MLP 784-1024x3-10", fns, batch)
+        run("MLP " + "-".join(map(str, mlp)), fns, batch)
     if not args.no_convnets:
-        x = rng.random((128, 1, 28, 28), np.float32)
-        y = rng.integers(0, 10, 128)
-        for label, build, tnet in (("CNN 32-64-128", lambda: models.cnn(rng=0), torch_cnn),
-                                   ("ResNet-18 width 64", lambda: models.resnet18(width=64, rng=0), torch_resnet18)):
+        x = rng.random((image_batch, 1, 28, 28), np.float32)
+        y = rng.integers(0, 10, image_batch)
+        channels, width = ((4, 4, 4), 1) if args.smoke else ((32, 64, 128), 64)
+        for label, build, tnet in (("CNN " + "-".join(map(str, channels)), lambda: models.cnn(channels=channels, rng=0),
+                                    lambda torch: torch_cnn(torch, channels)),
+                                   (f"ResNet-18 width {width}", lambda: models.resnet18(width=width, rng=0),
+                                    lambda torch: torch_resnet18(torch, width))):
             fns = {"BP (ours)": ours("bp", build(), x, y), "BLL (ours), sequential": ours("bll", build(), x, y),
                    "BLL (ours), stream per block": ours("bll", build(), x, y, streams=True)}
             if torch is not None:
                 fns["PyTorch BP, fused Adam"] = torch_step(torch, tnet(torch), x, y, fused=True)
-            run(label, fns, 128, EPOCH_STEPS)
+            run(label, fns, image_batch, EPOCH_STEPS)
     table = ["| model | batch | contender | ms / step | samples / s | epoch s (469 steps) |",
              "|---|---|---|---|---|---|", *rows]
     write("gpu_step", payload, "\n".join(table), out=args.out)

@@ -26,36 +26,17 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the repository first, and whatever PYTHONPATH already holds (e.g. a carried numpy) after it
-PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+# the repository and its tests (fakecupy) first, and whatever PYTHONPATH already holds (e.g. a carried numpy) after it
+PYTHONPATH = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]
+                            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
-#: Prepended to every simulator script: what a call raises, as text (None if it raises nothing); and
-#: the simulator's cuda.shared.array made thread-safe. numba-cuda 0.30.4's FakeCUDAShared.array looks an
-#: allocation up by call site and creates it when missing, without a lock: two of a block's threads
-#: (Python threads here) can each create one, and the thread holding the lost copy sums into it, so a
-#: block reduction came out different from run to run (about 1 run in 10 of test_gpu_layer_kernels).
-#: The same lookup under a lock; the caller is still the frame that called cuda.shared.array.
+#: Prepended to every simulator script: the simulator's cuda.shared.array made thread-safe
+#: (``fakecupy.lock_shared_arrays`` says why), and what a call raises, as text (None if it raises
+#: nothing).
 SIM_ERROR_HELPER = '''
-import sys as _sys, threading as _threading, traceback as _traceback
-from numba.cuda.simulator import kernelapi as _kernelapi
-_shared_lock, _shared_array = _threading.Lock(), _kernelapi.FakeCUDAShared.array
-
-
-def _locked_shared_array(self, shape, dtype, alignment=None):
-    if shape == 0 or alignment is not None:     # dynamic shared memory (no lookup), or the error
-        return _shared_array(self, shape, dtype, alignment)
-    if isinstance(dtype, _kernelapi.types.Type):
-        dtype = _kernelapi.numpy_support.as_dtype(dtype)
-    caller = _traceback.extract_stack(_sys._getframe())[-2][0:2]
-    with _shared_lock:
-        res = self._allocations.get(caller)
-        if res is None:
-            res = self._allocations[caller] = _kernelapi.np.empty(shape, dtype)
-    return res
-
-
-_kernelapi.FakeCUDAShared.array = _locked_shared_array
+from fakecupy import lock_shared_arrays as _lock_shared_arrays
+_lock_shared_arrays()
 
 
 def error(f):
