@@ -13,6 +13,8 @@ speed-ups are medians of per-round ratios against the sequential run of the same
     mpi2r      2 ranks = 1 stage x 2 replicas
     mpi4       4 ranks = 4 stages x 1 replica
     mpi4r      4 ranks = 2 stages x 2 replicas
+    *_whole    mpi2r / mpi4r, every replica steps the whole optimiser (BLL_REF_SHARD_STEP=0)
+    *_msgs     mpi2r / mpi4r, the records travel as messages, as between hosts (BLL_REF_SHARED_DIR="")
     mpi8r      8 ranks = 4 stages x 2 replicas                  16 or more cores only
     seq16      the 16-block MLP, sequentially                   16 or more cores only
     mpi16      the 16-block MLP on 16 ranks (16 x 1)            16 or more cores only
@@ -78,15 +80,22 @@ VARIANTS = {"seq": ("mlp4", "seq", 1, 1), "seq_mb2": ("mlp4", "seq", 1, 2), "thr
             "mpi2": ("mlp4", "mpi", 2, 1), "mpi2r": ("mlp4", "mpi", 1, 2), "mpi4": ("mlp4", "mpi", 4, 1),
             "mpi4r": ("mlp4", "mpi", 2, 2), "mpi8r": ("mlp4", "mpi", 4, 2),
             "seq16": ("mlp16", "seq", 1, 1), "mpi16": ("mlp16", "mpi", 16, 1),
-            "mpi2r_whole": ("mlp4", "mpi", 1, 2), "mpi4r_whole": ("mlp4", "mpi", 2, 2)}
+            "mpi2r_whole": ("mlp4", "mpi", 1, 2), "mpi4r_whole": ("mlp4", "mpi", 2, 2),
+            "mpi2r_msgs": ("mlp4", "mpi", 1, 2), "mpi4r_msgs": ("mlp4", "mpi", 2, 2)}
 # replicas that each step the whole optimiser (BLL_REF_SHARD_STEP=0), side by side with the steps in shares
 WHOLE_STEP = ("mpi2r_whole", "mpi4r_whole")
-SMALL = ("seq", "seq_mb2", "threads", "mpi2", "mpi2r", "mpi2r_whole", "mpi4", "mpi4r", "mpi4r_whole")
-BIG = SMALL + ("mpi8r", "seq16", "mpi16")
+# replicas whose records travel as messages, as between hosts (BLL_REF_SHARED_DIR=""; each steps the whole optimiser)
+MESSAGES = ("mpi2r_msgs", "mpi4r_msgs")
+SMALL = ("seq", "seq_mb2", "threads", "mpi2", "mpi2r", "mpi2r_whole", "mpi2r_msgs", "mpi4", "mpi4r", "mpi4r_whole",
+         "mpi4r_msgs")
+BIG = tuple(v for v in SMALL if v not in MESSAGES) + ("mpi8r", "seq16", "mpi16")  # the 16-core run: short
 NAMES = {"seq": "sequential", "seq_mb2": "sequential, 2 micro-batches", "threads": "threads, 2 workers",
          "mpi2": "MPI 2 ranks (2 x 1)", "mpi2r": "MPI 2 ranks (1 x 2)", "mpi4": "MPI 4 ranks (4 x 1)",
          "mpi4r": "MPI 4 ranks (2 x 2)", "mpi2r_whole": "MPI 2 ranks (1 x 2), whole step each",
-         "mpi4r_whole": "MPI 4 ranks (2 x 2), whole step each", "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
+         "mpi4r_whole": "MPI 4 ranks (2 x 2), whole step each",
+         "mpi2r_msgs": "MPI 2 ranks (1 x 2), records as messages",
+         "mpi4r_msgs": "MPI 4 ranks (2 x 2), records as messages",
+         "mpi8r": "MPI 8 ranks (4 x 2)", "seq16": "16-block MLP, sequential",
          "mpi16": "16-block MLP, MPI 16 ranks (16 x 1)", "torch": "PyTorch BP, 2 threads",
          "torch1": "PyTorch BP, 1 process, 1 thread", "ddp2": "PyTorch DDP (gloo), 2 processes",
          "ddp4": "PyTorch DDP (gloo), 4 processes", "ddp8": "PyTorch DDP (gloo), 8 processes"}
@@ -233,7 +242,8 @@ def run_mpi(v, steps, warmup, groups, timeout):
     return run_subprocess([mpiexec(), "-n", str(stages * replicas), "--oversubscribe", sys.executable, "-m", "mpi4py",
                            os.path.abspath(__file__), "--mpi-worker", "pipeline", "--steps", str(steps),
                            "--warmup", str(warmup), "--groups", groups_arg(groups), "--model", model,
-                           "--replicas", str(replicas)], timeout, BLL_REF_SHARD_STEP="0" if v in WHOLE_STEP else "1")
+                           "--replicas", str(replicas)], timeout, BLL_REF_SHARD_STEP="0" if v in WHOLE_STEP else "1",
+                          **({"BLL_REF_SHARED_DIR": ""} if v in MESSAGES else {}))
 
 
 TCP = ["--mca", "pml", "ob1", "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo"]
@@ -422,7 +432,8 @@ def predict(args, variants, batches, setup):
                            seq / min(cores, stages))
             else:
                 step = predict_step(c, groups[v], replicas, msg["shm"], pbytes[model], cores, setup["copy_rates"],
-                                    opt_s=None if v in WHOLE_STEP else setup["opt_s"][model])
+                                    shared=v not in MESSAGES,
+                                    opt_s=None if v in WHOLE_STEP + MESSAGES else setup["opt_s"][model])
             row[label] = {"step_s": step, "speedup": seq / step}
         out["variants"][v] = row
     for model, c in costs.items():

@@ -89,14 +89,19 @@ def test_a_layer_left_on_the_host_is_caught(stand_in):
 
 
 # ------------------------------------------------------------------------------- the GPU scripts
-def test_gpu_check_passes_on_the_stand_in(tmp_path):
+def smoke(script, tmp_path):
+    """``benchmarks/<script>.py --smoke`` on the stand-in -> the results of the JSON it wrote; it
+    must exit 0."""
     res, out = run_on_stand_in(f"""
-        import gpu_check
-        rc = gpu_check.main(["--smoke", "--out", {str(tmp_path)!r}])
-        print(json.dumps({{"rc": rc}}))
+        import {script}
+        print(json.dumps({{"rc": {script}.main(["--smoke", "--out", {str(tmp_path)!r}])}}))
     """)
     assert res["rc"] == 0, out[-3000:]
-    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    return json.loads((tmp_path / f"{script}.json").read_text())["results"]
+
+
+def test_gpu_check_passes_on_the_stand_in(tmp_path):
+    results = smoke("gpu_check", tmp_path)
     assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
     checks = {r["check"] for r in results}
     for must in ("layer vs CPU", "Eq. 8 kernel vs NumPy", "gaussian KL kernel vs NumPy", "softmax CE vs NumPy",
@@ -111,13 +116,7 @@ def test_gpu_check_passes_on_the_stand_in(tmp_path):
 
 
 def test_gpu_step_runs_every_contender_on_the_stand_in(tmp_path):
-    res, out = run_on_stand_in(f"""
-        import gpu_step
-        rc = gpu_step.main(["--smoke", "--out", {str(tmp_path)!r}])
-        print(json.dumps({{"rc": rc}}))
-    """)
-    assert res["rc"] == 0, out[-3000:]
-    rows = json.loads((tmp_path / "gpu_step.json").read_text())["results"]
+    rows = smoke("gpu_step", tmp_path)
     seen = {(r["model"].split()[0], r["contender"]) for r in rows}
     for model in ("MLP", "CNN", "ResNet-18"):
         for contender in ("BP (ours)", "BLL (ours), sequential", "BLL (ours), stream per block"):
