@@ -4,13 +4,17 @@
 
 1. every layer's forward, input gradient and parameter gradients on the GPU against the same
    layer on the CPU (this runs every numba.cuda layer kernel against its Numba twin through the
-   layer that calls it), float32 and float64, odd shapes;
+   layer that calls it), float32 and float64, odd shapes; the sequence layers (Embedding,
+   PositionalEncoding, SelfAttention) and Upsample2d included;
 2. every local-loss kernel and the GPU softmax cross-entropy against the NumPy reference, incl.
    saturating inputs (|x| ~ 1e3); the Adam / SGD kernels against their NumPy twins;
 3. run-to-run determinism: two 20-step BLL runs on the GPU end with bit-identical weights (one
    stream and one stream per block);
-4. 20 steps of BLL and BP on the GPU against the CPU from the same initial weights and batches:
-   per-step losses within 1e-4 relative (float32) and ~1e-10 (float64);
+4. 20 steps of BLL, BP and FA on the GPU against the CPU from the same initial weights and
+   batches: per-step losses within 1e-4 relative (float32) and 1e-9 (float64), the trained
+   weights within 1e-3 / 1e-6; then, in float64, the BLL variants (Eq. 8, Bernoulli KL, no
+   term, plain Gaussian, span 2), Pred-Sim (MLP, and CNN with std pooling), a transformer on
+   token ids (BLL and BP), the CNN and ResNet-18;
 5. (without --quick) 2 epochs of the MLP 784-1024-1024-1024-10 on Fashion-MNIST on the GPU and on
    the CPU, same seed: test accuracy within 0.5 points.
 
@@ -85,6 +89,11 @@ def _layer_cases(dt):
         ("MaxPool2d 3 s2", L.MaxPool2d(3, stride=2), (2, 3, 11, 9)),
         ("AvgPool2d 2", L.AvgPool2d(2), (3, 5, 8, 8)),
         ("Residual (ResNet basic block)", models._basic_block(4, 8, 2, 3, dt), (2, 4, 10, 10)),
+        ("Upsample2d 2", L.Upsample2d(2), (2, 3, 5, 4)),
+        ("PositionalEncoding fixed", L.PositionalEncoding(9, 12, dtype=dt), (3, 7, 12)),
+        ("PositionalEncoding learned", L.PositionalEncoding(9, 12, learned=True, rng=r, dtype=dt), (3, 9, 12)),
+        ("SelfAttention", L.SelfAttention(12, rng=r, dtype=dt), (3, 7, 12)),
+        ("SelfAttention causal", L.SelfAttention(12, causal=True, rng=r, dtype=dt), (3, 7, 12)),
     ]
 
 
@@ -106,6 +115,16 @@ def check_layers(cp):
             y_e = gpu.forward(cp.asarray(x), train=False)
             err = max(err, rel(y_e, layer.forward(x, train=False)))
             record("layer vs CPU", f"{name} {np.dtype(dt).name}", err, TOL[dt] * 10)
+        # token ids in (integers: no dx); repeated ids, so the GPU's one-hot gradient adds them up
+        layer = L.Embedding(11, 12, rng=7, dtype=dt)
+        gpu = copy.deepcopy(layer).to("cuda")
+        ids = rng.integers(0, 11, (5, 9))
+        y_c, y_g = layer.forward(ids), gpu.forward(cp.asarray(ids))
+        dy = rng.standard_normal(y_c.shape).astype(dt)
+        layer.backward(dy)
+        gpu.backward(cp.asarray(dy))
+        record("layer vs CPU", f"Embedding {np.dtype(dt).name}",
+               max(rel(y_g, y_c), rel(gpu.grads["E"], layer.grads["E"])), TOL[dt] * 10)
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -169,6 +188,22 @@ def _run_steps(method, x, y, steps, batch, schedule=None):
     return losses
 
 
+def compare_runs(detail, losses_cpu, losses_gpu, cpu, gpu, loss_limit, state_limit):
+    """Record two checks of a GPU run against the same run on the CPU: the per-step losses (max
+    relative difference), and every weight, feedback weight and running statistic of the trained
+    state (max over arrays of max |diff| / max |CPU array|), so an update that differs shows even
+    where the losses agree. The state gets its own, looser limit: where a gradient is 0 in exact
+    arithmetic (a conv bias before BatchNorm, attention's key bias) it holds rounding noise that
+    differs between devices, and Adam scales such noise up to about lr * noise / eps per step.
+    The optimiser moments themselves are left out (they are that noise)."""
+    err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(losses_gpu, losses_cpu))
+    record("GPU vs CPU losses", detail, err, loss_limit)
+    sc, sg = cpu.state_dict(), gpu.state_dict()
+    keys = [k for k in sc if not {"opt", "stats"} & set(k.split("/"))]
+    err = max(rel(sg[k], sc[k]) for k in keys) if sc.keys() == sg.keys() and keys else float("inf")
+    record("GPU vs CPU trained state", detail, err, state_limit)
+
+
 def _mlp_method(name, dt, sizes, **kw):
     blocks = models.mlp(sizes, rng=5, dtype=dt)
     return make(name, blocks, sample_input=np.zeros((8, sizes[0]), dt), rng=5, **kw)
@@ -193,15 +228,14 @@ def check_training(cp, data, steps=20, batch=128, hidden=256, small=64, image_ba
     record("GPU streams vs sequential", f"BLL {steps} steps, one stream = sequential bits",
            float(digests["one stream"] != digests["run 1"]), 0)
     # GPU against CPU
-    for dt, limit in ((np.float32, 1e-4), (np.float64, 1e-9)):
+    for dt, limit, state_limit in ((np.float32, 1e-4, 1e-3), (np.float64, 1e-9, 1e-6)):
         xd = x.astype(dt)
         for name in ("bll", "bp", "fa"):
             cpu = _mlp_method(name, dt, (784, hidden, hidden, hidden, 10))
             gpu = copy.deepcopy(cpu).to("cuda")
             lc = _run_steps(cpu, xd, y, steps, batch)
             lg = _run_steps(gpu, xd, y, steps, batch)
-            err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(lg, lc))
-            record("GPU vs CPU losses", f"{name} {np.dtype(dt).name}, {steps} steps (max rel per step)", err, limit)
+            compare_runs(f"{name} {np.dtype(dt).name}, {steps} steps", lc, lg, cpu, gpu, limit, state_limit)
     # the other BLL variants run on the GPU and agree with the CPU (float64, where rounding is small)
     for opts in (dict(variational="eq8", feedback="trained"), dict(variational="bernoulli_kl", feedback="twin"),
                  dict(variational="none"), dict(variational="gauss", feedback_decay=0.9, anneal=False),
@@ -209,12 +243,29 @@ def check_training(cp, data, steps=20, batch=128, hidden=256, small=64, image_ba
         cpu = make("bll", models.mlp((784, small, small, 10), activation_name="sigmoid", rng=5, dtype=np.float64),
                    sample_input=np.zeros((8, 784)), rng=5, **opts)
         gpu = copy.deepcopy(cpu).to("cuda")
-        xd = x.astype(np.float64)
-        lc, lg = _run_steps(cpu, xd, y, steps // 2, batch), _run_steps(gpu, xd, y, steps // 2, batch)
-        err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(lg, lc))
-        record("GPU vs CPU losses", f"bll {opts} float64, {steps // 2} steps", err, 1e-8)
-    # CNN and ResNet blocks through BLL on the GPU (float64 vs CPU)
+        xd, k = x.astype(np.float64), max(2, steps // 2)
+        lc, lg = _run_steps(cpu, xd, y, k, batch), _run_steps(gpu, xd, y, k, batch)
+        compare_runs(f"bll {opts} float64, {k} steps", lc, lg, cpu, gpu, 1e-8, 1e-5)
+    # Pred-Sim (similarity matching; std pooling on the CNN's image features) and a transformer on
+    # token ids through BLL and BP (float64 vs CPU)
     xi = data["x_train_img"][:image_steps * image_batch].astype(np.float64)
+    tokens = np.random.default_rng(6).integers(0, 7, (steps * batch, 7))
+    for label, blocks, xs, ys, kw in (
+            ("Pred-Sim MLP", models.mlp((784, small, small, 10), rng=5, dtype=np.float64), x.astype(np.float64), y,
+             dict(variational="sim")),
+            ("Pred-Sim CNN", models.cnn(channels=(8, 8), rng=5, dtype=np.float64), xi, y, dict(variational="sim")),
+            ("transformer", models.transformer(vocab=7, length=7, dim=small, n_blocks=2, rng=5, dtype=np.float64),
+             tokens, tokens[:, ::-1].copy(), dict(n_classes=7))):
+        k = max(2, steps // 2)   # two steps at least: the second loss sees the first update
+        n = len(xs) // k
+        for name in ("bll", "bp"):
+            if name == "bp" and label.startswith("Pred-Sim"):
+                continue
+            cpu = make(name, copy.deepcopy(blocks), sample_input=xs[:4], rng=5, **(kw if name == "bll" else {}))
+            gpu = copy.deepcopy(cpu).to("cuda")
+            lc, lg = _run_steps(cpu, xs, ys, k, n), _run_steps(gpu, xs, ys, k, n)
+            compare_runs(f"{name} {label} float64, {k} steps of {n}", lc, lg, cpu, gpu, 1e-8, 1e-5)
+    # CNN and ResNet blocks through BLL on the GPU (float64 vs CPU)
     for label, blocks in (("CNN 4-block", models.cnn(channels=(8, 16, 16), rng=5, dtype=np.float64)),
                           (f"ResNet-18 width {resnet_width}",
                            models.resnet18(width=resnet_width, rng=5, dtype=np.float64))):
@@ -223,8 +274,7 @@ def check_training(cp, data, steps=20, batch=128, hidden=256, small=64, image_ba
             gpu = copy.deepcopy(cpu).to("cuda")
             lc, lg = (_run_steps(cpu, xi, y, image_steps, image_batch),
                       _run_steps(gpu, xi, y, image_steps, image_batch))
-            err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(lg, lc))
-            record("GPU vs CPU losses", f"{name} {label} float64, {image_steps} steps", err, 1e-8)
+            compare_runs(f"{name} {label} float64, {image_steps} steps", lc, lg, cpu, gpu, 1e-8, 1e-5)
 
 
 def check_fashion(data, epochs=2, sizes=(784, 1024, 1024, 1024, 10)):
@@ -262,7 +312,7 @@ def _data(full, n=4096, n_test=512):
 
 #: ``--smoke``: the sizes each section takes instead of its defaults.
 SMOKE = {"data": dict(n=128, n_test=64), "losses": dict(shapes=((7, 333),)), "optimisers": dict(size=(37, 29)),
-         "training": dict(steps=2, batch=4, hidden=8, small=8, image_batch=2, image_steps=1, resnet_width=1),
+         "training": dict(steps=2, batch=4, hidden=8, small=8, image_batch=2, image_steps=2, resnet_width=1),
          "fashion": dict(epochs=1, sizes=(784, 16, 16, 10))}
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bll_ref import backend, models
-from bll_ref.layers import Dense, Embedding, Sequential
+from bll_ref import layers as L
+from bll_ref.layers import Dense, Layer, Sequential
 from bll_ref.methods import make
 from bll_ref.methods.common import predict
 
@@ -54,8 +55,18 @@ def test_cuda_without_a_gpu_is_a_device_error_naming_the_extra_or_the_cause():
 
 
 def test_layers_without_a_gpu_path_are_refused_by_name():
-    with pytest.raises(backend.DeviceError, match="Embedding has no GPU path"):
-        Sequential(Embedding(10, 4, rng=0)).to("cuda")
+    """Every built-in layer has a GPU path; a layer type that declares none is refused by name,
+    before any layer moves."""
+    class HostOnly(Layer):
+        runs_on_gpu = False
+
+    model = Sequential(Dense(3, 2, rng=0), HostOnly())
+    with pytest.raises(backend.DeviceError, match="HostOnly has no GPU path"):
+        model.to("cuda")
+    assert type(model.layers[0].params["W"]) is np.ndarray
+    public = [getattr(L, n) for n in L.__all__]
+    types_ = [c for c in public if isinstance(c, type) and issubclass(c, Layer) and c is not Layer]
+    assert len(types_) >= 17 and all(c.runs_on_gpu for c in types_), [c for c in types_ if not c.runs_on_gpu]
 
 
 def test_to_cpu_keeps_every_array_and_training_result():

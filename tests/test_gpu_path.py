@@ -6,8 +6,8 @@ numba's CUDA simulator runs the numba.cuda kernels. Under them, in a fresh proce
 
 * ``benchmarks/gpu_check.py --smoke``: every GPU layer, loss and optimiser against the CPU,
   determinism, streams against one stream, 2-step BLL / BP / FA runs of the MLP, BLL variants,
-  the CNN and ResNet-18 against the CPU, and a short ``fit`` on both devices; the same script
-  the GPU run executes, at tiny sizes;
+  Pred-Sim, a transformer, the CNN and ResNet-18 against the CPU (losses and trained weights), and
+  a short ``fit`` on both devices; the same script the GPU run executes, at tiny sizes;
 * ``benchmarks/gpu_step.py --smoke``: every contender of the GPU timing script runs (its times
   mean nothing here);
 * ``bll-ref train --device cuda`` (sequential and ``--parallel streams``), ``eval``, ``report`` and
@@ -106,11 +106,13 @@ def test_gpu_check_passes_on_the_stand_in(tmp_path):
     checks = {r["check"] for r in results}
     for must in ("layer vs CPU", "Eq. 8 kernel vs NumPy", "gaussian KL kernel vs NumPy", "softmax CE vs NumPy",
                  "optimiser kernel vs NumPy", "GPU run-to-run bit-identical", "GPU streams vs sequential",
-                 "GPU vs CPU losses", "random synthetic data 1 epochs GPU vs CPU"):
+                 "GPU vs CPU losses", "GPU vs CPU trained state", "random synthetic data 1 epochs GPU vs CPU"):
         assert must in checks, must
     details = " ".join(r["detail"] for r in results)
-    for must in ("Conv2d", "BatchNorm NCHW", "LayerNorm", "MaxPool2d", "Residual", "bll float32", "bp float32",
-                 "fa float64", "'eq8'", "'bernoulli_kl'", "'span': 2", "bll CNN", "bll ResNet-18"):
+    for must in ("Conv2d", "BatchNorm NCHW", "LayerNorm", "MaxPool2d", "Residual", "Upsample2d", "Embedding",
+                 "PositionalEncoding learned", "SelfAttention causal", "bll float32", "bp float32", "fa float64",
+                 "'eq8'", "'bernoulli_kl'", "'span': 2", "bll Pred-Sim CNN", "bll transformer", "bp transformer",
+                 "bll CNN", "bll ResNet-18"):
         assert must in details, must
     assert len(results) >= 70
 

@@ -166,17 +166,30 @@ class Layer:
     def zero_grads(self):
         self.grads = {k: backend.array_module(v).zeros(v.shape, v.dtype) for k, v in self.params.items()}
 
-    #: False for layer types with no GPU path yet: ``to("cuda")`` refuses them by name.
+    #: False for a layer type with no GPU path: ``to("cuda")`` refuses it by name (every built-in
+    #: layer has one; a layer written with NumPy calls on its input would not).
     runs_on_gpu = True
+
+    def children(self):
+        """The layers inside this one (containers: their layers; a plain layer: none)."""
+        return ()
+
+    def refuse_host_only(self):
+        """DeviceError naming the first layer, this one or inside it, with no GPU path: asked
+        before anything moves, so a refused model is not left half on the GPU."""
+        if not self.runs_on_gpu:
+            raise backend.DeviceError(f"{type(self).__name__} has no GPU path; train this model "
+                                      "with --device cpu")
+        for child in self.children():
+            child.refuse_host_only()
 
     def to(self, device):
         """Move parameters and buffers to ``device`` ('cpu' or 'cuda'), in place; returns self.
         The dicts keep their identity, so an optimiser built before the move steps the moved
         arrays once it is moved too (``optim.move_optimizer``). Gradients and the cache are
         dropped (the next forward/backward makes them on the new device)."""
-        if device == "cuda" and not self.runs_on_gpu:
-            raise backend.DeviceError(f"{type(self).__name__} has no GPU path yet; train this model "
-                                      "with --device cpu")
+        if device == "cuda":
+            self.refuse_host_only()
         for d in (self.params, self.buffers):
             for k, v in d.items():
                 d[k] = backend.to_device(v, device)

@@ -59,8 +59,13 @@ class Sequential(Layer):
         for l in self.layers:
             l.zero_grads()
 
+    def children(self):
+        return tuple(self.layers)
+
     def to(self, device):
         """Move every child to ``device`` ('cpu' or 'cuda'); returns self."""
+        if device == "cuda":
+            self.refuse_host_only()
         for l in self.layers:
             l.to(device)
         return self
@@ -145,7 +150,12 @@ class Residual(Layer):
         for c in self._children().values():
             c.zero_grads()
 
+    def children(self):
+        return tuple(self._children().values())
+
     def to(self, device):
+        if device == "cuda":
+            self.refuse_host_only()
         for c in self._children().values():
             c.to(device)
         self._cache = None

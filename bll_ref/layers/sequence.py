@@ -1,11 +1,20 @@
-"""Sequence layers on (N, T, D): token Embedding, PositionalEncoding, single-head SelfAttention."""
+"""Sequence layers on (N, T, D): token Embedding, PositionalEncoding, single-head SelfAttention.
+
+Plain array code on either device: the array module follows the input (``xp``), so a model moved
+with ``to("cuda")`` runs on CuPy; the NumPy path is the reference. The one place the GPU path
+differs is Embedding's gradient (its docstring says why).
+"""
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module
 from .base import Layer, as_float_dtype, as_rng, check_array, register
 
-__all__ = ["Embedding", "PositionalEncoding", "SelfAttention", "sinusoidal_table"]
+#: Elements of the one-hot matrix Embedding's GPU gradient builds at a time (bounds its memory).
+ONE_HOT_ELEMENTS = 1 << 24
+
+__all__ = ["Embedding", "PositionalEncoding", "SelfAttention", "sinusoidal_table", "ONE_HOT_ELEMENTS"]
 
 
 @register
@@ -25,9 +34,13 @@ class Embedding(Layer):
     -----
     Shapes: ids (N, T) integer -> y (N, T, dim); param E (V, dim). ``backward`` returns None
     (integer ids have no gradient) and scatters dy into grads["E"] (repeated ids add up).
-    """
 
-    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
+    On the GPU the scatter is a product with the one-hot matrix of the ids, onehot^T dy, in
+    chunks of rows: a scatter-add there would use float atomics, whose order (and so the last
+    bits) changes from run to run. It costs V x N T x dim multiply-adds, which is small for the
+    vocabularies of the sequence tasks here (tens of tokens); a vocabulary of thousands would want
+    a sort-based kernel instead.
+    """
 
     def __init__(self, num_embeddings, dim, *, rng=None, dtype=np.float32):
         super().__init__()
@@ -52,8 +65,18 @@ class Embedding(Layer):
     def backward(self, dy):
         ids = self._cached()
         self._check_dy(dy, (*ids.shape, self.dim))
-        gE = np.zeros_like(self.params["E"])
-        np.add.at(gE, ids, dy)  # unbuffered: a token seen twice gets both contributions
+        xp = array_module(dy)
+        if xp is np:
+            gE = np.zeros_like(self.params["E"])
+            np.add.at(gE, ids, dy)  # unbuffered: a token seen twice gets both contributions
+        else:  # deterministic: a GEMM per chunk of rows, chunks added in order (class docstring)
+            flat_ids, flat_dy = ids.reshape(-1), dy.reshape(-1, self.dim)
+            tokens = xp.arange(self.num_embeddings)
+            gE = xp.zeros_like(self.params["E"])
+            rows = max(1, ONE_HOT_ELEMENTS // self.num_embeddings)
+            for s in range(0, len(flat_ids), rows):
+                onehot = (flat_ids[s:s + rows, None] == tokens[None, :]).astype(dy.dtype)
+                gE += onehot.T @ flat_dy[s:s + rows]
         self.grads = {"E": gE}
         return None
 
@@ -90,8 +113,6 @@ class PositionalEncoding(Layer):
     Shapes: x (N, T, dim) -> y (N, T, dim); P (max_len, dim).
     """
 
-    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
-
     def __init__(self, max_len, dim, *, learned=False, rng=None, dtype=np.float32):
         super().__init__()
         if int(max_len) < 1 or int(dim) < 1:
@@ -121,7 +142,7 @@ class PositionalEncoding(Layer):
         shape = self._cached()
         self._check_dy(dy, shape)
         if self.learned:
-            gP = np.zeros_like(self.params["P"])
+            gP = array_module(dy).zeros_like(self.params["P"])
             gP[: shape[1]] = dy.sum(axis=0)
             self.grads = {"P": gP}
         else:
@@ -155,8 +176,6 @@ class SelfAttention(Layer):
     Shapes: x (N, T, dim) -> y (N, T, dim); params ``W*`` (dim, dim) used as x @ W, ``b*`` (dim,).
     """
 
-    runs_on_gpu = False  # no GPU path yet: to('cuda') refuses it by name
-
     _NAMES = ("q", "k", "v", "o")
 
     def __init__(self, dim, *, causal=False, rng=None, dtype=np.float32):
@@ -173,16 +192,16 @@ class SelfAttention(Layer):
 
     def forward(self, x, train=True):
         check_array(x, "SelfAttention", ndim=3, tail=(None, self.dim), dtype=self.dtype)
-        p = self.params
+        p, xp = self.params, array_module(x)
         Q, K, V = (x @ p["W" + n] + p["b" + n] for n in "qkv")
         scale = x.dtype.type(1 / np.sqrt(self.dim))
-        S = np.matmul(Q, K.transpose(0, 2, 1)) * scale  # (N, T, T)
+        S = xp.matmul(Q, K.transpose(0, 2, 1)) * scale  # (N, T, T)
         if self.causal:
             T = x.shape[1]
-            S = np.where(np.tri(T, dtype=bool), S, -np.inf)  # the diagonal keeps every row finite
-        A = np.exp(S - S.max(axis=-1, keepdims=True))  # stable softmax
+            S = xp.where(xp.tri(T, dtype=bool), S, -np.inf)  # the diagonal keeps every row finite
+        A = xp.exp(S - S.max(axis=-1, keepdims=True))  # stable softmax
         A /= A.sum(axis=-1, keepdims=True)
-        H = np.matmul(A, V)
+        H = xp.matmul(A, V)
         if train:
             self._cache = (x, Q, K, V, A, H)
         return H @ p["Wo"] + p["bo"]
@@ -190,21 +209,21 @@ class SelfAttention(Layer):
     def backward(self, dy):
         x, Q, K, V, A, H = self._cached()
         self._check_dy(dy, x.shape)
-        p, D = self.params, self.dim
+        p, D, xp = self.params, self.dim, array_module(dy)
         scale = x.dtype.type(1 / np.sqrt(D))
 
         def flat(a):  # (N, T, D) -> (N*T, D) for the weight gradients
             return a.reshape(-1, D)
 
         dH = dy @ p["Wo"].T
-        dA = np.matmul(dH, V.transpose(0, 2, 1))
-        dV = np.matmul(A.transpose(0, 2, 1), dH)
+        dA = xp.matmul(dH, V.transpose(0, 2, 1))
+        dV = xp.matmul(A.transpose(0, 2, 1), dH)
         # softmax Jacobian row-wise: dS = A * (dA - sum_s dA A); masked entries have A = 0
         dS = A * (dA - (dA * A).sum(axis=-1, keepdims=True)) * scale
-        dQ = np.matmul(dS, K)
-        dK = np.matmul(dS.transpose(0, 2, 1), Q)
+        dQ = xp.matmul(dS, K)
+        dK = xp.matmul(dS.transpose(0, 2, 1), Q)
         g = {"Wo": flat(H).T @ flat(dy), "bo": flat(dy).sum(axis=0)}
-        dx = np.zeros_like(x)
+        dx = xp.zeros_like(x)
         for n, d in (("q", dQ), ("k", dK), ("v", dV)):
             g["W" + n] = flat(x).T @ flat(d)
             g["b" + n] = flat(d).sum(axis=0)

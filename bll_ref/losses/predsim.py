@@ -18,11 +18,14 @@ sees the block output itself, so the term trains only the block. The torch code 
 [-1, 1]; by Cauchy-Schwarz with eps > 0 no entry reaches the clamp, so it is left out.
 
 Convention as in ``local.py``: arrays in, (loss, gradient) out; the gradient is the exact gradient
-of the returned loss (a test checks it by central finite differences in float64).
+of the returned loss (a test checks it by central finite differences in float64). Plain array
+code on either device (the array module follows h); on the GPU the loss stays a device scalar.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from ..backend import array_module
 
 __all__ = ["similarity_matrix", "similarity_backward", "std_pool", "std_pool_backward",
            "sim_features", "sim_loss", "EPS", "STD_EPS"]
@@ -33,8 +36,9 @@ STD_EPS = 1e-8  # inside the std's square root, so a dead (constant) channel has
 
 def similarity_matrix(x):
     """(S, cache): adjusted cosine similarity of the rows of x (N, F); S is (N, N)."""
+    xp = array_module(x)
     xc = x - x.mean(axis=1, keepdims=True)
-    r = np.sqrt(np.sum(xc * xc, axis=1, keepdims=True))
+    r = xp.sqrt(xp.sum(xc * xc, axis=1, keepdims=True))
     n = r + x.dtype.type(EPS)
     xn = xc / n
     return xn @ xn.T, (xc, r, n, xn)
@@ -43,10 +47,11 @@ def similarity_matrix(x):
 def similarity_backward(dS, cache):
     """dL/dx (N, F) from dL/dS (N, N) through ``similarity_matrix``."""
     xc, r, n, xn = cache
+    xp = array_module(dS)
     dxn = (dS + dS.T) @ xn
     # xn = xc / n with n = eps + ||xc||: d n / d xc = xc / ||xc|| (0 for an all-constant row)
-    r_safe = np.where(r > 0, r, 1)
-    dxc = dxn / n - xc * (np.sum(dxn * xc, axis=1, keepdims=True) / (n * n * r_safe))
+    r_safe = xp.where(r > 0, r, 1)
+    dxc = dxn / n - xc * (xp.sum(dxn * xc, axis=1, keepdims=True) / (n * n * r_safe))
     return dxc - dxc.mean(axis=1, keepdims=True)
 
 
@@ -55,8 +60,9 @@ def std_pool(h):
     s = sqrt(var + STD_EPS)."""
     z = h.reshape(h.shape[0], h.shape[1], -1)
     m = z.shape[2]
+    xp = array_module(h)
     zc = z - z.mean(axis=2, keepdims=True)
-    s = np.sqrt(np.sum(zc * zc, axis=2) / (m - 1) + h.dtype.type(STD_EPS))
+    s = xp.sqrt(xp.sum(zc * zc, axis=2) / (m - 1) + h.dtype.type(STD_EPS))
     return s, (zc, s, h.shape)
 
 
@@ -86,12 +92,14 @@ def sim_loss(h, Y):
         raise ValueError(f"sim_loss: {len(h)} feature rows but {len(Y)} label rows")
     if len(h) < 2:
         raise ValueError("sim_loss needs at least 2 examples in the batch (a similarity matrix)")
+    xp = array_module(h)
     feats, pool_cache = sim_features(h)
     S_h, cache = similarity_matrix(feats)
-    S_y, _ = similarity_matrix(np.asarray(Y, dtype=h.dtype))
+    S_y, _ = similarity_matrix(xp.asarray(Y, dtype=h.dtype))
     diff = S_h - S_y
     nn = diff.size
-    loss = float(np.sum(diff * diff) / nn)
+    loss = xp.sum(diff * diff) / nn
+    loss = float(loss) if xp is np else loss  # no wait for the GPU in a training step
     d_feats = similarity_backward(diff * h.dtype.type(2.0 / nn), cache)
     dh = std_pool_backward(d_feats, pool_cache) if pool_cache is not None else d_feats.reshape(h.shape)
     return loss, dh.astype(h.dtype, copy=False)

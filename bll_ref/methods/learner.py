@@ -205,8 +205,6 @@ class HiddenLearner(_Learner):
     def to(self, device):
         """Move the block's optimiser, head, norm and feedback to ``device`` (the block itself is
         moved with the model; twin feedback is moved once by the method)."""
-        if device == "cuda" and self.term.name == "sim":
-            raise backend.DeviceError("Pred-Sim (variational 'sim') has no GPU path yet; use --device cpu")
         super().to(device)
         for part in (self.head, self.head_opt, self.norm, self.source):
             if part is not None:
