@@ -88,6 +88,29 @@ def test_a_layer_left_on_the_host_is_caught(stand_in):
         layer.forward(stand_in.asarray(np.ones((4, 3), np.float32)))
 
 
+def test_embedding_gradient_on_the_device_adds_every_chunk_of_its_one_hot_product(stand_in, monkeypatch):
+    """Embedding's device gradient (onehot^T dy, in chunks of rows) against NumPy's scatter-add,
+    with chunks of 2 rows, so ids repeat across chunks; two runs give the same bits."""
+    from bll_ref.layers import Embedding
+    from bll_ref.layers import sequence
+    monkeypatch.setattr(backend, "_gpu_ok", (True, ""))
+    monkeypatch.setattr(sequence, "ONE_HOT_ELEMENTS", 2 * 5)
+    rng = np.random.default_rng(3)
+    ids, dy = rng.integers(0, 5, (3, 7)), rng.standard_normal((3, 7, 4))
+    cpu = Embedding(5, 4, rng=0, dtype=np.float64)
+    cpu.forward(ids)
+    cpu.backward(dy)
+    grads = []
+    for _ in range(2):
+        gpu = Embedding(5, 4, rng=0, dtype=np.float64).to("cuda")
+        y = gpu.forward(stand_in.asarray(ids))
+        assert backend.is_device_array(y)
+        gpu.backward(stand_in.asarray(dy))
+        grads.append(gpu.grads["E"].get())
+    np.testing.assert_allclose(grads[0], cpu.grads["E"], rtol=1e-13, atol=1e-13)
+    assert np.array_equal(grads[0], grads[1])
+
+
 # ------------------------------------------------------------------------------- the GPU scripts
 def smoke(script, tmp_path):
     """``benchmarks/<script>.py --smoke`` on the stand-in -> the results of the JSON it wrote; it
