@@ -158,8 +158,8 @@ def main(argv=None):
                "BLL (ours), one stream": ours("bll", models.mlp(mlp, rng=0), x, y, streams=False),
                "BLL (ours), stream per block": ours("bll", models.mlp(mlp, rng=0), x, y, streams=True)}
         if torch is not None:
-            fns["PyTorch BP, Adam"] = torch_step(torch, torch_mlp(torch), x, y, fused=False)
-            fns["PyTorch BP, fused Adam"] = torch_step(torch, torch_mlp(torch), x, y, fused=True)
+            fns["PyTorch BP, Adam"] = torch_step(torch, torch_mlp(torch, mlp), x, y, fused=False)
+            fns["PyTorch BP, fused Adam"] = torch_step(torch, torch_mlp(torch, mlp), x, y, fused=True)
         run("MLP " + "-".join(map(str, mlp)), fns, batch)
     if not args.no_convnets:
         x = rng.random((image_batch, 1, 28, 28), np.float32)

@@ -38,13 +38,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_net(torch):
-    """The MLP of ``SIZES`` with LeakyReLU(0.01), seeded like benchmarks/parallel.py's PyTorch row."""
+def build_net(torch, sizes=SIZES):
+    """The MLP of ``sizes`` (default ``SIZES``) with LeakyReLU(0.01), seeded like
+    benchmarks/parallel.py's PyTorch row."""
     torch.manual_seed(SEED)
     layers = []
-    for i, o in zip(SIZES[:-2], SIZES[1:-1]):
+    for i, o in zip(sizes[:-2], sizes[1:-1]):
         layers += [torch.nn.Linear(i, o), torch.nn.LeakyReLU(0.01)]
-    layers.append(torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    layers.append(torch.nn.Linear(sizes[-2], sizes[-1]))
     return torch.nn.Sequential(*layers)
 
 

@@ -29,11 +29,7 @@ import types
 
 import numpy as np
 
-__all__ = ["FakeArray", "module", "install", "lock_shared_arrays", "HOST_ONLY"]
-
-#: Module functions that take host arrays: the explicit copies to the device.
-HOST_ONLY = ("asarray", "array")
-
+__all__ = ["FakeArray", "module", "install", "lock_shared_arrays"]
 
 def _refuse(x):
     raise TypeError(f"Unsupported type {type(x)} (fakecupy: a host array met a device array; copy it "

@@ -7,7 +7,7 @@ exchange in a step, learner by learner.
    otherwise the records themselves travel point to point.
 2. **The step, in shares** (shared memory only). Every replica used to sum all R records and step
    the whole optimiser, R times the same work. Now replica q sums and steps only its share of
-   the parameters (``slices.shard_parts``: contiguous runs, cut at 64-byte multiples), leaves the
+   the parameters (``slices.shard_parts``: contiguous runs, cut at multiples of 16 elements), leaves the
    stepped parameters in its shared buffer and sends a note; the others copy them in before the
    learner runs again (``shm.put_params``, ``take_params``). Sums run in slice (rank) order and the
    optimisers' updates are elementwise, so the parameters are bit for bit those of the whole
