@@ -10,6 +10,7 @@ and the problem.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ VERSION = 1
 MAX_DEPTH = 32                 # nesting of the model config (real models: <= 5)
 MAX_HEADER_CHARS = 1 << 24     # 16 MiB of JSON
 
-__all__ = ["save", "load", "FORMAT", "VERSION", "config_elements"]
+__all__ = ["save", "save_entries", "block_entries", "load", "FORMAT", "VERSION", "config_elements"]
 
 
 def save(path, blocks, meta=None, aux=None):
@@ -35,11 +36,28 @@ def save(path, blocks, meta=None, aux=None):
     meta : JSON-able dict (method, options, results); aux : dict name -> array.
     """
     model = blocks if isinstance(blocks, Sequential) else Sequential(*blocks)
-    header = {"format": FORMAT, "version": VERSION, "model": model.config(), "meta": meta or {}}
-    arrays = {f"model/{k}": v for k, v in state_dict(model).items()}
-    arrays.update({f"aux/{k}": np.asarray(v) for k, v in (aux or {}).items()})
-    arrays["header"] = np.array(json.dumps(header))
-    return write_npz(path, arrays)
+    arrays = ((f"model/{k}", v) for k, v in state_dict(model).items())
+    aux = ((f"aux/{k}", np.asarray(v)) for k, v in (aux or {}).items())
+    return save_entries(path, model.config(), itertools.chain(arrays, aux), meta)
+
+
+def save_entries(path, config, entries, meta=None):
+    """Write a checkpoint from its parts: ``config`` the model's (``Sequential.config()``), ``entries``
+    (name, array) pairs in file order, ``model/params/...``, ``model/buffers/...`` (the names
+    ``block_entries`` gives), then ``aux/...``; consumed one at a time (``fileio.write_npz``), so the
+    arrays may arrive while the file is written. The header is the last entry, as in ``save``."""
+    header = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}}
+    return write_npz(path, itertools.chain(entries, [("header", np.array(json.dumps(header)))]))
+
+
+def block_entries(k, block) -> tuple[dict, dict]:
+    """(params, buffers) of ``block``, the k-th block of a model, under the names a checkpoint of the
+    whole model gives them (``model/params/<k>.<key>``, ``model/buffers/<k>.<key>``). A whole model's
+    entries are every block's params in block order, then every block's buffers."""
+    own = state_dict(block)
+    part = lambda kind: {f"model/{kind}/{k}.{n[len(kind) + 1:]}": v  # noqa: E731
+                         for n, v in own.items() if n.startswith(kind + "/")}
+    return part("params"), part("buffers")
 
 
 # --------------------------------------------------------------------------- memory guard

@@ -162,10 +162,15 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 def write_npz(path, arrays, *, fsync=False):
     """``np.savez(path, **arrays)`` written atomically and reproducibly (fixed zip time stamps,
-    entries in the given order); arrays are stored with ``allow_pickle=False``. Returns ``path``."""
+    entries in the given order); arrays are stored with ``allow_pickle=False``. Returns ``path``.
+
+    ``arrays``: a dict, or an iterable of (name, array) pairs, consumed one at a time (an MPI rank 0
+    writes a checkpoint as the other ranks' arrays arrive, never holding them all). If it raises,
+    nothing appears at ``path``."""
+    pairs = arrays.items() if isinstance(arrays, dict) else arrays
     with atomic_open(path, "wb", fsync=fsync) as f:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, value in arrays.items():
+            for key, value in pairs:
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
                 info.external_attr = 0o600 << 16
                 with zf.open(info, "w", force_zip64=True) as entry:

@@ -11,7 +11,7 @@ import numpy as np
 from . import backend, runstate
 from .data import batches
 from .fileio import write_json_atomic
-from .methods.common import accuracy, evaluate, predict, topk_accuracy
+from .methods.common import accuracy, topk_accuracy
 from .parallel import SequentialSchedule, blas_threads, fault_point
 
 __all__ = ["fit", "Diverged", "TIMING_FIELDS", "LOSS_RISE", "MAX_PARAM"]
@@ -82,6 +82,16 @@ def _bad_block(method):
         if not _finite_params([block]):
             return k + 1
     return None
+
+
+def _check_state(method, epoch, steps):
+    """Diverged unless every parameter, head and feedback weight is finite and below MAX_PARAM."""
+    if not _finite_state(method):
+        raise _diverged(method, epoch, steps, "parameters became NaN or inf")
+    big = _largest_param(method.model.layers)
+    if big > MAX_PARAM:
+        raise _diverged(method, epoch, steps, f"a parameter reached |w| = {big:.3g} (weights exploding, "
+                        f"more than {MAX_PARAM:.0e})", finite=True)
 
 
 def _diverged(method, epoch, step, what, finite=False):
@@ -177,24 +187,24 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
                             "parameters became NaN or inf") from None
         seconds = time.perf_counter() - t0
         schedule.gather(method)
-        if not schedule.is_root:
+        if not schedule.evaluates:  # an MPI replica past the first: its stage's replica 0 holds the state
             continue
-        if not _finite_state(method):  # once per epoch, before anything is saved
-            raise _diverged(method, epoch + 1, steps, "parameters became NaN or inf")
-        big = _largest_param(method.model.layers)
-        if big > MAX_PARAM:
-            raise _diverged(method, epoch + 1, steps, f"a parameter reached |w| = {big:.3g} (weights exploding, "
-                            f"more than {MAX_PARAM:.0e})", finite=True)
-        # other processes wait for this one to finish the epoch (or the run): beat after every piece of work
+        _check_state(method, epoch + 1, steps)  # once per epoch, before anything is saved (an MPI rank: its blocks)
+        # other processes wait for the root to finish the epoch (or the run): it beats after every piece of work
         beat = schedule.beat
-        fault_point(0, epoch, "eval")
+        fault_point(schedule.rank, epoch, "eval")
+        n_te = min(int(train_eval), len(x))
         with blas_threads(getattr(schedule, "blas", None)):  # as many as training: every schedule, same bits
-            logits = predict(method.model, data["x_test"], eval_batch, on_chunk=beat)
-            acc = accuracy(logits, data["y_test"])
-            top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
-            n_te = min(int(train_eval), len(x))
-            train_acc = evaluate(method.model, x[:n_te], y[:n_te], eval_batch, on_chunk=beat) if n_te > 0 else None
-            diag = method.epoch_diagnostics(data["x_test"][:diag_samples], data["y_test"][:diag_samples])
+            logits = schedule.predict(method, data["x_test"], eval_batch, on_chunk=beat)
+            train_logits = schedule.predict(method, x[:n_te], eval_batch, on_chunk=beat) if n_te > 0 else None
+            diag = schedule.diagnostics(method, data["x_test"][:diag_samples], data["y_test"][:diag_samples])
+        if not schedule.is_root:  # an MPI rank: rank 0 writes its learners' state
+            if state_dir:
+                schedule.send_state(method)
+            continue
+        acc = accuracy(logits, data["y_test"])
+        top3 = topk_accuracy(logits, data["y_test"], min(3, logits.shape[-1]))
+        train_acc = accuracy(train_logits, y[:n_te]) if n_te > 0 else None
         beat()
         history["epochs"].append(epoch + 1)
         history["test_acc"].append(acc)
@@ -213,5 +223,6 @@ def fit(method, data, *, epochs, batch_size=128, rng=0, log=print, history_path=
             write_json_atomic(history_path, history)
             beat()
         if state_dir:
-            runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options, on_file=beat)
+            runstate.save(state_dir, method, epoch + 1, gen.bit_generator.state, history, options, on_file=beat,
+                          parts=schedule.state_parts(method))
     return history

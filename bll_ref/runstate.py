@@ -53,16 +53,21 @@ def _load_part(method, name, state):
         method.learners[int(name[len("learner"):])].load_state_dict(state)
 
 
-def save(state_dir, method, epoch, rng_state, history, options=None, on_file=None):
+def save(state_dir, method, epoch, rng_state, history, options=None, on_file=None, parts=None):
     """Write the state of ``method`` after ``epoch`` completed epochs; ``on_file()`` is called
-    after each file written (an MPI rank 0 beats there: ``parallel.mpi``)."""
+    after each file written (an MPI rank 0 beats there: ``parallel.mpi``). ``parts``: (name, state)
+    pairs for every part in order (``learner<k>`` or ``method``), consumed one at a time (an MPI rank
+    0 receives the other ranks' learners as it writes them); default: ``method``'s own."""
     os.makedirs(state_dir, exist_ok=True)
-    files = {}
-    for name in _part_names(method):
+    names, files = _part_names(method), {}
+    parts = ((name, _part_state(method, name)) for name in names) if parts is None else parts
+    for name, state in parts:
         files[name] = f"{name}-epoch{epoch}.npz"
-        write_npz(os.path.join(state_dir, files[name]), _part_state(method, name))
+        write_npz(os.path.join(state_dir, files[name]), state)
         if on_file:
             on_file()
+    if list(files) != names:
+        raise RuntimeError(f"state parts {list(files)[:6]} are not the model's {names[:6]}; nothing new resumable written")
     write_json_atomic(os.path.join(state_dir, TRAINER), {
         "format": FORMAT, "version": VERSION, "epoch": int(epoch), "method": method.name,
         "rng": rng_state, "history": history, "options": options or {}, "files": files})

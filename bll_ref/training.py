@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, data, models, runstate
+from . import data, models, runstate
 from .backend import resolve_device
 from .fileio import RunLock, check_output, creatable_dir_problem
 from .layers.base import SkipDraws
@@ -291,9 +291,8 @@ def _run(cfg, lock, log, resuming):
                        history_path=os.path.join(out, "history.json") if rank == 0 else None,
                        state_dir=os.path.join(out, "state"),  # every rank resumes from it; rank 0 writes
                        resume=resuming, options=options, schedule=schedule)
-        if schedule.is_root:
-            meta = dict(method=cfg.method, model=cfg.model, data=source, options=options, test_acc=hist["test_acc"])
-            checkpoint.save(os.path.join(out, "checkpoint.npz"), method.model, meta, method.aux_state())
+        meta = dict(method=cfg.method, model=cfg.model, data=source, options=options, test_acc=hist["test_acc"])
+        schedule.write_checkpoint(os.path.join(out, "checkpoint.npz"), method, meta)  # MPI: rank 0, from every stage
         schedule.finish()  # under MPI the others wait for rank 0's "done" (a hung rank 0 is named)
     except BaseException as e:
         if schedule.name == "mpi" and isinstance(e, Exception):

@@ -30,7 +30,10 @@ MLP = ["train", "--data", "synthetic", "--limit-train", "320", "--limit-test", "
 CNN = ["train", "--data", "synthetic", "--model", "cnn", "--limit-train", "96", "--limit-test", "32",
        "--batch-size", "32"]
 ARGS = {"mlp": MLP, "cnn": CNN,  # three optimisers per learner (block, head, feedback), SGD's velocities
-        "mlp_sgd": MLP + ["--feedback", "trained", "--optimizer", "sgd", "--momentum", "0.9"]}
+        "mlp_sgd": MLP + ["--feedback", "trained", "--optimizer", "sgd", "--momentum", "0.9"],
+        # evaluations of several 1000-row chunks through the stages (test 7, training accuracy 2): more
+        # than the 2 + 2 chunks in flight, which is where rank 0 taking the logits late deadlocked
+        "mlp_chunks": [{"320": "1100", "64": "6500"}.get(a, a) for a in MLP]}
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "parallel.md")
 
 
@@ -211,7 +214,8 @@ def sequential(tmp_path_factory):
 @needs_mpi
 @pytest.mark.parametrize("kind,ranks,replicas,micro", [
     ("mlp", 2, 2, 2), ("mlp", 3, 3, 3), ("mlp", 3, 1, 1), ("mlp", 4, 2, 2), ("mlp", 2, 2, 4),
-    ("cnn", 2, 2, 2), ("cnn", 3, 1, 1), ("cnn", 4, 2, 2), ("mlp_sgd", 3, 3, 3)],
+    ("cnn", 2, 2, 2), ("cnn", 3, 1, 1), ("cnn", 4, 2, 2), ("mlp_sgd", 3, 3, 3),
+    ("mlp_chunks", 2, 1, 1), ("mlp_chunks", 4, 1, 1), ("mlp_chunks", 4, 2, 2)],
     ids=lambda v: str(v))
 def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind, ranks, replicas, micro):
     out = tmp_path / "mpi"
@@ -226,10 +230,12 @@ def test_mpi_replicas_equal_sequential_micro_batches(sequential, tmp_path, kind,
                      r"([\d.]+), the whole data ([\d.]+);", r.stdout)
     rows = [[float(v) for v in part.split(": ")[1].split(", ")] for part in held.group(1).split("; ")]
     state, data = [row[0] for row in rows], [row[1] for row in rows]
-    assert len(rows) == ranks and state[0] == float(held.group(2))  # rank 0 keeps the whole model
-    assert data[0] == float(held.group(3))  # and all the data
-    if stages > 1:  # the others only their own stage's learners
-        assert max(state[1:]) < state[0]
+    whole = float(held.group(2))
+    assert len(rows) == ranks and data[0] == float(held.group(3))  # rank 0 keeps all the data
+    # every rank only its own stage's learners, rank 0 too: the stages' states add up to the model
+    assert abs(sum(state[::replicas]) - whole) <= 0.01 * stages
+    if stages > 1:
+        assert max(state) < whole
     for rank in range(1, ranks):  # no test set off rank 0; no training images past stage 0
         assert data[rank] < data[0]
         if rank >= replicas:
@@ -413,8 +419,27 @@ def test_rank_0_hung_in_its_evaluation_ends_the_job_within_10_s(tmp_path, ranks,
     assert r.returncode != 0
     assert fault_seconds(r) < 10
     who = r"rank 0 \(blocks? [\d-]+(, replica 0)?\)"
-    when = "between epochs" if epochs > 1 else "after the last epoch"
-    assert re.search(f"no message from {who} for \\d+ s {when}; it is dead or hung", r.stderr), r.stderr[-2000:]
+    when = "between epochs" if epochs > 1 else "after the last epoch"  # a replica; a later stage waits for a chunk
+    assert re.search(f"no message from {who} for \\d+ s ({when}|in the evaluation of epoch 1); it is dead or hung",
+                     r.stderr), r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("kind,ranks,replicas,rank", [("hang", 2, 1, 1), ("kill", 3, 1, 2), ("hang", 4, 2, 2)])
+def test_a_stage_hung_or_dead_in_its_part_of_the_evaluation_ends_the_job_within_10_s(
+        tmp_path, kind, ranks, replicas, rank):
+    """The evaluation is a pipeline over the stages (no rank holds the whole model): a later stage
+    that stops in its part of it is named by the rank waiting for its output, within seconds."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out), "--replicas", str(replicas)], mpi=ranks,
+             timeout=120, BLL_REF_FAULT=f"{kind}:{rank}:0:eval")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    if kind == "hang":
+        who = f"rank {rank} \\(blocks? [\\d-]+(, replica 0)?\\)"
+        assert re.search(f"no message from {who} for \\d+ s in the evaluation of epoch 1; it is dead or hung",
+                         r.stderr), r.stderr[-2000:]
     assert not (out / "checkpoint.npz").exists() and not (out / "state").exists()
 
 

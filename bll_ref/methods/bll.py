@@ -271,14 +271,28 @@ class BLL(Method):
     def epoch_diagnostics(self, x, y):
         """Per block: mean local losses and ``|a|``, ``|b|`` over the epoch's steps; between-class variance
         fraction of the block output and the local head's accuracy on (x, y)."""
-        out = {"epoch": self.epoch, "m": self.mixing(), "blocks": []}
-        h = self._batch(x)
-        for learner in self.learners[:-1]:
-            d, h = learner.diagnostics(h, y)
-            out["blocks"].append(d)
+        blocks, _ = self.block_diagnostics(range(len(self.learners)), x, y)
+        return self.diagnostics_record(blocks, self.out_loss())
+
+    def block_diagnostics(self, ks, h, y):
+        """(list, h): ``learner.diagnostics`` of learners ``ks`` (consecutive; the output learner has
+        none) on their input ``h``, and the output of the last of them (an MPI stage runs its own
+        learners on what the stage before sends: ``parallel.epoch_end``)."""
+        h, out = self._batch(h), []
+        for k in ks:
+            if k < len(self.learners) - 1:
+                d, h = self.learners[k].diagnostics(h, y)
+                out.append(d)
+        return out, h
+
+    def out_loss(self) -> float:
+        """The output learner's mean loss over the epoch's steps."""
         last = self.learners[-1].stats
-        out["out_loss"] = float(last["out_loss"]) / max(float(last["steps"]), 1)
-        return out
+        return float(last["out_loss"]) / max(float(last["steps"]), 1)
+
+    def diagnostics_record(self, blocks, out_loss) -> dict:
+        """``epoch_diagnostics``'s record from every block's diagnostics and the output loss."""
+        return {"epoch": self.epoch, "m": self.mixing(), "blocks": blocks, "out_loss": out_loss}
 
     def aux_state(self) -> dict:
         """Heads and feedback weights (saved next to the model in checkpoints and exports)."""

@@ -1,8 +1,9 @@
 """Schedules that run BLL's block learners: sequential (one loop), threads, MPI ranks, CUDA streams.
 
-A schedule runs one epoch with ``run_epoch(method, batches, on_step) -> losses`` and, after it,
-``gather(method)`` leaves the whole trained state in the root process (``is_root``), which
-evaluates and writes files. The pipelined schedules make the same updates as the sequential one,
+A schedule runs one epoch with ``run_epoch(method, batches, on_step) -> losses``; after it,
+``loop.fit`` evaluates and writes files through the schedule (``base.OneProcess``): a schedule of
+one process holds the whole model, an MPI rank only its stage, and the epoch end is then a
+pipeline over the stages too (``epoch_end.py``). The pipelined schedules make the same updates as the sequential one,
 bit for bit, when every learner needs only its input and the labels (span 1, closed or trained
 linear feedback): docs/architecture.md, "Why a pipeline of block learners is exact". Span 2 and
 twin feedback send messages downwards and are refused by them.

@@ -10,6 +10,9 @@ import time
 
 from threadpoolctl import threadpool_limits
 
+from .. import checkpoint
+from ..methods.common import predict
+
 from .plan import balanced_groups, describe, measure_learner_seconds
 from .slices import check_sliceable, combine, split, stage_slices
 
@@ -31,10 +34,17 @@ def blas_threads(n):
 
 class OneProcess:
     """A schedule whose workers all live in this process: it holds every learner already
-    (``gather``), and no other process waits for it between epochs (``beat``) or for its end
-    (``finish``); an MPI rank 0 does both (``mpi.MPIPipeline``)."""
+    (``gather``), evaluates and writes the whole model itself, and no other process waits for it
+    between epochs (``beat``) or for its end (``finish``). An MPI rank holds only its own blocks and
+    does all of these with the other ranks (``mpi.MPIPipeline``, ``epoch_end.RankEpochEnd``).
 
-    is_root = True
+    The epoch end ``loop.fit`` runs, on every process whose ``evaluates`` is True: ``predict`` and
+    ``diagnostics`` (the whole model's; an MPI rank's part of them), then on the root (``is_root``)
+    the files, from ``state_parts`` (None: the method's own), and elsewhere ``send_state``.
+    """
+
+    is_root = evaluates = True
+    rank = 0
 
     def gather(self, method):
         pass
@@ -44,6 +54,23 @@ class OneProcess:
 
     def finish(self):
         pass
+
+    def predict(self, method, x, batch_size, on_chunk=None):
+        """The model's eval-mode outputs on ``x`` (host array), in chunks of ``batch_size``."""
+        return predict(method.model, x, batch_size, on_chunk=on_chunk)
+
+    def diagnostics(self, method, x, y):
+        return method.epoch_diagnostics(x, y)
+
+    def state_parts(self, method):
+        return None
+
+    def send_state(self, method):
+        pass
+
+    def write_checkpoint(self, path, method, meta):
+        """checkpoint.npz of the trained model, its heads and feedback (host arrays)."""
+        checkpoint.save(path, method.model, meta, method.aux_state())
 
 
 class SequentialSchedule(OneProcess):

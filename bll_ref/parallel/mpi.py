@@ -7,8 +7,10 @@ rank past stage 0 reads no images: ``options.unread_data``). Only activations tr
 rank r receives h for batch t from rank r - 1
 into a preallocated buffer (buffer-based ``Recv`` of a contiguous float array, no pickling),
 forwards it through its learners, sends the result on with ``Isend`` (at most two in flight),
-then updates its learners. At the epoch end every rank sends its learners' state to rank 0,
-which evaluates and writes the run directory exactly as a sequential run does.
+then updates its learners. No rank holds the whole model, rank 0 included: the epoch end is a
+pipeline over the stages too (``epoch_end.py``: evaluation, diagnostics, state files and the
+checkpoint, which rank 0 writes as the stages' arrays arrive), and the run directory is exactly
+what a sequential run writes.
 
 Replicas (``--replicas R``, world = stages x R, rank = stage * R + replica): the batch is split into
 ``--micro-batches M`` slices (``slices.py``), replica q of a stage takes slices q M/R .. (q+1) M/R - 1
@@ -27,12 +29,12 @@ that hears nothing from a neighbour for ``deadline`` seconds prints which rank a
 for and aborts the job. Before its first step every rank runs its learners once on copies of them
 (Numba kernels loaded or compiled, however long that takes) and the ranks meet at a barrier with a
 long allowance (``EPOCH_WAIT``); from then on every wait has the short deadline, the first step's
-included. Between epochs rank 0 evaluates and writes files while the others wait for its go: it
+included. Between epochs rank 0 evaluates (with the stages) and writes files while the others wait for its go: it
 sends them a beat after every piece of that work (``beat``: an evaluation chunk, a file) and then
 the start of the next epoch, all as messages on one tag (so they arrive in order), and the others
 allow ``deadline`` from one message to the next; after the last epoch the run ends the same way,
-with "done" once rank 0 has written the checkpoint (``finish``). The epoch-end states travel to
-rank 0 under the same deadline.
+with "done" once rank 0 has written the checkpoint (``finish``). The epoch end's messages between
+the stages travel under the same deadline.
 
 Launch: ``mpiexec -n K python -m mpi4py -m bll_ref.cli train --parallel mpi`` (``-m mpi4py``
 turns an uncaught exception on one rank into MPI_Abort of the whole job instead of a hang).
@@ -57,6 +59,7 @@ from .shard import release_others, state_bytes
 from .wire import EPOCH_WAIT, recv_arrays, send_arrays
 from .exchange import StageExchange
 from .slices import combine, slice_bounds, split, stage_slices
+from .epoch_end import RankEpochEnd
 
 __all__ = ["MPIPipeline", "world"]
 
@@ -74,7 +77,7 @@ def world():
     return MPI.COMM_WORLD
 
 
-class MPIPipeline:
+class MPIPipeline(RankEpochEnd):
     """This rank's part of the pipeline: stage ``rank // replicas`` runs ``groups[stage]`` learners
     of ``method`` on its share of every batch.
 
@@ -118,12 +121,14 @@ class MPIPipeline:
             if k == self.groups[self.stage][0]:
                 self._sample_in = h  # two rows of this stage's input (``_warm_up``)
             h = learner.forward(h, train=False)
-        self.in_shape = self._sample_in.shape[1:]
+        self.in_shape, self.out_shape = self._sample_in.shape[1:], h.shape[1:]
         self.dtype = h.dtype
+        self.model_config = method.model.config()  # rank 0 writes the checkpoint's header from it
         self._hand_out(method)
         before = state_bytes(method.learners)  # the whole model's, whether written or not
-        if not self.is_root:  # from here on the other learners are not this rank's business (a resumed
-            release_others(method, self.groups[self.stage])  # run loads only its own: runstate.load)
+        # from here on the other learners are not this rank's business, rank 0's included (a resumed
+        # run loads only its own: runstate.load; the epoch end is a pipeline too: epoch_end.py)
+        release_others(method, self.groups[self.stage])
         self.held = (before, state_bytes(method.learners))
 
     def _hand_out(self, method):
@@ -249,7 +254,7 @@ class MPIPipeline:
             self.log("memory per rank, MB (model state, data, resident, peak resident): "
                      + "; ".join(f"{r}: {mb(a)}, {mb(d)}, {mb(m)}, {mb(p)}" for r, (_, a, _, d, m, p) in enumerate(every))
                      + f" (the whole model is {mb(every[0][0])}, the whole data {mb(every[0][2])}; rank 0 keeps "
-                     "both to evaluate)")
+                     "the data to evaluate)")
 
     def run_epoch(self, method, batches, on_step):
         if not self._started:  # the first epoch of this process (after a resumed run has loaded)
@@ -337,18 +342,10 @@ class MPIPipeline:
         return losses
 
     def gather(self, method):
-        """Every stage's learner states (from its replica 0) to rank 0, which loads them into its
-        copy of the model."""
-        wait = lambda req, peer: self._wait(req, peer, "at the epoch's end")  # noqa: E731 (under the deadline)
+        """A replicated stage's whole optimiser states onto its replica 0, which takes the stage's
+        part in the epoch end (``epoch_end.RankEpochEnd``)."""
         if self.exchange is not None:
-            self.exchange.collect_state(self.mine, "at the epoch's end")  # whole optimiser states on replica 0
-        if self.replica != 0 or self.is_root:
-            if self.is_root:
-                for s in range(1, self.stages):
-                    for k, state in unpack_states(recv_arrays(self.comm, source=s * self.replicas, wait=wait)).items():
-                        method.learners[k].load_state_dict(state)
-            return
-        send_arrays(self.comm, pack_states(self.mine), dest=0, wait=wait)
+            self.exchange.collect_state(self.mine, "at the epoch's end")
 
     def abort(self, error):
         """Print one line naming this worker and end the whole job (no rank is left waiting)."""

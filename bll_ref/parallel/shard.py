@@ -4,9 +4,10 @@ A rank other than 0 builds the model with ``SkipDraws`` (the same draws, but zer
 no memory until written) and receives the initial state of its own learners from rank 0
 (``MPIPipeline._hand_out``), so only its own blocks are ever written. Then it lets go of every
 other learner: the learner is replaced by a ``Released`` placeholder and its block in the model by
-an empty ``Sequential``; a resumed run loads only the learners it holds (``runstate.load``). Rank 0 keeps the
-whole model: it evaluates and assembles the checkpoint from the states the other ranks send at
-every epoch end.
+an empty ``Sequential``; a resumed run loads only the learners it holds (``runstate.load``). Rank 0
+too: it builds the whole model once, for the initial weights it hands out, then keeps only its own
+stage; the evaluation, the state files and the checkpoint are pipelines over the stages
+(``epoch_end.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ class Released:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
+        return {}
+
+    def head_aux(self) -> dict:
+        return {}
+
+    def feedback_aux(self) -> dict:
         return {}
 
     def load_state_dict(self, state):

@@ -59,8 +59,9 @@ def blocking_wait(req, peer):
 
 def send_arrays(comm, arrays: dict, dest, tag=STATE_TAG, wait=blocking_wait):
     """Send a dict of arrays: a JSON header (names, dtypes, shapes) then each buffer. No pickle.
-    ``wait(request, peer)`` completes each message (default: MPI's blocking Wait)."""
-    names = sorted(arrays)
+    ``wait(request, peer)`` completes each message (default: MPI's blocking Wait). The receiver's
+    dict has the sender's order (a checkpoint's entries are written in the order they arrive)."""
+    names = list(arrays)
     vals = [np.require(arrays[n], requirements="C") for n in names]  # (ascontiguousarray makes 0-d 1-d)
     header = json.dumps([[n, v.dtype.str, list(v.shape)] for n, v in zip(names, vals)]).encode()
     bufs = [np.array([len(header)], np.int64), np.frombuffer(header, np.uint8)]
