@@ -68,7 +68,7 @@ def main(argv=None):
     for k in sorted(peaks):
         print(f"| {k} | {peaks[k]} |")
     for line in r.stdout.splitlines():
-        if "test accuracy" in line and "final" in line:
+        if "test accuracy" in line and "final" in line or line.startswith("memory per rank"):
             print(line)
     return 0
 

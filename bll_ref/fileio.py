@@ -29,8 +29,9 @@ import numpy as np
 from .memory import check_fits
 
 __all__ = ["atomic_path", "atomic_open", "write_json_atomic", "write_npz", "to_json", "json_default",
-           "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "RunLock", "regular_input",
-           "npz_entries", "MAX_INFLATION", "creatable_dir_problem"]
+           "sigterm_as_exit", "check_output", "signalled", "raise_if_signalled", "regular_input",
+           "npz_entries", "MAX_INFLATION", "creatable_dir_problem", "remove_partial_files",
+           "remove_leftover_temporaries"]
 
 def creatable_dir_problem(path):
     """Why directory ``path`` cannot be created or written (its nearest existing ancestor is a
@@ -110,6 +111,7 @@ def atomic_path(path, *, fsync=False):
     tmp = os.path.join(d, f".{name}.tmp{os.getpid()}")
     if os.path.lexists(tmp) and not os.path.isdir(tmp):
         os.remove(tmp)  # a leftover of a dead process with our pid (or a FIFO that open would block on)
+    _PARTIAL.add(tmp)
     try:
         yield tmp
         if fsync:
@@ -127,8 +129,36 @@ def atomic_path(path, *, fsync=False):
             raise type(e)(code, f"cannot write {path}: {why}", path) from None
         raise
     finally:
+        _PARTIAL.discard(tmp)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# Temporaries of atomic_path being written now, for remove_partial_files (a process about to end
+# without unwinding: an MPI rank that aborts the job while it writes what other ranks send).
+_PARTIAL = set()
+_TEMPORARY = re.compile(r"\..+\.tmp[0-9]+\Z")
+
+
+def remove_partial_files():
+    """Remove the temporaries of the files this process is writing (best effort, no errors)."""
+    for tmp in list(_PARTIAL):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def remove_leftover_temporaries(directory) -> list:
+    """Remove ``.NAME.tmpPID`` regular files (``atomic_path``'s temporaries) in ``directory``, left
+    by a writer that was killed; only for a directory no other writer can be using (``runlock.RunLock``).
+    Returns the names removed."""
+    gone = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+                    gone.append(entry.name)
+    return gone
 
 
 def _reason(e, tmp, path):
@@ -234,73 +264,6 @@ def sigterm_as_exit():
         sys.unraisablehook = hook
         for s, h in old.items():
             signal.signal(s, h)
-
-
-class RunLock:
-    """An exclusive lock on a run directory for a run's lifetime (``fcntl.flock`` on
-    ``RUN_DIR/.bll-ref.lock``, which holds the holder's pid and is removed on release).
-
-    The kernel drops the lock when its process dies, so a lock file left by a killed run does not
-    block. Where flock is unavailable (no fcntl, a file system without locks) runs are not locked.
-    """
-
-    NAME = ".bll-ref.lock"
-
-    def __init__(self):
-        self.fd, self.path = None, None
-
-    def acquire(self, run_dir):
-        """Take the lock (a no-op when held); ValueError naming the holder's pid when another
-        process holds it."""
-        if self.fd is not None:
-            return
-        try:
-            import fcntl
-        except ImportError:
-            return
-        path = os.path.join(run_dir, self.NAME)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ValueError(f"{path} is not a regular file; remove it")
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                raise ValueError(f"run directory {run_dir} is in use by another bll-ref train (pid {pid}); "
-                                 "wait for it to end or give another --out") from None
-            except OSError:  # no locks on this file system: run unlocked
-                os.close(fd)
-                return
-            except BaseException:
-                os.close(fd)
-                raise
-            try:  # the holder we waited for may have removed the file: lock the one at the path
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd, self.path = fd, path
-
-    def release(self):
-        """Remove the lock file and drop the lock (a no-op when not held)."""
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still locked, so no one locks a file about to vanish
-        os.close(self.fd)
-        self.fd, self.path = None, None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # A zip entry that inflates more than this (and to more than 64 MiB) is refused before it is read:

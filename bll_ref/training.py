@@ -22,8 +22,9 @@ import numpy as np
 
 from . import data, models, runstate
 from .backend import resolve_device
-from .fileio import RunLock, check_output, creatable_dir_problem
+from .fileio import check_output, creatable_dir_problem
 from .layers.base import SkipDraws
+from .runlock import RunLock
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
@@ -234,8 +235,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What ``train`` and ``resume`` return: the history, the trained method (on its device), the run
-    directory, the data source used, and whether this process wrote the run (an MPI rank but 0 did not)."""
+    """What ``train`` and ``resume`` return: the history, the trained method (on its device; on an MPI rank
+    only its stage), the run directory, the data source used, and whether this process wrote the run."""
     history: dict
     method: object
     out: str

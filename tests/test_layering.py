@@ -14,7 +14,7 @@ PACKAGES = ("bll_ref", "exporters")
 
 # Lower levels never import higher ones (the same level may import each other, without circles).
 LEVELS = [
-    ("bll_ref.backend", "bll_ref.memory", "bll_ref.fileio", "bll_ref.idx"),
+    ("bll_ref.backend", "bll_ref.memory", "bll_ref.fileio", "bll_ref.runlock", "bll_ref.idx"),
     ("bll_ref.gpu", "bll_ref.layers", "bll_ref.synthetic", "bll_ref.gradcheck"),
     ("bll_ref.losses", "bll_ref.batching"),
     ("bll_ref.optim", "bll_ref.feedback", "bll_ref.data", "bll_ref.models", "bll_ref.fixedpoint"),

@@ -105,6 +105,20 @@ def test_balanced_groups_minimise_the_slowest_group():
         balanced_groups([1, 2], 3)
 
 
+def test_learner_costs_are_measured_on_one_learner_copy_at_a_time_and_change_nothing(monkeypatch):
+    """An MPI rank 0 plans before it lets go of the other stages' learners: a copy of the whole
+    model with its optimiser moments written used to set that rank's peak memory."""
+    from bll_ref.parallel import plan
+    m, task = _method("mlp"), _task()
+    before, copied, deepcopy = _digest(m.state_dict()), [], plan.copy.deepcopy
+    monkeypatch.setattr(plan.copy, "deepcopy", lambda obj, *a: copied.append(obj) or deepcopy(obj, *a))
+    costs = plan.measure_learner_seconds(m, task["x_train"][:32], task["y_train"][:32])
+    assert len(costs) == len(m.learners) and min(costs) > 0
+    assert [o for o in copied if o in m.learners] == m.learners  # each once, in order
+    assert not any(o is m or o is m.model for o in copied)
+    assert _digest(m.state_dict()) == before
+
+
 # ------------------------------------------------------------------------------ threads
 def _task(images=False):
     if images:

@@ -472,3 +472,21 @@ def test_replicated_run_resumes_bit_identical_into_another_world_size(sequential
     assert r.stdout.count("final test accuracy") == 1  # rank 0's; the other rank holds only epoch 1's
     _assert_same_run(sequential("mlp", 2), out)
     _assert_same_history(sequential("mlp", 2), out)
+
+
+@needs_mpi
+def test_a_stage_killed_while_rank_0_writes_the_checkpoint_leaves_none_and_the_run_resumes(sequential, tmp_path):
+    """Rank 0 writes checkpoint.npz as the stages' arrays arrive: a stage killed half-way ends the
+    job with no checkpoint. A resumed run (the state of the last epoch is complete) writes it, and
+    removes the temporaries a killed writer leaves (holding the run's lock, nobody else writes)."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="kill:1:1:checkpoint")
+    assert r.returncode != 0 and "injected fault kill:1:1:checkpoint" in r.stderr, r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists()
+    (out / "state" / ".learner0-epoch2.npz.tmp4242").write_bytes(b"half")  # as a killed writer leaves one
+    r = _cli(["train", "--resume", str(out)], mpi=2, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming after epoch 2" in r.stdout
+    assert not list(out.rglob(".*.tmp*"))
+    _assert_same_run(sequential("mlp", 1), out)
+    _assert_same_history(sequential("mlp", 1), out)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bll_ref import fileio
+from bll_ref.runlock import RunLock
 from clitools import TINY, cli, train_and_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +147,7 @@ def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom bll_ref.fileio import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom bll_ref.runlock import RunLock\n"
          f"RunLock().acquire({str(run)!r}); print('LOCKED', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -159,9 +160,9 @@ def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    assert os.path.exists(run / fileio.RunLock.NAME)     # left by the killed holder: stale, not blocking
+    assert os.path.exists(run / RunLock.NAME)     # left by the killed holder: stale, not blocking
     rc, _, _ = cli(capsys, "train", *TINY, "--out", run)
-    assert rc == 0 and not os.path.exists(run / fileio.RunLock.NAME)
+    assert rc == 0 and not os.path.exists(run / RunLock.NAME)
 
 
 # ------------------------------------------------------------------------------------------------

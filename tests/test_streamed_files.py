@@ -99,3 +99,16 @@ def test_diagnostics_of_consecutive_groups_make_the_whole_record(trained, cut):
     rest, _ = m.block_diagnostics(range(cut, len(m.learners)), np.asarray(h), y)
     assert m.diagnostics_record(first + rest, m.out_loss()) == m.epoch_diagnostics(x, y)
     assert len(first + rest) == len(m.learners) - 1
+
+
+def test_an_aborting_process_removes_the_temporaries_it_is_writing(tmp_path):
+    """MPI Abort ends a rank without unwinding: the rank first removes what it was writing."""
+    from bll_ref.fileio import atomic_path, remove_partial_files
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(tmp_path / "checkpoint.npz") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            remove_partial_files()
+            assert not os.path.exists(tmp)
+            open(tmp, "rb")  # what the abort leaves: nothing
+    assert os.listdir(tmp_path) == []

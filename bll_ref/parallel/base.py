@@ -141,7 +141,9 @@ def plan_groups(method, workers, x, y, log=print):
 def fault_point(worker, epoch, step):
     """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S" or
     "hang:W:E:S" (sleeps for an hour) makes worker W fail at step S (1-based) of epoch E (0-based);
-    S = "eval": in the root's evaluation after epoch E; "plan" (E = 0): while an MPI rank 0 plans."""
+    S = "eval": in worker W's part of the evaluation after epoch E; "plan" (E = 0): while an MPI rank 0
+    plans; "checkpoint" (E = the last epoch): an MPI stage's rank W, once it has sent rank 0 the first
+    part of the checkpoint that rank 0 is writing."""
     spec = os.environ.get("BLL_REF_FAULT")
     if not spec:
         return

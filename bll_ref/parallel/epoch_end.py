@@ -8,9 +8,9 @@ and the checkpoint, each a pipeline over the stages (replica 0 of each; the othe
 * **Diagnostics**: the same, once, for the diagnostic sample, with its labels travelling along
   (no rank but 0 reads the test set); each stage sends rank 0 its blocks' records.
 * **State files** (``state_parts``): rank 0 writes its own learners' files, then receives and
-  writes each stage's in turn, so it holds at most one stage's state besides its own.
+  writes the other stages' learner by learner, so it holds at most one other learner's state.
 * **Checkpoint** (``write_checkpoint``): rank 0 writes the entries of its blocks, then of each
-  stage as it arrives (``checkpoint.save_entries``); only the small buffers and heads and feedback
+  other block as it arrives (``checkpoint.save_entries``); only the small buffers and heads and feedback
   weights wait in memory for their place at the end of the file. Same entries, same order, same
   bytes as a sequential run's, apart from the options in the header.
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..methods.learner import pack_states, unpack_states
+from .base import fault_point
 from .wire import recv_arrays, send_arrays
 
 __all__ = ["RankEpochEnd"]
@@ -125,49 +126,53 @@ class RankEpochEnd:
         return method.diagnostics_record([d for p in parts for d in p["blocks"]], parts[-1]["out_loss"])
 
     def send_state(self, method):
-        """A stage's learners' state to rank 0, which writes their files (``state_parts``)."""
-        send_arrays(self.comm, pack_states(self.mine), dest=0, wait=self._eval_wait(method))
+        """A stage's learners' states to rank 0, one message each, which writes their files
+        (``state_parts``)."""
+        for learner in self.mine:
+            send_arrays(self.comm, pack_states([learner]), dest=0, wait=self._eval_wait(method))
 
     def state_parts(self, method):
-        """Rank 0: (name, state) of every learner in order, its own first, then each stage's as it
-        arrives (``runstate.save`` writes each before the next is received)."""
+        """Rank 0: (name, state) of every learner in order, its own first, then the other stages'
+        as they arrive: ``runstate.save`` writes each before the next is received, so rank 0 holds
+        at most one other learner's state at a time."""
         wait = self._eval_wait(method)
         for learner in self.mine:
             yield f"learner{learner.k}", learner.state_dict()
         for s in range(1, self.stages):
-            for k, state in unpack_states(recv_arrays(self.comm, self._peer(s), wait=wait)).items():
+            for _ in self.groups[s]:
+                (k, state), = unpack_states(recv_arrays(self.comm, self._peer(s), wait=wait)).items()
                 yield f"learner{k}", state
 
-    def _checkpoint_parts(self, method):
-        """This stage's blocks' params, buffers and aux arrays (heads, then feedback weights), by name."""
-        params, buffers, heads, feedback = {}, {}, {}, {}
-        for k, learner in zip(self.groups[self.stage], self.mine):
-            p, b = checkpoint.block_entries(k, method.model.layers[k])
-            params.update(p)
-            buffers.update(b)
-            if k < len(method.learners) - 1:
-                heads.update({f"aux/{n}": v for n, v in learner.head_aux().items()})
-                feedback.update({f"aux/{n}": v for n, v in learner.feedback_aux().items()})
+    def _checkpoint_parts(self, method, k, learner):
+        """Block k's params, buffers and aux arrays (head, feedback weights), by checkpoint name."""
+        params, buffers = checkpoint.block_entries(k, method.model.layers[k])
+        last = k == len(method.learners) - 1
+        heads = {} if last else {f"aux/{n}": v for n, v in learner.head_aux().items()}
+        feedback = {} if last else {f"aux/{n}": v for n, v in learner.feedback_aux().items()}
         return params, buffers, heads, feedback
 
     def write_checkpoint(self, path, method, meta):
-        """Rank 0 writes checkpoint.npz as every stage's arrays arrive; the stages send theirs."""
+        """Rank 0 writes checkpoint.npz block by block as the stages' arrays arrive; the stages send
+        theirs, four messages per block."""
         if not self.evaluates:
             return
         wait = lambda req, peer: self._wait(req, peer, "writing the checkpoint")  # noqa: E731
         if not self.is_root:
-            for part in self._checkpoint_parts(method):
-                send_arrays(self.comm, part, dest=0, wait=wait)
+            for k, learner in zip(self.groups[self.stage], self.mine):
+                for part in self._checkpoint_parts(method, k, learner):
+                    send_arrays(self.comm, part, dest=0, wait=wait)
+                    fault_point(self.rank, method.epoch, "checkpoint")  # tests: rank 0 is mid-file
             return
-        kept = [[], [], []]  # buffers, heads, feedback: written after every stage's params
+        kept = [[], [], []]  # buffers, heads, feedback: written after every block's params
 
         def entries():
             for s in range(self.stages):
-                parts = (self._checkpoint_parts(method) if s == 0 else
-                         [recv_arrays(self.comm, self._peer(s), wait=wait) for _ in range(4)])
-                yield from parts[0].items()
-                for keep, part in zip(kept, parts[1:]):
-                    keep.extend(part.items())
+                for i, k in enumerate(self.groups[s]):
+                    parts = (self._checkpoint_parts(method, k, self.mine[i]) if s == 0 else
+                             [recv_arrays(self.comm, self._peer(s), wait=wait) for _ in range(4)])
+                    yield from parts[0].items()
+                    for keep, part in zip(kept, parts[1:]):
+                        keep.extend(part.items())
                 self.beat()
             yield from itertools.chain(*kept)
         checkpoint.save_entries(path, self.model_config, entries(), meta)

@@ -51,6 +51,7 @@ import traceback
 
 import numpy as np
 
+from ..fileio import remove_partial_files
 from ..memory import held_bytes, peak_resident_bytes, resident_bytes
 from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
@@ -238,6 +239,7 @@ class MPIPipeline(RankEpochEnd):
 
     def _die(self, why):
         print(f"bll-ref train: {self.label()}: {why}", file=sys.stderr, flush=True)
+        remove_partial_files()  # a file rank 0 is writing from the stages' arrays: Abort does not unwind
         self.comm.Abort(1)
 
     def report_memory(self):
@@ -353,4 +355,5 @@ class MPIPipeline(RankEpochEnd):
               file=sys.stderr, flush=True)
         if os.environ.get("BLL_REF_TRACEBACK"):
             traceback.print_exception(error)
+        remove_partial_files()
         self.comm.Abort(1)

@@ -33,8 +33,9 @@ def resolve_micro_batches(cfg, given=()) -> int:
 
 
 def unread_data(rank, replicas=None) -> tuple:
-    """The data an MPI rank never reads, so need not load: every rank but 0 the test set (only
-    rank 0 evaluates); a rank past the first stage (rank >= replicas: ranks are numbered stage x
+    """The data an MPI rank never reads, so need not load: every rank but 0 the test set (rank 0
+    feeds the evaluation's chunks to the stages, and sends the diagnostic sample's labels along:
+    ``epoch_end.py``); a rank past the first stage (rank >= replicas: ranks are numbered stage x
     replicas + replica) the training images, because its input comes from the stage before."""
     if rank == 0:
         return ()

@@ -12,19 +12,20 @@ __all__ = ["measure_learner_seconds", "balanced_groups", "blocks_label", "descri
 
 def measure_learner_seconds(method, x, y, repeats=3) -> list[float]:
     """Median seconds of forward + update per learner on the batch (x, y), measured on a deep
-    copy of ``method`` so the run itself is not changed."""
-    m = copy.deepcopy(method)
-    Y = m.one_hot(y)
-    times = [[] for _ in m.learners]
-    for _ in range(repeats + 1):  # the first round compiles kernels and warms caches
-        h = x
-        for k, learner in enumerate(m.learners):
+    copy of each learner in turn, so the run itself is not changed, and at most one learner's
+    copy exists at a time: an MPI rank 0 plans before it lets go of the other stages' learners,
+    and a copy of the whole model, its optimiser moments written, set that rank's peak memory."""
+    Y, h, costs = method.one_hot(y), x, []
+    for learner in method.learners:
+        copied, times = copy.deepcopy(learner), []
+        for _ in range(repeats + 1):  # the first round compiles kernels and warms caches
             t = time.perf_counter()
-            h_next = learner.forward(h)
-            learner.update(y, Y)
-            times[k].append(time.perf_counter() - t)
-            h = h_next
-    return [float(np.median(t[1:])) for t in times]
+            h_next = copied.forward(h)
+            copied.update(y, Y)
+            times.append(time.perf_counter() - t)
+        costs.append(float(np.median(times[1:])))
+        h, copied = h_next, None
+    return costs
 
 
 def balanced_groups(costs, workers) -> list[list[int]]:
