@@ -490,3 +490,16 @@ def test_a_stage_killed_while_rank_0_writes_the_checkpoint_leaves_none_and_the_r
     assert not list(out.rglob(".*.tmp*"))
     _assert_same_run(sequential("mlp", 1), out)
     _assert_same_history(sequential("mlp", 1), out)
+
+
+@needs_mpi
+def test_a_stage_hung_while_rank_0_writes_the_checkpoint_is_named_and_leaves_no_temporary(tmp_path):
+    """Rank 0 names the stage it waits for, and removes its half-written file before it aborts the
+    job (an abort does not unwind)."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="hang:1:0:checkpoint")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 10
+    assert re.search(r"no message from rank 1 \(blocks? [\d-]+\) for \d+ s writing the checkpoint; it is dead or hung",
+                     r.stderr), r.stderr[-2000:]
+    assert not (out / "checkpoint.npz").exists() and not list(out.rglob(".*.tmp*"))

@@ -57,8 +57,11 @@ class RankEpochEnd:
     def _when(self, method) -> str:
         return f"in the evaluation of epoch {method.epoch + 1}"
 
-    def _eval_wait(self, method):
-        return lambda req, peer: self._wait(req, peer, self._when(method))
+    def _eval_wait(self, method, when=None):
+        return lambda req, peer: self._wait(req, peer, when or self._when(method))
+
+    def _files_wait(self, method):
+        return self._eval_wait(method, f"writing the state of epoch {method.epoch + 1}")
 
     def _forward(self, method, h):
         for k in self.groups[self.stage]:
@@ -129,13 +132,13 @@ class RankEpochEnd:
         """A stage's learners' states to rank 0, one message each, which writes their files
         (``state_parts``)."""
         for learner in self.mine:
-            send_arrays(self.comm, pack_states([learner]), dest=0, wait=self._eval_wait(method))
+            send_arrays(self.comm, pack_states([learner]), dest=0, wait=self._files_wait(method))
 
     def state_parts(self, method):
         """Rank 0: (name, state) of every learner in order, its own first, then the other stages'
         as they arrive: ``runstate.save`` writes each before the next is received, so rank 0 holds
         at most one other learner's state at a time."""
-        wait = self._eval_wait(method)
+        wait = self._files_wait(method)
         for learner in self.mine:
             yield f"learner{learner.k}", learner.state_dict()
         for s in range(1, self.stages):
