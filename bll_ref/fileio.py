@@ -147,18 +147,14 @@ def remove_partial_files():
             os.remove(tmp)
 
 
-def remove_leftover_temporaries(directory) -> list:
+def remove_leftover_temporaries(directory):
     """Remove ``.NAME.tmpPID`` regular files (``atomic_path``'s temporaries) in ``directory``, left
-    by a writer that was killed; only for a directory no other writer can be using (``runlock.RunLock``).
-    Returns the names removed."""
-    gone = []
+    by a writer that was killed; only for a directory no other writer can be using (``runlock.RunLock``)."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(OSError):
                     os.remove(entry.path)
-                    gone.append(entry.name)
-    return gone
 
 
 def _reason(e, tmp, path):

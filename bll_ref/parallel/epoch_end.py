@@ -45,7 +45,7 @@ def _decode(raw):
 
 class RankEpochEnd:
     """The epoch end of ``mpi.MPIPipeline`` (a mixin: it uses the pipeline's communicator, stages,
-    ``_wait`` and ``beat``); ``loop.fit`` calls it on replica 0 of every stage (``evaluates``)."""
+    ``_wait``, ``_recv``, ``_send`` and ``beat``); ``loop.fit`` calls it on replica 0 of every stage (``evaluates``)."""
 
     @property
     def evaluates(self) -> bool:
@@ -66,7 +66,7 @@ class RankEpochEnd:
     def _forward(self, method, h):
         for k in self.groups[self.stage]:
             h = method.model.layers[k].forward(h, train=False)
-        return np.ascontiguousarray(h)
+        return h
 
     def predict(self, method, x, batch_size, on_chunk=None):
         """Rank 0: the logits of ``x`` (host array, which only rank 0 reads); the other stages:
@@ -81,22 +81,13 @@ class RankEpochEnd:
             for _, n in chunks:
                 buf = np.empty((n,) + tuple(self.out_shape), self.dtype)
                 logits.append((self.comm.Irecv(buf, source=last, tag=_EVAL_TAG), buf))
-        for i, n in chunks:
-            if self.stage == 0:
-                h = x[i:i + n]
-            else:
-                h = np.empty((n,) + tuple(self.in_shape), self.dtype)
-                self._wait(self.comm.Irecv(h, source=self._peer(self.stage - 1), tag=_EVAL_TAG),
-                           self._peer(self.stage - 1), when)
+        for i, n in chunks:  # (replica 0 of every stage: the stages beside it are replica 0's too)
+            h = x[i:i + n] if self.stage == 0 else self._recv((n,), when, tag=_EVAL_TAG)
             h = self._forward(method, h)
             if self.is_root and self.last_stage:
                 out.append(h)
             else:  # on to the next stage, or the logits to rank 0
-                dest = 0 if self.last_stage else self._peer(self.stage + 1)
-                pending.append((self.comm.Isend(h, dest=dest, tag=_EVAL_TAG), h, dest))
-                while len(pending) > 2:
-                    req, _, peer = pending.pop(0)
-                    self._wait(req, peer, when)
+                self._send(h, pending, when, tag=_EVAL_TAG, dest=0 if self.last_stage else None, depth=2)
             if on_chunk:
                 on_chunk()
         for req, _, peer in pending:

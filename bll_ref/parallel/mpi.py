@@ -264,17 +264,20 @@ class MPIPipeline(RankEpochEnd):
         with blas_threads(self.blas):
             return self._run_epoch(method, batches, on_step)
 
-    def _recv(self, shape, step):
+    def _recv(self, shape, step, tag=_ACT_TAG):
+        """The activations of ``shape`` rows from this replica's rank in the stage before."""
         h = np.empty(tuple(shape) + tuple(self.in_shape), self.dtype)
         src = self.rank - self.replicas
-        self._wait(self.comm.Irecv(h, source=src, tag=_ACT_TAG), src, step)
+        self._wait(self.comm.Irecv(h, source=src, tag=tag), src, step)
         return h
 
-    def _send(self, h, pending, step):
+    def _send(self, h, pending, step, tag=_ACT_TAG, dest=None, depth=None):
+        """Send ``h`` on (default: to this replica's rank in the next stage) without waiting, keeping
+        at most ``depth`` sends in flight (default: two steps' worth) in ``pending``."""
         h = np.ascontiguousarray(h)
-        dest = self.rank + self.replicas
-        pending.append((self.comm.Isend(h, dest=dest, tag=_ACT_TAG), h, dest))  # h stays alive until sent
-        while len(pending) > 2 * max(self.share, 1):
+        dest = self.rank + self.replicas if dest is None else dest
+        pending.append((self.comm.Isend(h, dest=dest, tag=tag), h, dest))  # h stays alive until sent
+        while len(pending) > (2 * max(self.share, 1) if depth is None else depth):
             req, _, peer = pending.pop(0)
             self._wait(req, peer, step)
 

@@ -24,7 +24,7 @@ def measure_learner_seconds(method, x, y, repeats=3) -> list[float]:
             copied.update(y, Y)
             times.append(time.perf_counter() - t)
         costs.append(float(np.median(times[1:])))
-        h, copied = h_next, None
+        h, copied = h_next, None  # this copy goes before the next one is made
     return costs
 
 
