@@ -106,8 +106,7 @@ class TrainConfig:
         d.pop("resume", None)
         if "width" in d:
             d.setdefault("channels", d.pop("width"))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{where}: unknown training option(s) {unknown[:4]}")
         return cls(**d)
@@ -211,10 +210,10 @@ class TrainConfig:
             bll["n_classes"] = 10
         return {**opts, **bll}
 
-    def build_model(self, zeros=False):
-        """(blocks, images): the blocks with the run's initial weights (``zeros``: zeros holding no memory
-        until written, ``SkipDraws``); whether it takes images (N, 1, 28, 28) rather than vectors."""
-        dtype, rng = np.dtype(self.dtype), SkipDraws(self.seed) if zeros else self.seed
+    def build_model(self, rng=None):
+        """(blocks, images): the blocks with the run's initial weights (from ``rng``, default the seed; a
+        ``SkipDraws``: zeros until drawn); whether it takes images (N, 1, 28, 28) rather than vectors."""
+        dtype, rng = np.dtype(self.dtype), self.seed if rng is None else rng
         if self.model == "mlp":
             sizes = models.parse_sizes(self.sizes, dtype)
             return models.mlp(sizes, activation_name=self.activation, rng=rng, dtype=dtype), False
@@ -268,15 +267,16 @@ def _run(cfg, lock, log, resuming):
         if os.path.isdir(out):
             lock.acquire(out)
     log = log if rank == 0 else None
-    blocks, images = cfg.build_model(zeros=rank != 0)  # the other ranks get their blocks' weights from rank 0
+    draws = (SkipDraws(cfg.seed), SkipDraws(cfg.seed)) if cfg.parallel == "mpi" else None  # parallel.shard.draw_own
+    blocks, images = cfg.build_model(draws[0] if draws else None)
     d, source = data.load(cfg.data, images=images, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
                           log=log, skip=unread_data(rank, cfg.replicas) if cfg.parallel == "mpi" else ())
     d = data.as_float(d, np.float64) if cfg.dtype == "float64" else d
-    method = make(cfg.method, blocks, sample_input=np.ascontiguousarray(d["x_train"][:8]), rng=cfg.seed,
-                  **cfg.method_options())
+    method = make(cfg.method, blocks, sample_input=np.ascontiguousarray(d["x_train"][:8]),
+                  rng=draws[1] if draws else cfg.seed, **cfg.method_options())
     if cfg.device != "cpu":
         method.to(cfg.device)  # built on the host (same initial weights as a CPU run), then moved
-    schedule = make_schedule(method, d, log=log, **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})
+    schedule = make_schedule(method, d, log=log, draws=draws, **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)

@@ -48,33 +48,65 @@ class SkipDraws(np.random.Generator):
     """A generator whose ``uniform`` (every layer's initialiser: ``rng.uniform(-b, b, shape)
     .astype(dtype)``) makes the same draws from the same bit generator as ``rng``, so later
     draws are unchanged, but returns zeros that hold no memory until written (``np.zeros``: the
-    pages come from the OS on first write). An MPI rank builds the model with it, then receives
-    the initial state of the blocks it trains from rank 0 (``parallel.mpi``): the blocks it does
-    not train never occupy memory. Other draws are real."""
+    pages come from the OS on first write). It notes where in the stream each array's draws
+    began, so ``draw_into`` can give chosen arrays the values a real build gives them. An MPI
+    rank builds the model with it and draws only the weights of the blocks it trains
+    (``parallel.mpi``): the other blocks never occupy memory. Other draws are real."""
 
     CHUNK = 1 << 16
 
     def __init__(self, rng):
         super().__init__(as_rng(rng).bit_generator)
+        self._undrawn = {}  # id(array) -> (array, bit generator state before its draws, low, high)
 
     def uniform(self, low=0.0, high=1.0, size=None):
         if size is None:
             return super().uniform(low, high)
         shape = (size,) if np.ndim(size) == 0 else tuple(size)
-        n = int(np.prod(shape))
-        for i in range(0, n, self.CHUNK):  # draw by draw the same stream as one call of n
-            super().uniform(low, high, min(self.CHUNK, n - i))
-        return _Undrawn(shape)
+        start = self.bit_generator.state
+        for i, c in _chunks(int(np.prod(shape)), self.CHUNK):  # draw by draw the same stream as one call of n
+            super().uniform(low, high, c)
+        return _Undrawn(shape, lambda a: self._undrawn.__setitem__(id(a), (a, start, low, high)))
+
+    def draw_into(self, arrays) -> int:
+        """Write into every array of ``arrays`` that this generator returned as zeros the values
+        a real build gives it (``uniform(low, high, shape).astype(dtype)``, bit for bit), chunk by
+        chunk, so no float64 copy of the whole array is made; other arrays are left alone.
+        Returns how many arrays were drawn."""
+        drawn = 0
+        for a in arrays:
+            a0, start, low, high = self._undrawn.pop(id(a), (None,) * 4)
+            if a0 is not a:
+                continue
+            bits = type(self.bit_generator)()
+            bits.state = start
+            g, flat = np.random.Generator(bits), a.reshape(-1)  # a view: np.zeros is C-contiguous
+            for i, c in _chunks(flat.size, self.CHUNK):
+                flat[i:i + c] = g.uniform(low, high, c)
+            drawn += 1
+        return drawn
+
+    def forget(self):
+        """Drop the notes (and with them this generator's references to the arrays it returned)."""
+        self._undrawn.clear()
+
+
+def _chunks(n, size):
+    """(start, length) of consecutive pieces of at most ``size`` covering 0..n."""
+    return [(i, min(size, n - i)) for i in range(0, n, size)]
 
 
 class _Undrawn:
-    """What ``SkipDraws.uniform`` returns: ``astype(dtype)`` gives ``np.zeros(shape, dtype)``."""
+    """What ``SkipDraws.uniform`` returns: ``astype(dtype)`` gives ``np.zeros(shape, dtype)``,
+    which ``note`` records for ``SkipDraws.draw_into``."""
 
-    def __init__(self, shape):
-        self.shape = shape
+    def __init__(self, shape, note):
+        self.shape, self.note = shape, note
 
     def astype(self, dtype):
-        return np.zeros(self.shape, dtype)
+        a = np.zeros(self.shape, dtype)
+        self.note(a)
+        return a
 
 
 def as_float_dtype(dtype) -> np.dtype:

@@ -26,11 +26,13 @@ __all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule",
 
 
 def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1, batch_size=128, log=print,
-                  micro_batches=1, replicas=None):
+                  micro_batches=1, replicas=None, draws=None):
     """The schedule ``parallel`` names (one of SCHEDULES) for ``method``, with its blocks assigned to
     workers by their measured step time on one batch of ``data`` (dict with x_train, y_train).
     ``micro_batches`` R > 1 splits every batch into R slices (``slices.py``); ``replicas`` (MPI
     only, dividing R) runs every pipeline stage on that many ranks, each taking R / replicas slices.
+    ``draws`` (MPI): the ``SkipDraws`` generators the model and the method were built with; each rank
+    draws from them its own learners' initial weights (None: every rank built them all).
 
     mpi.py and streams.py are imported here, when asked for: they need mpi4py (the [mpi] extra)
     and CuPy (the [cuda] extra), which a plain install does not have."""
@@ -83,7 +85,7 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
             f" ({micro_batches} micro-batch{'es' * (micro_batches > 1)} per step)")
     return MPIPipeline(method, comm, bcast_groups(comm, groups, wait), np.ascontiguousarray(data["x_train"][:2]),
                        blas=blas_threads, replicas=replicas, micro_batches=micro_batches, deadline=float(deadline[0]),
-                       log=log if comm.Get_rank() == 0 else None, data=data)
+                       log=log if comm.Get_rank() == 0 else None, data=data, draws=draws)
 
 
 def _check_last_batch(n, batch_size, slices):

@@ -1,9 +1,9 @@
 """MPI pipeline: one stage per contiguous group of block learners, R replica ranks per stage (mpi4py).
 
-Every rank builds the same model structure and draws the same seeded batch order; rank 0 alone
-holds the initial weights and the test set, and hands every rank the initial state of the learners
-it trains (``_hand_out``; elsewhere the weights are ``SkipDraws`` zeros that hold no memory, and a
-rank past stage 0 reads no images: ``options.unread_data``). Only activations travel in a step:
+Every rank builds the same model structure and draws the same seeded batch order; each draws the
+initial weights of the learners it trains, and only those (``shard.draw_own``; the others are
+``SkipDraws`` zeros that hold no memory); rank 0 alone holds the test set, and a rank past stage 0
+reads no images (``options.unread_data``). Only activations travel in a step:
 rank r receives h for batch t from rank r - 1
 into a preallocated buffer (buffer-based ``Recv`` of a contiguous float array, no pickling),
 forwards it through its learners, sends the result on with ``Isend`` (at most two in flight),
@@ -53,11 +53,10 @@ import numpy as np
 
 from ..fileio import remove_partial_files
 from ..memory import held_bytes, peak_resident_bytes, resident_bytes
-from ..methods.learner import pack_states, unpack_states
 from .base import blas_threads, check_pipelinable, fault_point
 from .plan import blocks_label
-from .shard import release_others, state_bytes
-from .wire import EPOCH_WAIT, recv_arrays, send_arrays
+from .shard import draw_own, release_others, state_bytes
+from .wire import EPOCH_WAIT
 from .exchange import StageExchange
 from .slices import combine, slice_bounds, split, stage_slices
 from .epoch_end import RankEpochEnd
@@ -86,12 +85,14 @@ class MPIPipeline(RankEpochEnd):
     ``deadline``: seconds to wait for a neighbour within an epoch (``hang_deadline``).
     ``data``: this rank's data dict, for the memory it reports (arrays this rank never reads are
     stand-ins that hold nothing: ``options.unread_data``).
+    ``draws``: the ``SkipDraws`` generators the model and the method were built with, from which
+    this rank draws its own learners' initial weights; None: the model has them already.
     """
 
     name = "mpi"
 
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
-                 log=None, data=None):
+                 log=None, data=None, draws=None):
         check_pipelinable(method)
         self.log, self._watch = log, None
         self._started = False  # the learners ran once on copies (``_warm_up``)
@@ -125,25 +126,13 @@ class MPIPipeline(RankEpochEnd):
         self.in_shape, self.out_shape = self._sample_in.shape[1:], h.shape[1:]
         self.dtype = h.dtype
         self.model_config = method.model.config()  # rank 0 writes the checkpoint's header from it
-        self._hand_out(method)
+        if draws:
+            draw_own(method, self.groups[self.stage], draws)
         before = state_bytes(method.learners)  # the whole model's, whether written or not
         # from here on the other learners are not this rank's business, rank 0's included (a resumed
         # run loads only its own: runstate.load; the epoch end is a pipeline too: epoch_end.py)
         release_others(method, self.groups[self.stage])
         self.held = (before, state_bytes(method.learners))
-
-    def _hand_out(self, method):
-        """Rank 0 (whose model has the run's initial weights) sends every other rank the state of
-        the learners it trains; there the model was built with ``SkipDraws``: zeros that hold no
-        memory until written, so only its own blocks ever do."""
-        wait = lambda req, peer: self._wait(req, peer, "at start-up", limit=EPOCH_WAIT)  # noqa: E731
-        if self.is_root:
-            for r in range(1, self.workers):
-                send_arrays(self.comm, pack_states([method.learners[k] for k in self.groups[r // self.replicas]]),
-                            dest=r, wait=wait)
-            return
-        for k, state in unpack_states(recv_arrays(self.comm, source=0, wait=wait)).items():
-            method.learners[k].load_state_dict(state)
 
     def _label_of(self, rank) -> str:
         stage, replica = divmod(rank, self.replicas)

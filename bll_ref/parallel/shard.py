@@ -1,13 +1,12 @@
 """What an MPI rank holds of the model: only its own learners (block, head, feedback, optimisers).
 
-A rank other than 0 builds the model with ``SkipDraws`` (the same draws, but zero weights that hold
-no memory until written) and receives the initial state of its own learners from rank 0
-(``MPIPipeline._hand_out``), so only its own blocks are ever written. Then it lets go of every
-other learner: the learner is replaced by a ``Released`` placeholder and its block in the model by
-an empty ``Sequential``; a resumed run loads only the learners it holds (``runstate.load``). Rank 0
-too: it builds the whole model once, for the initial weights it hands out, then keeps only its own
-stage; the evaluation, the state files and the checkpoint are pipelines over the stages
-(``epoch_end.py``).
+Every rank, rank 0 included, builds the model and the method with ``SkipDraws`` generators (the
+same draws as a real build, but zero weights that hold no memory until written), then draws the
+initial weights of its own learners only (``draw_own``: the same bits a real build gives them), so
+no other block's weights are ever written on it. Then it lets go of every other learner: the
+learner is replaced by a ``Released`` placeholder and its block in the model by an empty
+``Sequential``; a resumed run loads only the learners it holds (``runstate.load``). The
+evaluation, the state files and the checkpoint are pipelines over the stages (``epoch_end.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from ..layers import Sequential
 
-__all__ = ["Released", "release_others", "state_bytes"]
+__all__ = ["Released", "draw_own", "release_others", "state_bytes"]
 
 
 class Released:
@@ -47,6 +46,37 @@ def state_bytes(learners) -> int:
     """Bytes of everything ``learners`` train with (parameters, buffers, optimiser moments, head,
     feedback): the arrays of their state dicts, whether written yet or not."""
     return int(sum(np.asarray(v).nbytes for l in learners for v in l.state_dict().values()))
+
+
+def draw_own(method, keep, draws):
+    """Write the initial weights of the learners in ``keep`` (block, head, trained feedback) from
+    ``draws``, the ``SkipDraws`` generators the model and the method were built with, then drop
+    the generators' notes; every other learner's weights stay zeros that hold no memory."""
+    arrays = [a for k in keep for a in _arrays_of(method.learners[k], set())]
+    for g in draws:
+        g.draw_into(arrays)
+        g.forget()
+
+
+def _arrays_of(obj, seen):
+    """Every array reachable from ``obj`` through this package's objects, dicts, lists and tuples
+    (a learner reaches its block, optimiser, head and feedback, never another learner's)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        parts = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        parts = obj
+    elif type(obj).__module__.startswith("bll_ref.") and hasattr(obj, "__dict__"):
+        parts = vars(obj).values()
+    else:
+        return
+    for part in parts:
+        yield from _arrays_of(part, seen)
 
 
 def release_others(method, keep):
