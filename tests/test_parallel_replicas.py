@@ -199,6 +199,10 @@ def test_micro_batches_refuse_what_they_cannot_split(tmp_path, capsys):
 # ------------------------------------------------------------------------------ MPI
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
+    return sequential_runs(tmp_path_factory)
+
+
+def sequential_runs(tmp_path_factory):
     """Sequential reference runs, one per (model, micro-batches), made when first asked for."""
     runs = {}
 
@@ -312,7 +316,7 @@ def _docs_command(marker):
 def test_docs_hostfile_command_over_tcp_on_loopback_equals_sequential(sequential, tmp_path):
     """The hostfile command of the docs, run as written (hosts.txt naming localhost; python and the
     run directory replaced), forces OpenMPI's TCP transport, so the messages cross the code a
-    multi-host run uses. Slurm's srun cannot run on this machine (no Slurm)."""
+    multi-host run uses. The Slurm lines: tests/test_slurm.py."""
     cmd = _docs_command("--hostfile hosts.txt")
     assert cmd[:2] == ["mpiexec", "-n"] and "tcp,self" in cmd
     (tmp_path / "hosts.txt").write_text("localhost slots=4\n")
