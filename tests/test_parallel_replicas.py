@@ -312,6 +312,13 @@ def _docs_command(marker):
     return lines[0].split()
 
 
+def docs_train_command(marker, out):
+    """``_docs_command(marker)`` as a test runs it: this install's mpiexec and Python, the run
+    directory ``out`` and the test MLP's small data, two epochs."""
+    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in _docs_command(marker)]
+    return cmd[:cmd.index("--out")] + ["--out", str(out)] + MLP[1:] + ["--epochs", "2"]
+
+
 @needs_mpi
 def test_docs_hostfile_command_over_tcp_on_loopback_equals_sequential(sequential, tmp_path):
     """The hostfile command of the docs, run as written (hosts.txt naming localhost; python and the
@@ -321,8 +328,7 @@ def test_docs_hostfile_command_over_tcp_on_loopback_equals_sequential(sequential
     assert cmd[:2] == ["mpiexec", "-n"] and "tcp,self" in cmd
     (tmp_path / "hosts.txt").write_text("localhost slots=4\n")
     out = tmp_path / "run"
-    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in cmd]
-    cmd = cmd[:cmd.index("--out")] + ["--out", str(out)] + MLP[1:] + ["--epochs", "2"]
+    cmd = docs_train_command("--hostfile hosts.txt", out)
     cmd.insert(1, "--oversubscribe")
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=_env())
     assert r.returncode == 0, r.stderr[-2000:]

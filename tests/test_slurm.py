@@ -19,7 +19,7 @@ import time
 import pytest
 
 from test_parallel import MPIEXEC, _assert_same_run, _env, needs_mpi
-from test_parallel_replicas import MLP, _assert_same_history, _docs_command, sequential_runs
+from test_parallel_replicas import _assert_same_history, _docs_command, docs_train_command, sequential_runs
 
 TOOLS = ("munged", "slurmctld", "slurmd", "salloc", "srun", "sinfo", "scontrol", "unshare")
 REQUIRED = os.environ.get("BLL_REQUIRE_SLURM") == "1"
@@ -143,9 +143,7 @@ def _run_docs_line(marker, slurm, tmp_path):
     Returns the run directory and the finished process."""
     env, d = slurm
     before, out = _launches(d), tmp_path / "run"
-    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in _docs_command(marker)]
-    cmd = cmd[:cmd.index("--out")] + ["--out", str(out)] + MLP[1:] + ["--epochs", "2"]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(docs_train_command(marker, out), cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
     assert all(a > b for a, b in zip(_launches(d), before)), "the job did not start processes on both nodes"
     return out, r
