@@ -312,11 +312,16 @@ def _docs_command(marker):
     return lines[0].split()
 
 
-def docs_train_command(marker, out):
-    """``_docs_command(marker)`` as a test runs it: this install's mpiexec and Python, the run
+def as_test_runs(words, out):
+    """A docs command (its words) as a test runs it: this install's mpiexec and Python, the run
     directory ``out`` and the test MLP's small data, two epochs."""
-    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in _docs_command(marker)]
+    cmd = [MPIEXEC if c == "mpiexec" else sys.executable if c == "python" else c for c in words]
     return cmd[:cmd.index("--out")] + ["--out", str(out)] + MLP[1:] + ["--epochs", "2"]
+
+
+def docs_train_command(marker, out):
+    """``_docs_command(marker)`` as a test runs it (``as_test_runs``)."""
+    return as_test_runs(_docs_command(marker), out)
 
 
 @needs_mpi

@@ -19,9 +19,10 @@ import time
 import pytest
 
 from test_parallel import MPIEXEC, _assert_same_run, _env, needs_mpi
-from test_parallel_replicas import _assert_same_history, _docs_command, docs_train_command, sequential_runs
+from test_parallel_replicas import (DOCS, _assert_same_history, _docs_command, as_test_runs, docs_train_command,
+                                    sequential_runs)
 
-TOOLS = ("munged", "slurmctld", "slurmd", "salloc", "srun", "sinfo", "scontrol", "unshare")
+TOOLS = ("munged", "slurmctld", "slurmd", "salloc", "sbatch", "srun", "sinfo", "scontrol", "unshare")
 REQUIRED = os.environ.get("BLL_REQUIRE_SLURM") == "1"
 MISSING = [t for t in TOOLS if shutil.which(t) is None] + ([] if os.geteuid() == 0 else ["root"])
 needs_slurm = pytest.mark.skipif(bool(MISSING) and not REQUIRED,
@@ -172,5 +173,39 @@ def test_docs_srun_pmix_line_runs_on_two_slurm_nodes(slurm, sequential, tmp_path
     """srun --mpi=pmix: Slurm's own launcher, its PMIx plugin serving OpenMPI; 2 ranks per node."""
     out, r = _run_docs_line("srun --nodes=2", slurm, tmp_path)
     assert "world: 4 ranks = 2 stages x 2 replicas" in r.stdout
+    _assert_same_run(sequential("mlp", 2), out)
+    _assert_same_history(sequential("mlp", 2), out)
+
+
+def _docs_batch_script():
+    """The lines of the docs' one code block that holds ``#SBATCH`` directives."""
+    blocks = open(DOCS).read().split("```")[1::2]
+    found = [b.split("\n")[1:] for b in blocks if "#SBATCH" in b]
+    assert len(found) == 1, found
+    return [l for l in found[0] if l.strip()]
+
+
+@needs_mpi
+@needs_slurm
+def test_docs_sbatch_script_runs_4_ranks_on_each_of_two_slurm_nodes(slurm, sequential, tmp_path):
+    """The docs' batch script, submitted with sbatch --wait (python, mpiexec and the run directory
+    replaced, the test's data appended, as for the other lines): the same run as a sequential one,
+    processes on both nodes, and its log where the script says."""
+    env, d = slurm
+    lines = _docs_batch_script()
+    assert lines[0] == "#!/bin/bash" and lines[-1].startswith("mpiexec ")
+    out = tmp_path / "run"
+    script = lines[:-1] + [" ".join(as_test_runs(lines[-1].split(), out))]
+    (tmp_path / "train.sbatch").write_text("\n".join(script) + "\n")
+    before = _launches(d)
+    r = subprocess.run(["sbatch", "--wait", "train.sbatch"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=env)
+    logs = sorted(tmp_path.glob("train-*.log"))
+    assert len(logs) == 1, (r.stdout, r.stderr, list(tmp_path.iterdir()))
+    log = logs[0].read_text()
+    assert r.returncode == 0, (r.stderr[-1500:], log[-3000:])
+    assert logs[0].name == f"train-{r.stdout.split()[-1]}.log"  # "Submitted batch job <id>"
+    assert "world: 8 ranks = 4 stages x 2 replicas" in log
+    assert all(a > b for a, b in zip(_launches(d), before)), "the job did not start processes on both nodes"
     _assert_same_run(sequential("mlp", 2), out)
     _assert_same_history(sequential("mlp", 2), out)
