@@ -28,7 +28,7 @@ from .runlock import RunLock
 from .memory import check_fits
 from .methods import BLL_OPTIONS, check_options, make
 from .loop import Diverged, fit
-from .parallel import SCHEDULE_OPTIONS, SCHEDULES, make_schedule, resolve_micro_batches, unread_data
+from .parallel import SCHEDULE_OPTIONS, SCHEDULES, make_schedule, resolve_micro_batches, start_up_beats, unread_data
 
 __all__ = ["TrainConfig", "TrainResult", "train", "resume", "RESUMABLE", "CONFIG_VERSION"]
 
@@ -259,7 +259,8 @@ def train(config, *, log=print, resuming=False, given=None) -> TrainResult:
 
 
 def _run(cfg, lock, log, resuming):
-    rank = _mpi_rank() if cfg.parallel == "mpi" else 0
+    beats = start_up_beats() if cfg.parallel == "mpi" else None  # a hung rank is named at start-up too
+    rank = beats.rank if beats else 0
     out = cfg.run_dir()
     if rank == 0:
         _check_writable(out, create=False)  # before loading data; created only once all checks pass
@@ -276,7 +277,8 @@ def _run(cfg, lock, log, resuming):
                   rng=draws[1] if draws else cfg.seed, **cfg.method_options())
     if cfg.device != "cpu":
         method.to(cfg.device)  # built on the host (same initial weights as a CPU run), then moved
-    schedule = make_schedule(method, d, log=log, draws=draws, **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})
+    schedule = make_schedule(method, d, log=log, draws=draws, beats=beats,
+                             **{k: getattr(cfg, k) for k in SCHEDULE_OPTIONS})
     created = not os.path.exists(out)
     if rank == 0:
         _check_writable(out)
@@ -393,8 +395,3 @@ def _check_run_outputs(out):
     for name in ("checkpoint.npz", "history.json", os.path.join("state", "trainer.json")):
         if os.path.lexists(os.path.join(out, name)):
             check_output(os.path.join(out, name))
-
-
-def _mpi_rank():
-    from .parallel.mpi import world  # mpi4py is the optional [mpi] extra: imported only for MPI runs
-    return world().Get_rank()

@@ -28,7 +28,7 @@ LEVELS = [
 ]
 # Imports inside a function, each for an optional dependency the module must not need to import:
 # mpi4py ([mpi]), CuPy / numba-cuda ([cuda]).
-LAZY_OK = {("bll_ref.training", "bll_ref.parallel.mpi"), ("bll_ref.parallel", "bll_ref.parallel.mpi"),
+LAZY_OK = {("bll_ref.parallel", "bll_ref.parallel.mpi"),
            ("bll_ref.parallel", "bll_ref.parallel.streams"), ("bll_ref.losses.output", "bll_ref.losses.cuda")}
 MAX_LINES = 400
 

@@ -409,15 +409,41 @@ def test_a_healthy_run_with_a_cold_numba_cache_is_not_taken_for_hung(sequential,
 
 
 @needs_mpi
-def test_a_rank_0_hung_at_start_up_ends_the_job_after_the_start_up_allowance(tmp_path):
-    """Before the pipeline exists the others wait for rank 0's plan, with the start-up allowance
-    (600 s; BLL_REF_MPI_START_UP makes it 3 s here), never for ever."""
+def test_a_rank_0_hung_at_start_up_is_named_once_it_stops_beating(tmp_path):
+    """Before the pipeline exists the others wait for rank 0's plan; rank 0's beat thread stops once
+    its main thread neither runs nor moves (STILL, 5 s), and the others end the job SILENCE (8 s)
+    after its last beat, however long the start-up allowance (600 s)."""
     out = tmp_path / "run"
-    r = _cli(MLP + ["--epochs", "1", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="hang:0:0:plan",
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="hang:0:0:plan")
+    assert r.returncode != 0
+    assert fault_seconds(r) < 20
+    assert ("rank 1: rank 0 has sent no beat for 8 s at start-up (waiting for rank 0's plan); it is hung or dead"
+            in r.stderr), r.stderr[-2000:]
+    assert not out.exists() or not os.listdir(out)
+
+
+@needs_mpi
+def test_a_rank_0_busy_at_start_up_for_longer_than_the_silence_is_waited_for(tmp_path, sequential):
+    """Rank 0 works (here: a busy loop) for 20 s while it plans, longer than the 8 + 5 s after which
+    a silent rank is named: it beats all along, so the run goes on and equals the sequential one."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "2", "--out", str(out)], mpi=2, timeout=180, BLL_REF_FAULT="slow:0:0:plan")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "injected fault slow:0:0:plan" in r.stderr
+    _assert_same_run(sequential("mlp", 1), out)
+
+
+@needs_mpi
+def test_a_rank_that_beats_but_never_arrives_ends_the_job_after_the_start_up_allowance(tmp_path):
+    """A rank that keeps working but never reaches the others (here: a busy loop for an hour) is
+    bounded by the start-up allowance (600 s; BLL_REF_MPI_START_UP makes it 3 s here)."""
+    out = tmp_path / "run"
+    r = _cli(MLP + ["--epochs", "1", "--out", str(out)], mpi=2, timeout=120, BLL_REF_FAULT="spin:0:0:plan",
              BLL_REF_MPI_START_UP="3")
     assert r.returncode != 0
     assert fault_seconds(r) < 10
-    assert "rank 1: no plan from rank 0 for 3 s at start-up; it is dead or hung" in r.stderr, r.stderr[-2000:]
+    assert ("rank 1: still waiting for rank 0's plan after 3 s at start-up, although every rank beats; ending the job"
+            in r.stderr), r.stderr[-2000:]
     assert not out.exists() or not os.listdir(out)
 
 
@@ -459,16 +485,17 @@ def test_a_stage_hung_or_dead_in_its_part_of_the_evaluation_ends_the_job_within_
 
 
 @needs_mpi
-def test_a_rank_hung_before_the_pipeline_exists_ends_the_job_after_the_start_up_allowance(tmp_path):
-    """Rank 1 hangs at start-up while rank 0 goes on: every wait before the first step is bounded
-    by the start-up allowance (3 s here), the collective calls included (a replicated run's Split
-    used to wait for ever)."""
+def test_a_rank_hung_before_the_pipeline_exists_is_named_once_it_stops_beating(tmp_path):
+    """Rank 1 hangs at start-up while rank 0 goes on: rank 0 waits for it in a collective call
+    (every rank meets before the replicas' Split, which used to wait for ever) and names it from its
+    silence."""
     out = tmp_path / "run"
     r = _cli(MLP + ["--epochs", "1", "--out", str(out), "--replicas", "2"], mpi=2, timeout=120,
-             BLL_REF_FAULT="hang:1:0:plan", BLL_REF_MPI_START_UP="3")
+             BLL_REF_FAULT="hang:1:0:plan")
     assert r.returncode != 0
-    assert fault_seconds(r) < 10
-    assert "no message from every other rank for 3 s at start-up; it is dead or hung" in r.stderr, r.stderr[-2000:]
+    assert fault_seconds(r) < 20
+    assert re.search(r"rank 0 \(blocks? [\d-]+, replica 0\): rank 1 \(blocks? [\d-]+, replica 1\) has sent no beat for 8 s at "
+                     r"start-up \(waiting for every rank to build its blocks\); it is hung or dead", r.stderr), r.stderr[-2000:]
     assert not (out / "checkpoint.npz").exists()
 
 

@@ -17,22 +17,25 @@ from .options import SCHEDULE_OPTIONS, resolve_micro_batches, unread_data
 from .slices import check_sliceable
 from .plan import balanced_groups, blocks_label, describe, measure_learner_seconds, pipeline_seconds_per_step
 from .threads import ThreadPipeline
+from .liveness import StartUpBeats
 from .wire import bcast_groups, hang_deadline, start_up_wait
 
 __all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule", "blas_threads", "WorkerError",
            "check_pipelinable", "plan_groups", "fault_point", "balanced_groups", "blocks_label", "describe",
            "measure_learner_seconds", "pipeline_seconds_per_step", "check_sliceable",
-           "resolve_micro_batches", "SCHEDULE_OPTIONS", "unread_data"]
+           "resolve_micro_batches", "SCHEDULE_OPTIONS", "unread_data", "start_up_beats"]
 
 
 def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1, batch_size=128, log=print,
-                  micro_batches=1, replicas=None, draws=None):
+                  micro_batches=1, replicas=None, draws=None, beats=None):
     """The schedule ``parallel`` names (one of SCHEDULES) for ``method``, with its blocks assigned to
     workers by their measured step time on one batch of ``data`` (dict with x_train, y_train).
     ``micro_batches`` R > 1 splits every batch into R slices (``slices.py``); ``replicas`` (MPI
     only, dividing R) runs every pipeline stage on that many ranks, each taking R / replicas slices.
     ``draws`` (MPI): the ``SkipDraws`` generators the model and the method were built with; each rank
     draws from them its own learners' initial weights (None: every rank built them all).
+    ``beats`` (MPI): this rank's ``StartUpBeats`` (``start_up_beats``), which bound the waits before
+    the first step by the others' silence; None: by the start-up allowance alone.
 
     mpi.py and streams.py are imported here, when asked for: they need mpi4py (the [mpi] extra)
     and CuPy (the [cuda] extra), which a plain install does not have."""
@@ -77,7 +80,8 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
                          "or more)")
     fault_point(comm.Get_rank(), 0, "plan")
     groups, costs = plan_groups(method, stages, x, y, log=log) if comm.Get_rank() == 0 else (None, [0.0])
-    wait = start_up_wait(comm, "plan")  # rank 0 measures the blocks meanwhile
+    wait = (start_up_wait(comm, "plan") if beats is None  # rank 0 measures the blocks meanwhile
+            else lambda req, peer: beats.wait(req, [peer], "waiting for rank 0's plan"))
     deadline = np.array([hang_deadline(costs)])
     wait(comm.Ibcast(deadline, root=0), 0)
     if log and comm.Get_rank() == 0:
@@ -85,7 +89,14 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
             f" ({micro_batches} micro-batch{'es' * (micro_batches > 1)} per step)")
     return MPIPipeline(method, comm, bcast_groups(comm, groups, wait), np.ascontiguousarray(data["x_train"][:2]),
                        blas=blas_threads, replicas=replicas, micro_batches=micro_batches, deadline=float(deadline[0]),
-                       log=log if comm.Get_rank() == 0 else None, data=data, draws=draws)
+                       log=log if comm.Get_rank() == 0 else None, data=data, draws=draws, beats=beats)
+
+
+def start_up_beats():
+    """This MPI rank's ``StartUpBeats``, beating from now until the ranks meet before the first step
+    (call it first thing in an MPI run, before loading data)."""
+    from .mpi import world
+    return StartUpBeats(world())
 
 
 def _check_last_batch(n, batch_size, slices):

@@ -27,9 +27,10 @@ On one host the replicas also step in shares, each 1/R of the parameters (``exch
 Waiting is bounded: a watchdog thread watches every wait for a receive, send or exchange; a rank
 that hears nothing from a neighbour for ``deadline`` seconds prints which rank and blocks it waited
 for and aborts the job. Before its first step every rank runs its learners once on copies of them
-(Numba kernels loaded or compiled, however long that takes) and the ranks meet at a barrier with a
-long allowance (``EPOCH_WAIT``); from then on every wait has the short deadline, the first step's
-included. Between epochs rank 0 evaluates (with the stages) and writes files while the others wait for its go: it
+(Numba kernels loaded or compiled, however long that takes) and the ranks meet at a barrier; until
+then every wait for the others is bounded by their silence (``liveness.StartUpBeats``: a rank that
+stops working stops beating) and by a long allowance (``EPOCH_WAIT``); from then on every wait has
+the short deadline, the first step's included. Between epochs rank 0 evaluates (with the stages) and writes files while the others wait for its go: it
 sends them a beat after every piece of that work (``beat``: an evaluation chunk, a file) and then
 the start of the next epoch, all as messages on one tag (so they arrive in order), and the others
 allow ``deadline`` from one message to the next; after the last epoch the run ends the same way,
@@ -92,9 +93,9 @@ class MPIPipeline(RankEpochEnd):
     name = "mpi"
 
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
-                 log=None, data=None, draws=None):
+                 log=None, data=None, draws=None, beats=None):
         check_pipelinable(method)
-        self.log, self._watch = log, None
+        self.log, self._watch, self.beats = log, None, beats
         self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
         self._beats, self._token = [], np.empty(1, np.int64)  # rank 0's beats in flight; a beat received
@@ -111,7 +112,7 @@ class MPIPipeline(RankEpochEnd):
         self.stage, self.replica = divmod(self.rank, self.replicas)
         self.share = self.micro // self.replicas
         # every rank is here before the blocking Split (a rank hung before it is named, not waited for)
-        self._wait(comm.Ibarrier(), "all", "at start-up", limit=EPOCH_WAIT)
+        self._start_up_wait(comm.Ibarrier(), "waiting for every rank to build its blocks")
         self.exchange = None if self.replicas == 1 else StageExchange(
             comm.Split(self.stage, self.replica), self.stage * self.replicas, self.share, self._wait,
             log if self.stage == 0 else None)
@@ -151,6 +152,19 @@ class MPIPipeline(RankEpochEnd):
         req.Wait()
         self._watch = None
 
+    def _start_up_wait(self, req, what):
+        """A wait for every other rank before the first step: bounded by their silence (``beats``,
+        liveness.py), else by the start-up allowance ``EPOCH_WAIT``."""
+        if self.beats is not None and self.beats.running:
+            self.beats.wait(req, "all", what, self._label_of)
+        else:
+            self._wait(req, "all", "at start-up", limit=EPOCH_WAIT)
+
+    def _end_start_up(self):
+        """The ranks have met before the first step (or the run ends without one): the beats stop."""
+        if self.beats is not None:
+            self.beats.finish(lambda req, peer: self._wait(req, peer, "at the end of the start-up", limit=self.deadline))
+
     def _start_epoch(self, epoch):
         """Rank 0 sends every rank the epoch number once it has finished the last epoch
         (evaluated, written its files), after the beats it sent meanwhile (``beat``); the others
@@ -177,6 +191,8 @@ class MPIPipeline(RankEpochEnd):
         within seconds instead of leaving them in MPI's finalize for ever."""
         if self.workers == 1:
             return
+        if not self._started:
+            self._end_start_up()  # no epoch ran (a resumed run that had all its epochs)
         if self.is_root:
             self._send_token(_DONE)
             for req, _ in self._beats:
@@ -239,7 +255,7 @@ class MPIPipeline(RankEpochEnd):
         mine = np.array([before, after, *self.data_bytes, -1 if rss is None else rss, -1 if peak is None else peak],
                         np.int64)
         every = np.zeros((self.workers, len(mine)), np.int64) if self.is_root else None
-        self._wait(self.comm.Igather(mine, every, root=0), "all", "at start-up", limit=EPOCH_WAIT)
+        self._start_up_wait(self.comm.Igather(mine, every, root=0), "waiting for the memory report")
         if self.is_root and self.log:
             mb = lambda v: f"{v / 1e6:.2f}" if v >= 0 else "?"  # noqa: E731
             self.log("memory per rank, MB (model state, data, resident, peak resident): "
@@ -309,7 +325,8 @@ class MPIPipeline(RankEpochEnd):
             batches = iter(batches)
             first = next(batches)
             self._warm_up(*first, method.one_hot(first[1]))
-            self._wait(self.comm.Ibarrier(), "all", "at start-up", limit=EPOCH_WAIT)
+            self._start_up_wait(self.comm.Ibarrier(), "waiting for every rank to load or compile its kernels")
+            self._end_start_up()
             batches, self._started = itertools.chain([first], batches), True
         self._limit = self.deadline
         self._start_epoch(method.epoch)

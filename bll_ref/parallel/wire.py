@@ -14,8 +14,9 @@ __all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE
            "start_up_wait"]
 
 STATE_TAG = 7
-#: seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads or
-#: compiles its learners' Numba kernels (``MPIPipeline._warm_up``); BLL_REF_MPI_START_UP overrides it
+#: the most seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads
+#: or compiles its learners' Numba kernels (``MPIPipeline._warm_up``), even while every rank beats
+#: (liveness.py names a silent one within seconds); BLL_REF_MPI_START_UP overrides it
 EPOCH_WAIT = float(os.environ.get("BLL_REF_MPI_START_UP", 600.0))
 
 
