@@ -18,7 +18,7 @@ from .slices import check_sliceable
 from .plan import balanced_groups, blocks_label, describe, measure_learner_seconds, pipeline_seconds_per_step
 from .threads import ThreadPipeline
 from .liveness import StartUpBeats
-from .wire import bcast_groups, hang_deadline, start_up_wait
+from .wire import bcast_groups, hang_deadline
 
 __all__ = ["SCHEDULES", "SequentialSchedule", "ThreadPipeline", "make_schedule", "blas_threads", "WorkerError",
            "check_pipelinable", "plan_groups", "fault_point", "balanced_groups", "blocks_label", "describe",
@@ -35,7 +35,7 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
     ``draws`` (MPI): the ``SkipDraws`` generators the model and the method were built with; each rank
     draws from them its own learners' initial weights (None: every rank built them all).
     ``beats`` (MPI): this rank's ``StartUpBeats`` (``start_up_beats``), which bound the waits before
-    the first step by the others' silence; None: by the start-up allowance alone.
+    the first step by the others' silence; None: started here (after the data was loaded).
 
     mpi.py and streams.py are imported here, when asked for: they need mpi4py (the [mpi] extra)
     and CuPy (the [cuda] extra), which a plain install does not have."""
@@ -78,10 +78,10 @@ def make_schedule(method, data, *, parallel="none", workers=None, blas_threads=1
         raise ValueError(f"{size} MPI ranks = {stages} stages x {replicas} replicas for {len(method.learners)} "
                          f"blocks; use at most one stage per block (--replicas {-(-size // len(method.learners))} "
                          "or more)")
+    beats = beats if beats is not None else StartUpBeats(comm)
     fault_point(comm.Get_rank(), 0, "plan")
     groups, costs = plan_groups(method, stages, x, y, log=log) if comm.Get_rank() == 0 else (None, [0.0])
-    wait = (start_up_wait(comm, "plan") if beats is None  # rank 0 measures the blocks meanwhile
-            else lambda req, peer: beats.wait(req, [peer], "waiting for rank 0's plan"))
+    wait = lambda req, peer: beats.wait(req, [peer], "waiting for rank 0's plan")  # noqa: E731 (rank 0 plans)
     deadline = np.array([hang_deadline(costs)])
     wait(comm.Ibcast(deadline, root=0), 0)
     if log and comm.Get_rank() == 0:

@@ -139,11 +139,12 @@ def plan_groups(method, workers, x, y, log=print):
 
 
 def fault_point(worker, epoch, step):
-    """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S" or
-    "hang:W:E:S" (sleeps for an hour) or "spin:W:E:S" (busy for an hour) makes worker W fail at step S
-    (1-based) of epoch E (0-based); "slow:W:E:S" keeps it busy for 20 s there, then lets it go on. S = "eval": in worker W's part of the evaluation after epoch E; "plan" (E = 0): while an MPI rank 0
-    plans; "checkpoint" (E = the last epoch): an MPI stage's rank W, once it has sent rank 0 the first
-    part of the checkpoint that rank 0 is writing."""
+    """Fault injection for tests: BLL_REF_FAULT="kill:W:E:S" (SIGKILL), "raise:W:E:S", "hang:W:E:S"
+    (sleeps for an hour) or "spin:W:E:S" (busy for an hour) makes worker W fail at step S (1-based)
+    of epoch E (0-based); "slow:W:E:S" keeps it busy for 20 s there, then lets it go on. S = "eval":
+    in worker W's part of the evaluation after epoch E; "plan" (E = 0): while an MPI rank 0 plans;
+    "checkpoint" (E = the last epoch): an MPI stage's rank W, once it has sent rank 0 the first part
+    of the checkpoint that rank 0 is writing."""
     spec = os.environ.get("BLL_REF_FAULT")
     if not spec:
         return
@@ -155,9 +156,10 @@ def fault_point(worker, epoch, step):
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang":
         time.sleep(3600)
-    end = time.time() + (20 if kind == "slow" else 3600)
-    while kind in ("spin", "slow") and time.time() < end:
-        pass
-    if kind == "slow":
-        return
+    if kind in ("spin", "slow"):
+        end = time.time() + (20 if kind == "slow" else 3600)
+        while time.time() < end:
+            pass
+        if kind == "slow":
+            return
     raise RuntimeError(f"injected fault (BLL_REF_FAULT={spec})")

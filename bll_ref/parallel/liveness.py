@@ -65,10 +65,6 @@ class StartUpBeats:
             self._thread.start()
             atexit.register(self._halt)  # before mpi4py's MPI_Finalize (registered earlier: runs later)
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None
-
     def _working(self, now) -> bool:
         """Whether the main thread showed work in the last ``STILL`` s: processor time used, or a
         frame or bytecode not the one it had at the last look (a thread blocked in a read, on a

@@ -59,6 +59,7 @@ from .plan import blocks_label
 from .shard import draw_own, release_others, state_bytes
 from .wire import EPOCH_WAIT
 from .exchange import StageExchange
+from .liveness import StartUpBeats
 from .slices import combine, slice_bounds, split, stage_slices
 from .epoch_end import RankEpochEnd
 
@@ -95,7 +96,8 @@ class MPIPipeline(RankEpochEnd):
     def __init__(self, method, comm, groups, sample_input, blas=1, replicas=1, micro_batches=1, deadline=30.0,
                  log=None, data=None, draws=None, beats=None):
         check_pipelinable(method)
-        self.log, self._watch, self.beats = log, None, beats
+        self.log, self._watch = log, None
+        self.beats = beats if beats is not None else StartUpBeats(comm)  # the waits until the first step
         self._started = False  # the learners ran once on copies (``_warm_up``)
         self._limit = EPOCH_WAIT
         self._beats, self._token = [], np.empty(1, np.int64)  # rank 0's beats in flight; a beat received
@@ -153,17 +155,13 @@ class MPIPipeline(RankEpochEnd):
         self._watch = None
 
     def _start_up_wait(self, req, what):
-        """A wait for every other rank before the first step: bounded by their silence (``beats``,
-        liveness.py), else by the start-up allowance ``EPOCH_WAIT``."""
-        if self.beats is not None and self.beats.running:
-            self.beats.wait(req, "all", what, self._label_of)
-        else:
-            self._wait(req, "all", "at start-up", limit=EPOCH_WAIT)
+        """A wait for every other rank before the first step, bounded by their silence and by the
+        start-up allowance (``self.beats``, liveness.py)."""
+        self.beats.wait(req, "all", what, self._label_of)
 
     def _end_start_up(self):
         """The ranks have met before the first step (or the run ends without one): the beats stop."""
-        if self.beats is not None:
-            self.beats.finish(lambda req, peer: self._wait(req, peer, "at the end of the start-up", limit=self.deadline))
+        self.beats.finish(lambda req, peer: self._wait(req, peer, "at the end of the start-up", limit=self.deadline))
 
     def _start_epoch(self, epoch):
         """Rank 0 sends every rank the epoch number once it has finished the last epoch

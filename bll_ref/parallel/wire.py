@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import numpy as np
 
-__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE_TAG", "EPOCH_WAIT", "hang_deadline",
-           "start_up_wait"]
+__all__ = ["bcast_groups", "send_arrays", "recv_arrays", "blocking_wait", "STATE_TAG", "EPOCH_WAIT", "hang_deadline"]
 
 STATE_TAG = 7
 #: the most seconds the ranks wait for each other at start-up, while rank 0 plans and every rank loads
@@ -25,20 +22,6 @@ def hang_deadline(costs):
     BLL_REF_MPI_DEADLINE if set, else 3 s plus 20 sequential steps of the measured model."""
     env = os.environ.get("BLL_REF_MPI_DEADLINE")
     return float(env) if env else 3.0 + 20 * float(sum(costs))
-
-
-def start_up_wait(comm, what):
-    """A ``wait(request, peer)`` for the messages before the pipeline exists (rank 0's plan): it
-    polls the request and ends the job, naming ``what`` it waited for, after ``EPOCH_WAIT`` s."""
-    def wait(req, peer):
-        t0 = time.perf_counter()
-        while not req.Test():
-            if time.perf_counter() - t0 > EPOCH_WAIT:
-                print(f"bll-ref train: rank {comm.Get_rank()}: no {what} from rank {peer} for {EPOCH_WAIT:.0f} s at "
-                      "start-up; it is dead or hung", file=sys.stderr, flush=True)
-                comm.Abort(1)
-            time.sleep(0.002)
-    return wait
 
 
 def bcast_groups(comm, groups, wait=None):
